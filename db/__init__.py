@@ -1,0 +1,1 @@
+"""Database layer: SQLAlchemy 2.0 models, async sessions, Alembic migrations."""

@@ -1,0 +1,1 @@
+"""Job coroutines and their domain logic, one domain per module or package."""

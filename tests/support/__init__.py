@@ -1,0 +1,1 @@
+"""Test rig: real servers on loopback ports (S3, email and marketing providers)."""

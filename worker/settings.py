@@ -1,0 +1,121 @@
+"""Typed settings, read from the environment (CONTRACT §3) and checked once at start-up.
+
+Nothing here runs at import time: callers build `Settings()` themselves, tests build
+`Settings(database_url=..., ...)` directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal, Self
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+
+RESEND_API_BASE_URL = "https://api.resend.com"
+SENDGRID_API_BASE_URL = "https://api.sendgrid.com"
+
+class Settings(BaseSettings):
+    """Every knob of the worker. Secrets are `SecretStr`: their values never reach a log or repr."""
+
+    model_config = SettingsConfigDict(env_file=None, extra="ignore", frozen=True)
+
+    database_url: str = "postgresql+asyncpg://postgres@127.0.0.1:5432/contact360"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+
+    import_dir: Path = Path("./data/imports")
+    storage_backend: Literal["local", "s3"] = "local"
+    export_dir: Path = Path("./data/exports")
+    s3_bucket: str | None = None
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+
+    email_provider: Literal["console", "resend", "sendgrid"] = "console"
+    email_api_key: SecretStr | None = None
+    email_from: str = "Contact360 <no-reply@localhost>"
+    email_api_base_url: str | None = None
+    email_rate_limit_per_s: float = Field(default=10, gt=0)
+
+    marketing_provider: Literal["none", "sendgrid"] = "none"
+    marketing_api_key: SecretStr | None = None
+    marketing_api_base_url: str | None = None
+
+    job_timeout_s: float = Field(default=1800, gt=0)
+    job_soft_timeout_s: float = Field(default=1500, gt=0)
+    keep_result_s: float = Field(default=3600, ge=0)
+    max_retries: int = Field(default=3, ge=0)
+    retry_base_delay_s: float = Field(default=60, ge=0)
+
+    worker_max_jobs_per_process: int = Field(default=1000, gt=0)
+    worker_max_memory_mb: int = Field(default=200, gt=0)
+
+    import_batch_rows: int = Field(default=5000, gt=0)
+    import_max_stored_errors: int = Field(default=1000, ge=0)
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url_is_async_postgres(cls, value: str) -> str:
+        try:
+            url = make_url(value)
+        except ArgumentError:
+            raise ValueError(
+                "DATABASE_URL is not a database URL; expected "
+                "postgresql+asyncpg://USER[:PASSWORD]@HOST:PORT/DBNAME"
+            ) from None
+        if url.drivername not in ("postgresql+asyncpg", "postgresql", "postgres"):
+            raise ValueError(
+                f"DATABASE_URL must point to PostgreSQL (postgresql+asyncpg://...), "
+                f"not {url.drivername!r}"
+            )
+        if not url.database:
+            raise ValueError("DATABASE_URL names no database (add /DBNAME at the end)")
+        # Accept the plain scheme users copy from elsewhere, but always talk asyncpg.
+        return url.set(drivername="postgresql+asyncpg").render_as_string(hide_password=False)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url_scheme(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("REDIS_URL must start with redis://, rediss:// or unix://")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.storage_backend == "s3" and not self.s3_bucket:
+            raise ValueError("STORAGE_BACKEND=s3 needs S3_BUCKET (the bucket exports are written to)")
+        if self.job_soft_timeout_s >= self.job_timeout_s:
+            raise ValueError(
+                f"JOB_SOFT_TIMEOUT_S ({self.job_soft_timeout_s:g}) must be below "
+                f"JOB_TIMEOUT_S ({self.job_timeout_s:g})"
+            )
+        if self.email_provider != "console" and self.email_api_key is None:
+            raise ValueError(f"EMAIL_PROVIDER={self.email_provider} needs EMAIL_API_KEY")
+        if self.marketing_provider != "none" and self.marketing_api_key is None:
+            raise ValueError(f"MARKETING_PROVIDER={self.marketing_provider} needs MARKETING_API_KEY")
+        return self
+
+    @property
+    def database(self) -> URL:
+        """`DATABASE_URL` parsed; render it with `hide_password=True` anywhere it may be shown."""
+        return make_url(self.database_url)
+
+    @property
+    def email_base_url(self) -> str:
+        if self.email_api_base_url:
+            return self.email_api_base_url.rstrip("/")
+        return RESEND_API_BASE_URL if self.email_provider == "resend" else SENDGRID_API_BASE_URL
+
+    @property
+    def marketing_base_url(self) -> str:
+        return (self.marketing_api_base_url or SENDGRID_API_BASE_URL).rstrip("/")
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        # The database URL may carry a password: show it masked like SecretStr does.
+        for name, value in super().__repr_args__():
+            if name == "database_url":
+                yield name, self.database.render_as_string(hide_password=True)
+            else:
+                yield name, value
