@@ -18,6 +18,7 @@ from sqlalchemy.exc import ArgumentError
 RESEND_API_BASE_URL = "https://api.resend.com"
 SENDGRID_API_BASE_URL = "https://api.sendgrid.com"
 
+
 class Settings(BaseSettings):
     """Every knob of the worker. Secrets are `SecretStr`: their values never reach a log or repr."""
 
@@ -85,7 +86,9 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _consistent(self) -> Self:
         if self.storage_backend == "s3" and not self.s3_bucket:
-            raise ValueError("STORAGE_BACKEND=s3 needs S3_BUCKET (the bucket exports are written to)")
+            raise ValueError(
+                "STORAGE_BACKEND=s3 needs S3_BUCKET (the bucket exports are written to)"
+            )
         if self.job_soft_timeout_s >= self.job_timeout_s:
             raise ValueError(
                 f"JOB_SOFT_TIMEOUT_S ({self.job_soft_timeout_s:g}) must be below "
@@ -94,7 +97,9 @@ class Settings(BaseSettings):
         if self.email_provider != "console" and self.email_api_key is None:
             raise ValueError(f"EMAIL_PROVIDER={self.email_provider} needs EMAIL_API_KEY")
         if self.marketing_provider != "none" and self.marketing_api_key is None:
-            raise ValueError(f"MARKETING_PROVIDER={self.marketing_provider} needs MARKETING_API_KEY")
+            raise ValueError(
+                f"MARKETING_PROVIDER={self.marketing_provider} needs MARKETING_API_KEY"
+            )
         return self
 
     @property

@@ -1,0 +1,242 @@
+"""SQLAlchemy 2.0 models of every table (CONTRACT §7).
+
+Every column a caller does not name has a server default, so plain SQL inserts such as
+`INSERT INTO contacts (user_id, email) VALUES (...)` work from any client, not just this ORM.
+Case-insensitive uniqueness (emails, company names) lives in expression indexes on `lower(...)`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    SmallInteger,
+    Text,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+IMPORT_STATUSES = ("pending", "processing", "completed", "failed", "cancelled")
+EXPORT_STATUSES = ("pending", "processing", "completed", "failed")
+EXPORT_KINDS = ("contacts", "companies")
+EMAIL_STATUSES = ("pending", "sending", "sent", "failed", "review")
+
+
+def _one_of(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+def _uuid_pk() -> Mapped[uuid.UUID]:
+    return mapped_column(
+        UUID(as_uuid=True), primary_key=True, server_default=func.gen_random_uuid()
+    )
+
+
+def _created_at() -> Mapped[datetime]:
+    return mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+def _updated_at() -> Mapped[datetime]:
+    return mapped_column(DateTime(timezone=True), server_default=func.now(), onupdate=func.now())
+
+
+def _counter() -> Mapped[int]:
+    return mapped_column(Integer, server_default="0")
+
+
+def _user_fk() -> Mapped[uuid.UUID]:
+    return mapped_column(UUID(as_uuid=True), ForeignKey("users.id", ondelete="CASCADE"))
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSONB}  # noqa: RUF012 (SQLAlchemy's documented API)
+
+
+class User(Base):
+    __tablename__ = "users"
+
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    email: Mapped[str] = mapped_column(Text, unique=True)
+    name: Mapped[str | None] = mapped_column(Text)
+    plan: Mapped[str] = mapped_column(Text, server_default="trial")
+    trial_ends_at: Mapped[datetime | None] = mapped_column(
+        DateTime(timezone=True), server_default=text("now() + interval '14 days'")
+    )
+    created_at: Mapped[datetime] = _created_at()
+
+
+class Company(Base):
+    __tablename__ = "companies"
+    __table_args__ = (
+        Index("uq_companies_user_lower_name", "user_id", func.lower(text("name")), unique=True),
+    )
+
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    user_id: Mapped[uuid.UUID] = _user_fk()
+    name: Mapped[str] = mapped_column(Text)
+    domain: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = _created_at()
+    updated_at: Mapped[datetime] = _updated_at()
+
+
+class Contact(Base):
+    __tablename__ = "contacts"
+    __table_args__ = (
+        Index("uq_contacts_user_lower_email", "user_id", func.lower(text("email")), unique=True),
+        Index("ix_contacts_company_id", "company_id"),
+    )
+
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    user_id: Mapped[uuid.UUID] = _user_fk()
+    email: Mapped[str] = mapped_column(Text)
+    first_name: Mapped[str | None] = mapped_column(Text)
+    last_name: Mapped[str | None] = mapped_column(Text)
+    phone: Mapped[str | None] = mapped_column(Text)
+    company_id: Mapped[uuid.UUID | None] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("companies.id", ondelete="SET NULL")
+    )
+    job_title: Mapped[str | None] = mapped_column(Text)
+    city: Mapped[str | None] = mapped_column(Text)
+    country: Mapped[str | None] = mapped_column(Text)
+    linkedin_url: Mapped[str | None] = mapped_column(Text)
+    tags: Mapped[list[str] | None] = mapped_column(ARRAY(Text))
+    created_at: Mapped[datetime] = _created_at()
+    updated_at: Mapped[datetime] = _updated_at()
+
+
+class ContactImportJob(Base):
+    __tablename__ = "contact_import_jobs"
+    __table_args__ = (CheckConstraint(_one_of("status", IMPORT_STATUSES), name="status_known"),)
+
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    user_id: Mapped[uuid.UUID] = _user_fk()
+    file_path: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(Text, server_default="pending")
+    total_rows: Mapped[int | None] = mapped_column(Integer)
+    processed_rows: Mapped[int] = _counter()
+    error_count: Mapped[int] = _counter()
+    created_count: Mapped[int] = _counter()
+    updated_count: Mapped[int] = _counter()
+    message: Mapped[str | None] = mapped_column(Text)
+    # Set by `JobsClient.cancel_import`; the running job stops at its next batch boundary.
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, server_default="false")
+    created_at: Mapped[datetime] = _created_at()
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class ContactImportError(Base):
+    __tablename__ = "contact_import_errors"
+    __table_args__ = (
+        # One detail row per CSV record: a re-run after a crash inserts nothing twice.
+        Index("uq_import_errors_job_row", "job_id", "row_number", unique=True),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    job_id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("contact_import_jobs.id", ondelete="CASCADE")
+    )
+    row_number: Mapped[int] = mapped_column(Integer)
+    message: Mapped[str] = mapped_column(Text)
+    payload: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default="{}")
+
+
+class Export(Base):
+    __tablename__ = "exports"
+    __table_args__ = (
+        CheckConstraint(_one_of("status", EXPORT_STATUSES), name="status_known"),
+        CheckConstraint(_one_of("kind", EXPORT_KINDS), name="kind_known"),
+    )
+
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    user_id: Mapped[uuid.UUID] = _user_fk()
+    kind: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(Text, server_default="pending")
+    # False: every row of the user; True: only the ids listed in export_items.
+    has_selection: Mapped[bool] = mapped_column(Boolean, server_default="false")
+    row_count: Mapped[int] = _counter()
+    file_path: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(Text)
+    message: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = _created_at()
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class ExportItem(Base):
+    """The ids a user picked for an export: a table, not a Redis payload, so 10^6 ids fit."""
+
+    __tablename__ = "export_items"
+
+    export_id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("exports.id", ondelete="CASCADE"), primary_key=True
+    )
+    item_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+
+
+class WaitlistEntry(Base):
+    __tablename__ = "waitlist_entries"
+    __table_args__ = (
+        Index("uq_waitlist_lower_email", func.lower(text("email")), unique=True),
+        # The hourly campaign cron scans only entries that still have a step due.
+        Index(
+            "ix_waitlist_next_email_at",
+            "next_email_at",
+            postgresql_where=text(
+                "next_email_at IS NOT NULL AND unsubscribed_at IS NULL AND converted_at IS NULL"
+            ),
+        ),
+    )
+
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    email: Mapped[str] = mapped_column(Text)
+    name: Mapped[str | None] = mapped_column(Text)
+    # How many campaign emails have been sent; the next one is step + 1.
+    campaign_step: Mapped[int] = mapped_column(SmallInteger, server_default="0")
+    next_email_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    unsubscribed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    converted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = _created_at()
+
+
+class EmailMessage(Base):
+    """The outbox: one row per logical email, so no retry or duplicate delivery sends twice."""
+
+    __tablename__ = "email_messages"
+    __table_args__ = (CheckConstraint(_one_of("status", EMAIL_STATUSES), name="status_known"),)
+
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    idempotency_key: Mapped[str] = mapped_column(Text, unique=True)
+    to_email: Mapped[str] = mapped_column(Text)
+    subject: Mapped[str] = mapped_column(Text)
+    html: Mapped[str] = mapped_column(Text)
+    text_body: Mapped[str | None] = mapped_column("text", Text)
+    status: Mapped[str] = mapped_column(Text, server_default="pending")
+    provider: Mapped[str | None] = mapped_column(Text)
+    provider_message_id: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = _counter()
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = _created_at()
+    updated_at: Mapped[datetime] = _updated_at()
+    sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class JobCheckpoint(Base):
+    """Where a long periodic job (the daily marketing sync) stopped, so a re-run resumes."""
+
+    __tablename__ = "job_checkpoints"
+
+    name: Mapped[str] = mapped_column(Text, primary_key=True)
+    value: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default="{}")
+    updated_at: Mapped[datetime] = _updated_at()

@@ -1,0 +1,115 @@
+"""The three arq workers, for `arq worker.main.ImportsWorker` (and Exports-, DefaultWorker).
+
+The worker classes are built on first access from the environment (PEP 562 module
+`__getattr__`), so importing this module creates nothing and reads no settings.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from arq.connections import RedisSettings
+from arq.cron import CronJob
+from arq.worker import Function
+
+from worker.job import CronSchedule, JobDefinition
+from worker.lifecycle import shutdown, startup
+from worker.serialization import deserialize, serialize
+from worker.settings import Settings
+
+HEALTH_CHECK_INTERVAL_S = 10
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    """What one queue runs and how many of its jobs one process runs at once."""
+
+    job_modules: tuple[str, ...]
+    max_jobs: int
+    poll_delay_s: float
+    # Seconds running jobs get to finish after SIGTERM before they are cancelled (and requeued).
+    shutdown_grace_s: int
+
+
+QUEUES: dict[str, QueueConfig] = {
+    # CPU-bound parsing and one COPY stream per import: more than two per 2-core box only queue.
+    "imports": QueueConfig(("jobs.imports",), max_jobs=2, poll_delay_s=0.5, shutdown_grace_s=20),
+    "exports": QueueConfig(("jobs.exports",), max_jobs=4, poll_delay_s=0.5, shutdown_grace_s=20),
+    # IO-bound email and sync calls: many in flight, polled often so sends start promptly.
+    "default": QueueConfig(
+        ("jobs.email", "jobs.marketing"), max_jobs=200, poll_delay_s=0.1, shutdown_grace_s=10
+    ),
+}
+WORKER_CLASS_QUEUES = {
+    "ImportsWorker": "imports",
+    "ExportsWorker": "exports",
+    "DefaultWorker": "default",
+}
+
+
+def queue_jobs(queue: str) -> tuple[list[JobDefinition], list[CronSchedule]]:
+    """The jobs and cron schedules the queue's modules declare in `JOBS` and `CRON_JOBS`."""
+    jobs: list[JobDefinition] = []
+    crons: list[CronSchedule] = []
+    for module_name in QUEUES[queue].job_modules:
+        module = importlib.import_module(module_name)
+        jobs.extend(getattr(module, "JOBS", ()))
+        crons.extend(getattr(module, "CRON_JOBS", ()))
+    return jobs, crons
+
+
+def health_check_key(queue: str) -> str:
+    """One key per worker process, so `status` can list every live worker, not just one."""
+    return f"{queue}:health-check:{socket.gethostname()}:{os.getpid()}"
+
+
+def worker_settings(
+    queue: str,
+    settings: Settings,
+    *,
+    burst: bool = False,
+    jobs: list[JobDefinition] | None = None,
+    crons: list[CronSchedule] | None = None,
+) -> dict[str, Any]:
+    """Keyword arguments for `arq.Worker` serving `queue`; tests pass their own `jobs`."""
+    config = QUEUES[queue]
+    if jobs is None:
+        jobs, declared_crons = queue_jobs(queue)
+        crons = declared_crons if crons is None else crons
+    functions: list[Function] = [definition.to_arq(settings) for definition in jobs]
+    cron_jobs: list[CronJob] = [schedule.to_arq(settings) for schedule in crons or ()]
+    return {
+        "functions": functions,
+        "cron_jobs": cron_jobs,
+        "queue_name": queue,
+        "redis_settings": RedisSettings.from_dsn(settings.redis_url),
+        "on_startup": startup,
+        "on_shutdown": shutdown,
+        "ctx": {"settings": settings, "queue_name": queue},
+        "burst": burst,
+        "max_jobs": config.max_jobs,
+        "poll_delay": config.poll_delay_s,
+        "job_timeout": settings.job_timeout_s,
+        "keep_result": settings.keep_result_s,
+        # MAX_RETRIES retries after the first try. Our wrapper decides retries itself; this
+        # bound catches the tries that never reach it (a worker killed mid-job).
+        "max_tries": settings.max_retries + 1,
+        "health_check_interval": HEALTH_CHECK_INTERVAL_S,
+        "health_check_key": health_check_key(queue),
+        "job_completion_wait": config.shutdown_grace_s,
+        "job_serializer": serialize,
+        "job_deserializer": deserialize,
+        "timezone": ZoneInfo("UTC"),
+    }
+
+
+def __getattr__(name: str) -> type:
+    queue = WORKER_CLASS_QUEUES.get(name)
+    if queue is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return type(name, (), worker_settings(queue, Settings()))

@@ -1,0 +1,115 @@
+"""The one retry policy: which failures are transient, and how long to wait before the next try.
+
+Transient: connection errors and timeouts (HTTP, Redis, PostgreSQL), HTTP 429 and 5xx, a
+PostgreSQL connection terminated by the server, serialization failures and deadlocks.
+Everything else is permanent and fails the job at once with a message a person can act on.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from email.utils import parsedate_to_datetime
+from time import time
+
+import httpx
+import redis.exceptions
+from sqlalchemy.exc import DBAPIError
+
+from worker.errors import PermanentError, RateLimited, TransientError, WorkerError
+
+MAX_RETRY_DELAY_S = 3600.0
+# PostgreSQL SQLSTATEs worth another try: serialization failure, deadlock, admin/crash
+# shutdown, cannot connect now, connection exceptions, too many connections.
+TRANSIENT_SQLSTATES = frozenset(
+    {
+        "40001",
+        "40P01",
+        "57P01",
+        "57P02",
+        "57P03",
+        "08000",
+        "08001",
+        "08003",
+        "08004",
+        "08006",
+        "53300",
+    }
+)
+
+
+def retry_delay_s(
+    try_number: int,
+    base_delay_s: float,
+    *,
+    retry_after_s: float | None = None,
+    rng: Callable[[], float] = random.random,
+) -> float:
+    """Exponential backoff with equal jitter: half the step fixed, half random.
+
+    `try_number` is the try that just failed (1 for the first). The jitter spreads retries
+    of many jobs that failed together; a provider's own wait is never shortened.
+    """
+    step_s: float = min(base_delay_s * 2.0 ** (try_number - 1), MAX_RETRY_DELAY_S)
+    delay_s = step_s / 2 + rng() * step_s / 2
+    if retry_after_s is not None:
+        delay_s = max(delay_s, min(retry_after_s, MAX_RETRY_DELAY_S))
+    return delay_s
+
+
+def retry_after_from_headers(headers: httpx.Headers, now_s: float | None = None) -> float | None:
+    """Seconds to wait from `retry-after` (seconds or HTTP date) or `X-RateLimit-Reset` (epoch)."""
+    now_s = time() if now_s is None else now_s
+    if value := headers.get("retry-after"):
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            try:
+                reset_at_s: float = parsedate_to_datetime(value).timestamp()
+                return max(0.0, reset_at_s - now_s)
+            except (TypeError, ValueError):
+                return None
+    if value := headers.get("x-ratelimit-reset"):
+        try:
+            return max(0.0, float(value) - now_s)
+        except ValueError:
+            return None
+    return None
+
+
+def _sqlstate(exc: DBAPIError) -> str | None:
+    orig = exc.orig
+    for candidate in (orig, getattr(orig, "__cause__", None)):
+        state = getattr(candidate, "sqlstate", None)
+        if isinstance(state, str):
+            return state
+    return None
+
+
+def classify(exc: BaseException) -> WorkerError:
+    """The failure as a `TransientError` or a `PermanentError`, with a readable message."""
+    if isinstance(exc, WorkerError):
+        return exc
+    if isinstance(exc, httpx.HTTPStatusError):
+        response = exc.response
+        where = f"{exc.request.method} {exc.request.url.copy_with(query=None)}"
+        if response.status_code == 429:
+            wait_s = retry_after_from_headers(response.headers)
+            return RateLimited(f"{where}: 429 Too Many Requests", wait_s or 0.0)
+        if response.status_code >= 500:
+            return TransientError(f"{where}: server error {response.status_code}")
+        return PermanentError(f"{where}: {response.status_code} {response.reason_phrase}")
+    if isinstance(exc, httpx.TransportError):
+        return TransientError(f"HTTP {type(exc).__name__}: {exc}")
+    if isinstance(exc, DBAPIError):
+        if exc.connection_invalidated or _sqlstate(exc) in TRANSIENT_SQLSTATES:
+            return TransientError(f"database: {type(exc.orig).__name__}: {exc.orig}")
+        return PermanentError(f"database: {type(exc.orig).__name__}: {exc.orig}")
+    if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
+        return TransientError(f"redis: {exc}")
+    if isinstance(exc, ConnectionError | TimeoutError):
+        return TransientError(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+    if isinstance(exc, OSError) and exc.errno is None and "connect" in str(exc).lower():
+        # asyncpg raises bare OSError("Multiple exceptions: ...") when every address refuses.
+        return TransientError(f"connection failed: {exc}")
+    return PermanentError(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
