@@ -1,0 +1,52 @@
+# contact360-worker: `make run` starts the workers, `make test` runs the suite (see README).
+VENV   ?= .venv
+PYTHON ?= python3
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: venv run test lint format bench bench-import bench-export bench-email bench-recovery services
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+## Run the workers for all three queues (cron included) in the foreground until Ctrl-C.
+run: venv
+	scripts/services.sh run
+	$(PY) -m worker migrate
+	$(PY) -m worker run
+
+## The whole suite against real PostgreSQL and Redis (installed and started if missing).
+test: venv
+	scripts/services.sh test
+	$(PY) -m pytest
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy worker jobs db
+
+format: venv
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+services:
+	scripts/services.sh test
+
+bench: bench-import bench-export bench-email bench-recovery
+
+bench-import: venv services
+	$(PY) bench/bench_import.py
+
+bench-export: venv services
+	$(PY) bench/bench_export.py
+
+bench-email: venv services
+	$(PY) bench/bench_email.py
+
+bench-recovery: venv services
+	$(PY) bench/bench_recovery.py

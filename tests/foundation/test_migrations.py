@@ -1,0 +1,64 @@
+"""Alembic: the first migration creates everything, downgrades cleanly, and CONTRACT inserts work."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+
+from db.migrate import downgrade, upgrade
+from db.models import Base
+from tests.conftest import PG_SERVER, _admin
+from worker.settings import Settings
+
+PLAIN_SERVER = PG_SERVER.replace("+asyncpg", "")
+
+
+@pytest.fixture
+async def scratch_settings() -> AsyncIterator[Settings]:
+    name = f"c360_migrations_{uuid.uuid4().hex[:8]}"
+    yield Settings(database_url=f"{PG_SERVER}/{name}")
+    await _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+async def _tables(settings: Settings) -> set[str]:
+    connection = await asyncpg.connect(f"{PLAIN_SERVER}/{settings.database.database}")
+    try:
+        rows = await connection.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+    finally:
+        await connection.close()
+    return {row["tablename"] for row in rows}
+
+
+async def test_migrate_creates_the_database_then_upgrades_and_downgrades(
+    scratch_settings: Settings,
+) -> None:
+    await upgrade(scratch_settings)  # the database does not exist yet
+    expected = {table.name for table in Base.metadata.sorted_tables}
+    assert await _tables(scratch_settings) == expected | {"alembic_version"}
+    await downgrade(scratch_settings, "base")
+    assert await _tables(scratch_settings) == {"alembic_version"}
+    await upgrade(scratch_settings)
+    assert await _tables(scratch_settings) == expected | {"alembic_version"}
+
+
+async def test_contract_inserts_work_with_defaults(settings: Settings) -> None:
+    connection = await asyncpg.connect(f"{PLAIN_SERVER}/{settings.database.database}")
+    try:
+        user_id = uuid.uuid4()
+        await connection.execute("INSERT INTO users (id, email) VALUES ($1, $2)", user_id, "a@b.co")
+        await connection.execute(
+            "INSERT INTO contacts (user_id, email) VALUES ($1, $2)", user_id, "Ann@Example.com"
+        )
+        user = await connection.fetchrow("SELECT plan, trial_ends_at > now() AS open FROM users")
+        assert (user["plan"], user["open"]) == ("trial", True)
+        contact = await connection.fetchrow("SELECT id, created_at, updated_at FROM contacts")
+        assert contact["id"] is not None and contact["created_at"] is not None
+        with pytest.raises(asyncpg.UniqueViolationError):
+            await connection.execute(
+                "INSERT INTO contacts (user_id, email) VALUES ($1, $2)", user_id, "ann@example.COM"
+            )
+    finally:
+        await connection.close()

@@ -1,0 +1,183 @@
+"""The retry policy: what is transient, the backoff values, and how a real worker applies them."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+from typing import Any
+
+import httpx
+import pytest
+import redis.exceptions
+from arq.connections import ArqRedis
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from tests.conftest import RunBurst
+from worker.context import Ctx
+from worker.errors import PermanentError, RateLimited, TransientError
+from worker.job import job
+from worker.retry import classify, retry_after_from_headers, retry_delay_s
+from worker.serialization import RemoteJobError
+
+
+@pytest.mark.parametrize(
+    ("try_number", "rng_value", "expected_s"),
+    [(1, 0.0, 30.0), (1, 1.0, 60.0), (2, 0.0, 60.0), (2, 0.5, 90.0), (3, 1.0, 240.0)],
+)
+def test_backoff_doubles_per_try_with_equal_jitter(
+    try_number: int, rng_value: float, expected_s: float
+) -> None:
+    assert retry_delay_s(try_number, 60, rng=lambda: rng_value) == expected_s
+
+
+def test_backoff_never_shortens_the_providers_wait_and_is_capped() -> None:
+    assert retry_delay_s(1, 1, retry_after_s=42, rng=lambda: 0.0) == 42
+    assert retry_delay_s(30, 60, rng=lambda: 1.0) == 3600
+
+
+def test_retry_after_headers() -> None:
+    assert retry_after_from_headers(httpx.Headers({"retry-after": "7"})) == 7
+    reset = httpx.Headers({"X-RateLimit-Reset": "1000030"})
+    assert retry_after_from_headers(reset, now_s=1_000_000) == 30
+    http_date = httpx.Headers({"retry-after": "Thu, 01 Jan 1970 00:00:50 GMT"})
+    assert retry_after_from_headers(http_date, now_s=20) == 30
+    assert retry_after_from_headers(httpx.Headers({"retry-after": "soon"})) is None
+
+
+def _status_error(code: int, headers: dict[str, str] | None = None) -> httpx.HTTPStatusError:
+    request = httpx.Request("POST", "https://api.example.com/emails?key=secret")
+    response = httpx.Response(code, headers=headers, request=request)
+    return httpx.HTTPStatusError("boom", request=request, response=response)
+
+
+def test_classification_of_http_failures() -> None:
+    limited = classify(_status_error(429, {"retry-after": "12"}))
+    assert isinstance(limited, RateLimited) and limited.retry_after_s == 12
+    assert type(classify(_status_error(503))) is TransientError
+    rejected = classify(_status_error(422))
+    assert type(rejected) is PermanentError
+    assert str(rejected) == "POST https://api.example.com/emails: 422 Unprocessable Entity"
+    assert "secret" not in str(limited) + str(rejected)
+    assert type(classify(httpx.ConnectError("refused"))) is TransientError
+    assert type(classify(httpx.ReadTimeout("slow"))) is TransientError
+
+
+def test_classification_of_connection_and_bug_failures() -> None:
+    assert type(classify(redis.exceptions.ConnectionError("gone"))) is TransientError
+    assert type(classify(ConnectionRefusedError(errno.ECONNREFUSED, "refused"))) is TransientError
+    assert type(classify(TimeoutError())) is TransientError
+    assert str(classify(KeyError("email"))) == "KeyError: 'email'"
+    assert type(classify(ValueError("bad"))) is PermanentError
+    own = TransientError("mine")
+    assert classify(own) is own
+
+
+async def test_terminated_database_connection_is_transient(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    async with sessions() as victim, sessions() as killer:
+        pid = await victim.scalar(text("SELECT pg_backend_pid()"))
+        await killer.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        with pytest.raises(DBAPIError) as caught:
+            await victim.execute(text("SELECT 1"))
+    assert type(classify(caught.value)) is TransientError
+
+
+async def test_sql_error_is_permanent(sessions: async_sessionmaker[AsyncSession]) -> None:
+    async with sessions() as session:
+        with pytest.raises(DBAPIError) as caught:
+            await session.execute(text("SELECT * FROM no_such_table"))
+    failure = classify(caught.value)
+    assert type(failure) is PermanentError
+    assert "no_such_table" in str(failure)
+
+
+tries: list[int] = []
+failures: list[tuple[dict[str, Any], str]] = []
+
+
+async def remember_failure(ctx: Ctx, kwargs: dict[str, Any], message: str) -> None:
+    failures.append((kwargs, message))
+
+
+@job(on_failure=remember_failure)
+async def flaky(ctx: Ctx, fail_times: int) -> str:
+    tries.append(ctx["job_try"])
+    if len(tries) <= fail_times:
+        raise httpx.ConnectError("provider unreachable")
+    return "done"
+
+
+@job(on_failure=remember_failure)
+async def broken(ctx: Ctx) -> None:
+    tries.append(ctx["job_try"])
+    raise PermanentError("row 7: email missing")
+
+
+@job(on_failure=remember_failure, timeout_cap_s=0.3)
+async def endless(ctx: Ctx) -> None:
+    tries.append(ctx["job_try"])
+    await asyncio.sleep(30)
+
+
+@pytest.fixture(autouse=True)
+def _reset() -> None:
+    tries.clear()
+    failures.clear()
+
+
+async def test_transient_failures_retry_with_backoff_then_succeed(
+    arq_redis: ArqRedis, run_burst: RunBurst
+) -> None:
+    queued = await arq_redis.enqueue_job("flaky", fail_times=2, _queue_name="default")
+    assert queued is not None
+    worker = await run_burst("default", jobs=[flaky])
+    assert tries == [1, 2, 3]
+    assert (worker.jobs_retried, worker.jobs_complete, worker.jobs_failed) == (2, 1, 0)
+    assert await queued.result(timeout=1) == "done"
+    assert failures == []
+
+
+async def test_transient_failures_give_up_after_max_retries(
+    arq_redis: ArqRedis, run_burst: RunBurst
+) -> None:
+    queued = await arq_redis.enqueue_job("flaky", fail_times=99, _queue_name="default")
+    assert queued is not None
+    await run_burst("default", jobs=[flaky])
+    assert tries == [1, 2, 3, 4]  # MAX_RETRIES=3 retries after the first try
+    with pytest.raises(
+        RemoteJobError, match="gave up after 4 tries; last error: HTTP ConnectError"
+    ):
+        await queued.result(timeout=1)
+    assert failures == [
+        (
+            {"fail_times": 99},
+            "gave up after 4 tries; last error: HTTP ConnectError: provider unreachable",
+        )
+    ]
+
+
+async def test_permanent_failure_fails_at_once_and_is_recorded(
+    arq_redis: ArqRedis, run_burst: RunBurst
+) -> None:
+    queued = await arq_redis.enqueue_job("broken", _queue_name="default")
+    assert queued is not None
+    await run_burst("default", jobs=[broken])
+    assert tries == [1]
+    with pytest.raises(RemoteJobError, match="row 7: email missing"):
+        await queued.result(timeout=1)
+    assert failures == [({}, "row 7: email missing")]
+
+
+async def test_hard_time_limit_stops_the_job_records_it_and_does_not_retry(
+    arq_redis: ArqRedis, run_burst: RunBurst
+) -> None:
+    queued = await arq_redis.enqueue_job("endless", _queue_name="default")
+    assert queued is not None
+    await run_burst("default", jobs=[endless])
+    assert tries == [1]
+    with pytest.raises(RemoteJobError, match="hard time limit of 0.3 s"):
+        await queued.result(timeout=1)
+    assert failures == [({}, "stopped: ran past the hard time limit of 0.3 s (JOB_TIMEOUT_S)")]

@@ -1,0 +1,111 @@
+"""Settings: defaults of CONTRACT §3, clear start-up errors, secrets that never show."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from worker.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_contract_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in Settings.model_fields:
+        monkeypatch.delenv(name.upper(), raising=False)
+    s = Settings()
+    assert s.database_url == "postgresql+asyncpg://postgres@127.0.0.1:5432/contact360"
+    assert s.redis_url == "redis://127.0.0.1:6379/0"
+    assert (s.import_dir, s.export_dir) == (Path("data/imports"), Path("data/exports"))
+    assert (s.storage_backend, s.email_provider, s.marketing_provider) == (
+        "local",
+        "console",
+        "none",
+    )
+    assert s.email_from == "Contact360 <no-reply@localhost>"
+    assert (s.email_rate_limit_per_s, s.job_timeout_s, s.job_soft_timeout_s) == (10, 1800, 1500)
+    assert (s.keep_result_s, s.max_retries, s.retry_base_delay_s) == (3600, 3, 60)
+    assert (s.worker_max_jobs_per_process, s.worker_max_memory_mb) == (1000, 200)
+    assert (s.import_batch_rows, s.import_max_stored_errors) == (5000, 1000)
+
+
+def test_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STORAGE_BACKEND", "s3")
+    monkeypatch.setenv("S3_BUCKET", "exports")
+    monkeypatch.setenv("IMPORT_BATCH_ROWS", "250")
+    monkeypatch.setenv("EMAIL_PROVIDER", "resend")
+    monkeypatch.setenv("EMAIL_API_KEY", "re_live_secret")
+    s = Settings()
+    assert (s.storage_backend, s.s3_bucket, s.import_batch_rows) == ("s3", "exports", 250)
+    assert s.email_api_key is not None
+    assert s.email_api_key.get_secret_value() == "re_live_secret"
+    assert s.email_base_url == "https://api.resend.com"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"database_url": "not a url"}, "DATABASE_URL is not a database URL"),
+        ({"database_url": "mysql://u@h/db"}, "must point to PostgreSQL"),
+        ({"database_url": "postgresql://u@h"}, "names no database"),
+        ({"redis_url": "http://h"}, "REDIS_URL must start with redis://"),
+        ({"job_timeout_s": -5}, "greater than 0"),
+        ({"job_soft_timeout_s": 1800}, "JOB_SOFT_TIMEOUT_S (1800) must be below JOB_TIMEOUT_S"),
+        ({"storage_backend": "s3"}, "STORAGE_BACKEND=s3 needs S3_BUCKET"),
+        ({"storage_backend": "ftp"}, "'local' or 's3'"),
+        ({"email_provider": "sendgrid"}, "EMAIL_PROVIDER=sendgrid needs EMAIL_API_KEY"),
+        ({"max_retries": -1}, "greater than or equal to 0"),
+    ],
+)
+def test_invalid_settings_fail_with_a_clear_message(
+    overrides: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ValidationError) as caught:
+        Settings(**overrides)  # type: ignore[arg-type]
+    assert message in str(caught.value)
+
+
+def test_plain_postgres_scheme_is_normalised_to_asyncpg() -> None:
+    s = Settings(database_url="postgresql://u@h:5433/db")
+    assert s.database_url == "postgresql+asyncpg://u@h:5433/db"
+
+
+def test_secrets_never_show_in_repr() -> None:
+    s = Settings(
+        database_url="postgresql://app:pg-secret@h/db",
+        email_provider="resend",
+        email_api_key="re_secret",
+        marketing_provider="sendgrid",
+        marketing_api_key="SG.secret",
+    )
+    shown = repr(s) + str(s)
+    for secret in ("pg-secret", "re_secret", "SG.secret"):
+        assert secret not in shown
+    assert "app:***@h" in shown
+
+
+def test_cli_reports_bad_settings_in_one_line_without_the_secret(tmp_path: Path) -> None:
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "DATABASE_URL": "mysql://app:hunter2@h/db",
+        "HOME": str(tmp_path),
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "worker", "migrate"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "error: invalid configuration: DATABASE_URL: Value error, "
+        "DATABASE_URL must point to PostgreSQL (postgresql+asyncpg://...), not 'mysql'"
+    ]
+    assert "hunter2" not in done.stdout + done.stderr

@@ -1,0 +1,91 @@
+"""Worker classes for arq's CLI, the lifecycle of ctx resources, and job-tagged logs."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+from arq.connections import ArqRedis
+
+from tests.conftest import RunBurst
+from worker import main
+from worker.context import Ctx
+from worker.job import job
+from worker.lifecycle import shutdown, startup
+from worker.logs import JsonFormatter, _JobFieldsFilter
+from worker.serialization import deserialize, serialize
+from worker.settings import Settings
+
+
+@pytest.mark.parametrize(
+    ("class_name", "queue", "max_jobs"),
+    [
+        ("ImportsWorker", "imports", 2),
+        ("ExportsWorker", "exports", 4),
+        ("DefaultWorker", "default", 200),
+    ],
+)
+def test_worker_classes_for_arqs_cli(
+    monkeypatch: pytest.MonkeyPatch, class_name: str, queue: str, max_jobs: int
+) -> None:
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:6379/9")
+    monkeypatch.setenv("KEEP_RESULT_S", "120")
+    monkeypatch.setattr(main, "queue_jobs", lambda q: ([], []))  # only the shape matters here
+    cls = getattr(main, class_name)
+    assert cls.queue_name == queue
+    assert cls.max_jobs == max_jobs
+    assert cls.keep_result == 120
+    assert cls.redis_settings.database == 9
+    assert (cls.job_serializer, cls.job_deserializer) == (serialize, deserialize)
+    assert cls.timezone == ZoneInfo("UTC")
+    assert cls.health_check_key.endswith(f":{os.getpid()}")
+    assert cls.health_check_key.startswith(f"{queue}:health-check:")
+
+
+def test_unknown_attribute_is_an_attribute_error() -> None:
+    with pytest.raises(AttributeError, match="NoSuchWorker"):
+        main.NoSuchWorker  # noqa: B018
+
+
+async def test_startup_opens_and_shutdown_closes_resources(settings: Settings) -> None:
+    ctx: dict[str, Any] = {"settings": settings, "queue_name": "default"}
+    await startup(ctx)
+    async with ctx["sessions"]() as session:
+        assert (
+            await session.execute(__import__("sqlalchemy").text("SELECT 41 + 1"))
+        ).scalar() == 42
+    http = ctx["http"]
+    assert not http.is_closed
+    await shutdown(ctx)
+    assert http.is_closed
+    assert ctx["engine"].pool.checkedout() == 0
+
+
+captured = io.StringIO()
+
+
+@job()
+async def chatty(ctx: Ctx) -> None:
+    logging.getLogger("jobs.chatty").info("working on it")
+
+
+async def test_job_logs_carry_job_id_name_and_try(arq_redis: ArqRedis, run_burst: RunBurst) -> None:
+    handler = logging.StreamHandler(captured)
+    handler.addFilter(_JobFieldsFilter())
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("jobs.chatty")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        await arq_redis.enqueue_job("chatty", _job_id="chatty-1", _queue_name="default")
+        await run_burst("default", jobs=[chatty])
+    finally:
+        logger.removeHandler(handler)
+    line = json.loads(captured.getvalue().strip().splitlines()[-1])
+    assert line["msg"] == "working on it"
+    assert (line["job_id"], line["job"], line["job_try"]) == ("chatty-1", "chatty", 1)

@@ -1,0 +1,91 @@
+"""`run`: a small supervisor that keeps one worker process per queue alive.
+
+Each worker is a child process (`python -m worker work QUEUE`), so a worker that recycles
+itself (job count, memory) or crashes is replaced at once while the others keep going.
+SIGTERM/SIGINT are passed on to the children, which drain and exit; then `run` exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+import time
+from typing import Any
+
+from arq.worker import Worker
+
+from worker.main import QUEUES, worker_settings
+from worker.settings import Settings
+
+log = logging.getLogger(__name__)
+# A child that dies faster than this after starting is crash-looping: back off before the next.
+FAST_EXIT_S = 5.0
+MAX_RESTART_DELAY_S = 30.0
+
+
+def register(subparsers: Any) -> None:
+    run = subparsers.add_parser("run", help="run workers for all queues (or one) until stopped")
+    run.add_argument("--queue", choices=sorted(QUEUES), help="only this queue")
+    run.add_argument("--burst", action="store_true", help="exit when the queues are empty")
+    run.set_defaults(handler=run_supervisor)
+    work = subparsers.add_parser("work", help="run one worker in this process (used by `run`)")
+    work.add_argument("queue", choices=sorted(QUEUES))
+    work.add_argument("--burst", action="store_true")
+    work.set_defaults(handler=run_worker)
+
+
+async def run_worker(args: argparse.Namespace, settings: Settings) -> int:
+    worker = Worker(**worker_settings(args.queue, settings, burst=args.burst))
+    try:
+        await worker.async_run()
+    except asyncio.CancelledError:
+        pass  # arq cancels its main task on SIGTERM once running jobs are drained
+    finally:
+        await worker.close()
+    return 0
+
+
+async def _supervise_queue(queue: str, burst: bool, stopping: asyncio.Event) -> int:
+    restart_delay_s = 1.0
+    while True:
+        command = [sys.executable, "-m", "worker", "work", queue, *(["--burst"] if burst else [])]
+        started_s = time.monotonic()
+        child = await asyncio.create_subprocess_exec(*command)
+        log.info("started %s worker pid=%d", queue, child.pid)
+        waiter = asyncio.ensure_future(child.wait())
+        stopper = asyncio.ensure_future(stopping.wait())
+        await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if stopping.is_set() and not waiter.done():
+            child.send_signal(signal.SIGTERM)
+        code = await waiter
+        stopper.cancel()
+        if burst or stopping.is_set():
+            return code
+        if time.monotonic() - started_s < FAST_EXIT_S and code != 0:
+            log.error(
+                "%s worker exited with %d right after start; retry in %.0f s",
+                queue,
+                code,
+                restart_delay_s,
+            )
+            try:
+                await asyncio.wait_for(stopping.wait(), restart_delay_s)
+                return code
+            except TimeoutError:
+                restart_delay_s = min(restart_delay_s * 2, MAX_RESTART_DELAY_S)
+        else:
+            restart_delay_s = 1.0
+            log.info("%s worker pid=%d exited with %d; replacing it", queue, child.pid, code)
+
+
+async def run_supervisor(args: argparse.Namespace, settings: Settings) -> int:
+    queues = [args.queue] if args.queue else list(QUEUES)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    codes = await asyncio.gather(*(_supervise_queue(q, args.burst, stopping) for q in queues))
+    return max(codes, default=0)
