@@ -1,4 +1,4 @@
-"""Alembic: the first migration creates everything, downgrades cleanly, and CONTRACT inserts work."""
+"""Alembic: the first migration creates everything and downgrades; CONTRACT inserts work."""
 
 from __future__ import annotations
 

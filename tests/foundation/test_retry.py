@@ -178,6 +178,6 @@ async def test_hard_time_limit_stops_the_job_records_it_and_does_not_retry(
     assert queued is not None
     await run_burst("default", jobs=[endless])
     assert tries == [1]
-    with pytest.raises(RemoteJobError, match="hard time limit of 0.3 s"):
+    with pytest.raises(RemoteJobError, match=r"hard time limit of 0\.3 s"):
         await queued.result(timeout=1)
     assert failures == [({}, "stopped: ran past the hard time limit of 0.3 s (JOB_TIMEOUT_S)")]
