@@ -38,6 +38,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from aiohttp import web
+from multidict import CIMultiDict
 
 RESEND_EMAILS = "/emails"
 SENDGRID_MAIL = "/v3/mail/send"
@@ -67,6 +68,8 @@ class Answer:
 
 @dataclass(frozen=True)
 class RecordedRequest:
+    """One request as received; `headers` is case-insensitive, `json` is None if not JSON."""
+
     method: str
     path: str
     headers: Mapping[str, str]
@@ -185,15 +188,16 @@ class ProviderServer:
             self._startup_error = exc
             self._ready.set()
         finally:
+            sock.close()
             loop.close()
 
     async def _main(self, sock: socket.socket) -> None:
         self._stopping = asyncio.Event()
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
         await runner.setup()
-        site = web.SockSite(runner, sock, shutdown_timeout=0.5)
+        site = web.SockSite(runner, sock, backlog=1024)
         await site.start()
         self._ready.set()
         try:
@@ -214,7 +218,7 @@ class ProviderServer:
             if self._record:
                 self._requests.append(
                     RecordedRequest(
-                        request.method, request.path, dict(request.headers), payload, raw
+                        request.method, request.path, CIMultiDict(request.headers), payload, raw
                     )
                 )
             scripted = self._scripts[request.path]
