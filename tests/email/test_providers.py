@@ -272,6 +272,19 @@ async def test_sendgrid_html_only(http: httpx.AsyncClient, provider_server: Prov
     assert provider_server.requests[0].json["from"] == {"email": "a@x.test"}
 
 
+async def test_unsendable_input_is_permanent_without_a_request(
+    http: httpx.AsyncClient, provider_server: ProviderServer
+) -> None:
+    bad_recipient = OutgoingEmail(EMAIL.sender, ["Bob Stone <>"], "s", "<p>h</p>")
+    with pytest.raises(PermanentError) as info:
+        await sendgrid(http, provider_server).send(bad_recipient, "k")
+    assert str(info.value) == "sendgrid: not an email address: 'Bob Stone <>'"
+    with pytest.raises(PermanentError) as info:
+        await resend(http, provider_server).send(EMAIL, "k" * 257)
+    assert str(info.value) == "resend: idempotency key must be 1-256 characters, got 257"
+    assert provider_server.requests == []
+
+
 async def test_sendgrid_429_rate_limit_reset(
     http: httpx.AsyncClient, provider_server: ProviderServer
 ) -> None:

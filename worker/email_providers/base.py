@@ -12,7 +12,7 @@ PermanentError                   other 4xx: record the provider's message, do no
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from email.utils import parseaddr
 from typing import Any, Protocol
@@ -41,7 +41,7 @@ class OutgoingEmail:
     """One email as the caller means it. `sender` is `Name <addr>` or a bare address."""
 
     sender: str
-    to: tuple[str, ...]
+    to: Sequence[str]
     subject: str
     html: str
     text: str | None = None
@@ -49,7 +49,7 @@ class OutgoingEmail:
     def __post_init__(self) -> None:
         if not self.to:
             raise ValueError("an email needs at least one recipient")
-        # Accept a list from callers but keep the frozen value hashable and immutable.
+        # Accept any sequence (a list from a job's JSON arguments) but keep the value immutable.
         object.__setattr__(self, "to", tuple(self.to))
 
 

@@ -20,7 +20,7 @@ from worker.email_providers.base import (
     resend_error_message,
     transport_error,
 )
-from worker.errors import TransientError
+from worker.errors import PermanentError, TransientError
 
 # Resend accepts keys of 1-256 characters; longer ones are a 400 `invalid_idempotency_key`.
 MAX_IDEMPOTENCY_KEY_CHARS = 256
@@ -37,8 +37,9 @@ class ResendProvider:
 
     async def send(self, email: OutgoingEmail, idempotency_key: str) -> str:
         if not 1 <= len(idempotency_key) <= MAX_IDEMPOTENCY_KEY_CHARS:
-            raise ValueError(
-                f"idempotency key must be 1-{MAX_IDEMPOTENCY_KEY_CHARS} characters, "
+            # Resend would answer 400 invalid_idempotency_key; say so without the round trip.
+            raise PermanentError(
+                f"resend: idempotency key must be 1-{MAX_IDEMPOTENCY_KEY_CHARS} characters, "
                 f"got {len(idempotency_key)}"
             )
         payload: dict[str, Any] = {

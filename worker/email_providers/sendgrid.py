@@ -20,6 +20,7 @@ from worker.email_providers.base import (
     split_address,
     transport_error,
 )
+from worker.errors import PermanentError
 
 IDEMPOTENCY_CUSTOM_ARG = "c360_idempotency_key"
 
@@ -56,12 +57,14 @@ class SendGridProvider:
 
     async def send(self, email: OutgoingEmail, idempotency_key: str) -> str:
         """Returns the `X-Message-Id`; "" if SendGrid accepted (202) but sent none."""
+        try:
+            body = mail_send_body(email, idempotency_key)
+        except ValueError as exc:  # an address SendGrid's JSON cannot carry: retrying won't help
+            raise PermanentError(f"sendgrid: {exc}") from None
         headers = {"Authorization": f"Bearer {self.api_key.get_secret_value()}"}
         try:
             response = await self.http.post(
-                f"{self.base_url}/v3/mail/send",
-                json=mail_send_body(email, idempotency_key),
-                headers=headers,
+                f"{self.base_url}/v3/mail/send", json=body, headers=headers
             )
         except httpx.TransportError as exc:
             raise transport_error(exc, provider=self.name, secret=self.api_key) from None
