@@ -1,0 +1,178 @@
+"""The provider interface and the one place HTTP outcomes become worker errors.
+
+TransientError                   retry with backoff
+├── DeliveryUnknown              the request may have reached the provider (read timeout,
+│                                connection dropped after sending): resend only where the
+│                                provider deduplicates (Resend's Idempotency-Key); with
+│                                SendGrid mark the message for review instead
+└── RateLimited(retry_after_s)   429: every process waits (see worker.ratelimit)
+PermanentError                   other 4xx: record the provider's message, do not retry
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from email.utils import parseaddr
+from typing import Any, Protocol
+
+import httpx
+from pydantic import SecretStr
+
+from worker.errors import PermanentError, RateLimited, TransientError
+
+# A 429 without a usable wait header: wait this long. Resend's default limit is per second
+# (https://resend.com/docs/api-reference/rate-limit), so a short pause is the right guess.
+DEFAULT_RETRY_AFTER_S = 1.0
+# A provider asking for longer than this is more likely a broken header than a real reset;
+# the job retries and sees a fresh answer.
+MAX_RETRY_AFTER_S = 300.0
+# Provider messages are stored in the outbox and shown to people: keep them short.
+MAX_ERROR_MESSAGE_CHARS = 500
+
+
+class DeliveryUnknown(TransientError):
+    """The request may have been accepted before the connection failed; resending may duplicate."""
+
+
+@dataclass(frozen=True, slots=True)
+class OutgoingEmail:
+    """One email as the caller means it. `sender` is `Name <addr>` or a bare address."""
+
+    sender: str
+    to: Sequence[str]
+    subject: str
+    html: str
+    text: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.to:
+            raise ValueError("an email needs at least one recipient")
+        # Accept any sequence (a list from a job's JSON arguments) but keep the value immutable.
+        object.__setattr__(self, "to", tuple(self.to))
+
+
+class EmailProvider(Protocol):
+    """Sends one email. `send` returns the provider's message id.
+
+    Raises `DeliveryUnknown`, `RateLimited`, `TransientError` or `PermanentError`, never an
+    httpx exception. The same `idempotency_key` for a resend of the same logical message.
+    """
+
+    @property
+    def name(self) -> str: ...
+
+    async def send(self, email: OutgoingEmail, idempotency_key: str) -> str: ...
+
+
+def split_address(address: str) -> tuple[str, str]:
+    """`'Contact360 <no-reply@x.io>'` -> `('Contact360', 'no-reply@x.io')`."""
+    name, addr = parseaddr(address)
+    if not addr:
+        raise ValueError(f"not an email address: {address!r}")
+    return name, addr
+
+
+def redact(text: str, secret: SecretStr | None) -> str:
+    """Remove the API key from text that came from outside (a provider may echo headers)."""
+    if secret is None:
+        return text
+    value = secret.get_secret_value()
+    return text.replace(value, "**********") if value else text
+
+
+def retry_after_s(response: httpx.Response, *, now_s: float | None = None) -> float:
+    """Seconds to wait after a 429, from `retry-after` or SendGrid's `X-RateLimit-Reset`.
+
+    `retry-after` is delta-seconds (Resend); `X-RateLimit-Reset` is a Unix time (SendGrid,
+    https://www.twilio.com/docs/sendgrid/api-reference/how-to-use-the-sendgrid-v3-api/rate-limits).
+    Clamped to [0, MAX_RETRY_AFTER_S]; absent or unparsable: DEFAULT_RETRY_AFTER_S.
+    """
+    now_s = time.time() if now_s is None else now_s
+    wait_s: float | None = None
+    header = response.headers.get("retry-after")
+    if header is not None:
+        try:
+            wait_s = float(header)
+        except ValueError:
+            wait_s = None  # an HTTP-date: rare from these providers; fall through
+    if wait_s is None:
+        reset = response.headers.get("x-ratelimit-reset")
+        if reset is not None:
+            try:
+                wait_s = float(reset) - now_s
+            except ValueError:
+                wait_s = None
+    if wait_s is None:
+        return DEFAULT_RETRY_AFTER_S
+    return min(max(wait_s, 0.0), MAX_RETRY_AFTER_S)
+
+
+def _json_or_none(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        return None
+
+
+def resend_error_message(body: Any) -> str | None:
+    """Resend: `{"statusCode": 422, "name": "validation_error", "message": "..."}`."""
+    if isinstance(body, dict) and isinstance(body.get("message"), str):
+        name = body.get("name")
+        message: str = body["message"]
+        return f"{name}: {message}" if isinstance(name, str) and name else message
+    return None
+
+
+def sendgrid_error_message(body: Any) -> str | None:
+    """SendGrid: `{"errors": [{"message": "...", "field": "..."}, ...]}`."""
+    if not isinstance(body, dict) or not isinstance(body.get("errors"), list):
+        return None
+    parts = []
+    for error in body["errors"]:
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            field = error.get("field")
+            parts.append(f"{field}: {error['message']}" if field else error["message"])
+    return "; ".join(parts) or None
+
+
+def raise_for_response(
+    response: httpx.Response,
+    *,
+    provider: str,
+    secret: SecretStr | None,
+    error_message: Callable[[Any], str | None],
+    transient_statuses: frozenset[int] = frozenset(),
+) -> None:
+    """Raise the worker error a non-2xx answer means; return for 2xx."""
+    status = response.status_code
+    if 200 <= status < 300:
+        return
+    detail = error_message(_json_or_none(response)) or response.reason_phrase or "no detail"
+    detail = redact(" ".join(detail.split()), secret)[:MAX_ERROR_MESSAGE_CHARS]
+    message = f"{provider} answered {status}: {detail}"
+    if status == 429:
+        raise RateLimited(message, retry_after_s(response))
+    if status >= 500 or status in transient_statuses:
+        raise TransientError(message)
+    raise PermanentError(message)
+
+
+def transport_error(
+    exc: httpx.TransportError, *, provider: str, secret: SecretStr | None
+) -> TransientError:
+    """The worker error for a failed exchange: did the request possibly reach the provider?"""
+    # Exactly these say the request never left: no connection, none free in the pool, or a URL
+    # we cannot speak. Everything else (read/write timeout, dropped or reset connection,
+    # protocol error) may have happened after the provider read the request.
+    certain = (
+        httpx.ConnectError,
+        httpx.ConnectTimeout,
+        httpx.PoolTimeout,
+        httpx.UnsupportedProtocol,
+    )
+    detail = redact(f"{type(exc).__name__}: {exc}".rstrip(": "), secret)[:MAX_ERROR_MESSAGE_CHARS]
+    if isinstance(exc, certain):
+        return TransientError(f"{provider} unreachable, nothing was sent ({detail})")
+    return DeliveryUnknown(f"{provider} request failed after it may have been sent ({detail})")
