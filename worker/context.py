@@ -9,6 +9,9 @@ from typing import TYPE_CHECKING, NotRequired, TypedDict
 import httpx
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from worker.email_providers import EmailProvider
+from worker.marketing import MarketingProvider
+from worker.ratelimit import RateLimiter
 from worker.settings import Settings
 
 if TYPE_CHECKING:
@@ -26,6 +29,9 @@ class Ctx(TypedDict):
     engine: NotRequired[AsyncEngine]
     sessions: NotRequired[async_sessionmaker[AsyncSession]]
     http: NotRequired[httpx.AsyncClient]
+    email_provider: NotRequired[EmailProvider]
+    marketing_provider: NotRequired[MarketingProvider]
+    email_rate_limiter: NotRequired[RateLimiter]
     s3_session: NotRequired[aioboto3.Session]
     # Set by arq for each job run.
     job_id: NotRequired[str]

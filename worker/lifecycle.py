@@ -7,20 +7,15 @@ from contextlib import AsyncExitStack
 from typing import Any, cast
 
 import aioboto3
-import httpx
 
 from db.session import create_engine, make_sessionmaker
 from worker.context import Ctx
+from worker.email_providers import make_email_provider
+from worker.http import make_http_client
+from worker.marketing import make_marketing_provider
+from worker.ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
-
-
-def make_http_client() -> httpx.AsyncClient:
-    """The process's one HTTP client; explicit timeouts so a hung provider cannot hold a job."""
-    return httpx.AsyncClient(
-        timeout=httpx.Timeout(connect=5.0, read=15.0, write=15.0, pool=30.0),
-        limits=httpx.Limits(max_connections=200, max_keepalive_connections=100),
-    )
 
 
 async def startup(arq_ctx: dict[str, Any]) -> None:
@@ -32,7 +27,12 @@ async def startup(arq_ctx: dict[str, Any]) -> None:
     stack.push_async_callback(engine.dispose)
     ctx["engine"] = engine
     ctx["sessions"] = make_sessionmaker(engine)
-    ctx["http"] = await stack.enter_async_context(make_http_client())
+    http = await stack.enter_async_context(make_http_client())
+    ctx["http"] = http
+    ctx["email_provider"] = make_email_provider(settings, http)
+    ctx["marketing_provider"] = make_marketing_provider(settings, http)
+    # Shared by every worker process through Redis: the provider's limit is global.
+    ctx["email_rate_limiter"] = RateLimiter(ctx["redis"], settings.email_rate_limit_per_s)
     # A Session holds no connection; jobs open short-lived clients from it (`async with`).
     ctx["s3_session"] = aioboto3.Session()
     log.info(

@@ -52,8 +52,10 @@ def test_unknown_attribute_is_an_attribute_error() -> None:
         main.NoSuchWorker  # noqa: B018
 
 
-async def test_startup_opens_and_shutdown_closes_resources(settings: Settings) -> None:
-    ctx: dict[str, Any] = {"settings": settings, "queue_name": "default"}
+async def test_startup_opens_and_shutdown_closes_resources(
+    settings: Settings, arq_redis: ArqRedis
+) -> None:
+    ctx: dict[str, Any] = {"settings": settings, "queue_name": "default", "redis": arq_redis}
     await startup(ctx)
     async with ctx["sessions"]() as session:
         assert (
@@ -61,6 +63,8 @@ async def test_startup_opens_and_shutdown_closes_resources(settings: Settings) -
         ).scalar() == 42
     http = ctx["http"]
     assert not http.is_closed
+    assert ctx["email_provider"].name == "console"
+    assert ctx["email_rate_limiter"].rate_per_s == settings.email_rate_limit_per_s
     await shutdown(ctx)
     assert http.is_closed
     assert ctx["engine"].pool.checkedout() == 0
