@@ -13,6 +13,7 @@ import pytest
 from jobs.exports.csv_format import (
     COMPANY_COLUMNS,
     CONTACT_COLUMNS,
+    NFKC_SPACE_OR_TRIGGER_CHARS,
     format_tags,
     format_timestamp,
     neutralize,
@@ -85,20 +86,40 @@ def test_columns_are_the_contract_order() -> None:
     )  # fmt: skip
 
 
-def compat_triggers() -> list[str]:
-    """Every non-ASCII character whose NFKC form starts with a trigger (15 in Unicode 14)."""
+def nfkc_starts_with(chars: str) -> str:
+    """Every non-ASCII character whose NFKC form starts with one of `chars`, by Python."""
     found = []
     for code in range(0x80, 0x110000):
-        normalized = unicodedata.normalize("NFKC", chr(code)).lstrip(" ")
-        if normalized[:1] in ("=", "+", "-", "@", "\t", "\r", "\n"):
+        normalized = unicodedata.normalize("NFKC", chr(code))
+        if normalized[:1] and normalized[0] in chars:
             found.append(chr(code))
-    return found
+    return "".join(found)
+
+
+COMPAT_TRIGGERS = (
+    "\u207a\u207c\u208a\u208c\u2a75\u2a76\ufb29\ufe62\ufe63\ufe66\ufe6b\uff0b\uff0d\uff1d\uff20"
+)
+
+
+def test_compatibility_characters_tables_match_pythons_unicode_data() -> None:
+    assert nfkc_starts_with("=+-@\t\r\n") == COMPAT_TRIGGERS
+    assert nfkc_starts_with(" =+-@\t\r\n") == NFKC_SPACE_OR_TRIGGER_CHARS
+
+
+async def test_compatibility_characters_table_matches_postgresqls_unicode_data(
+    pg: asyncpg.Connection,
+) -> None:
+    """The SQL skips normalize() for any other first character: PostgreSQL must agree."""
+    found = await pg.fetchval(
+        "SELECT string_agg(chr(c), '' ORDER BY c) FROM generate_series(128, 1114111) AS c "
+        "WHERE (c < 55296 OR c > 57343) "  # surrogates are not characters
+        "AND left(normalize(chr(c), NFKC), 1) IN (' ', '=', '+', '-', '@', E'\\t', E'\\r', E'\\n')"
+    )
+    assert found == NFKC_SPACE_OR_TRIGGER_CHARS
 
 
 def fuzz_values(count: int) -> list[str]:
-    alphabet = (
-        list("=+-@\t\r\n ().0123456789ae") + compat_triggers() + ["\u3000", "\u00a0", "\u0338"]
-    )
+    alphabet = list('=+-@\t\r\n ().0123456789aeZ:"É\u0338') + list(NFKC_SPACE_OR_TRIGGER_CHARS)
     rng = random.Random(20261126)
     return ["".join(rng.choices(alphabet, k=rng.randint(1, 6))) for _ in range(count)]
 
@@ -116,9 +137,9 @@ async def sql_results(
 @pytest.mark.parametrize("expression", ["pg_temp.csv_safe(v)", neutralize_sql("v")])
 async def test_sql_agrees_with_python(pg: asyncpg.Connection, expression: str) -> None:
     values = [v for v, _ in INJECTIONS + KEPT]
-    values += [c + "1" for c in compat_triggers()] + [c + "x" for c in compat_triggers()]
+    values += [c + "1" for c in NFKC_SPACE_OR_TRIGGER_CHARS]
+    values += [c + "=x" for c in NFKC_SPACE_OR_TRIGGER_CHARS]
     values += fuzz_values(5000)
-    assert len(compat_triggers()) == 15
     expected = [neutralize(v) for v in values]
     assert await sql_results(pg, expression, values) == expected
     # NULL stays NULL, which COPY writes as the same empty cell as neutralize(None).
