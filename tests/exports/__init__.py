@@ -1,0 +1,1 @@
+"""Export tests: storage backends and the CSV format."""
