@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any, Literal, Self
 
+import aioboto3
 from arq.connections import ArqRedis, RedisSettings, create_pool
 from arq.jobs import Job
 from pydantic import BaseModel
@@ -29,6 +30,7 @@ from db.session import create_engine, make_sessionmaker
 from worker.import_source import resolve_import_source
 from worker.serialization import deserialize, serialize
 from worker.settings import Settings
+from worker.storage import export_key, make_storage, s3_client_factory
 
 IdLike = uuid.UUID | str
 
@@ -237,13 +239,15 @@ class JobsClient:
         return ExportStatus.of(row)
 
     async def export_url(self, export_id: IdLike, expires_s: int = 3600) -> str:
-        """A presigned URL (S3) or a `file://` URL (local) for a completed export."""
-        from worker.storage import export_download_url
-
-        status = await self.export_status(export_id)
-        if status.status != "completed" or status.file_path is None:
-            raise LookupError(f"export {export_id} is {status.status}, not completed")
-        return await export_download_url(self.settings, status.file_path, expires_s)
+        """A presigned URL (s3) or a `file://` URL (local) for a completed export."""
+        async with self.sessions() as session:
+            row = await session.get(Export, _uuid(export_id))
+        if row is None:
+            raise LookupError(f"no export {export_id}")
+        if row.status != "completed":
+            raise LookupError(f"export {export_id} is {row.status}, not completed")
+        storage = make_storage(self.settings, s3_client_factory(aioboto3.Session(), self.settings))
+        return await storage.url(export_key(row.user_id, row.id), expires_s)
 
     # -- email and marketing ---------------------------------------------------------------
 

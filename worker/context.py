@@ -13,6 +13,7 @@ from worker.email_providers import EmailProvider
 from worker.marketing import MarketingProvider
 from worker.ratelimit import RateLimiter
 from worker.settings import Settings
+from worker.storage import Storage
 
 if TYPE_CHECKING:
     import aioboto3
@@ -33,6 +34,7 @@ class Ctx(TypedDict):
     marketing_provider: NotRequired[MarketingProvider]
     email_rate_limiter: NotRequired[RateLimiter]
     s3_session: NotRequired[aioboto3.Session]
+    storage: NotRequired[Storage]
     # Set by arq for each job run.
     job_id: NotRequired[str]
     job_try: NotRequired[int]

@@ -14,6 +14,7 @@ from worker.email_providers import make_email_provider
 from worker.http import make_http_client
 from worker.marketing import make_marketing_provider
 from worker.ratelimit import RateLimiter
+from worker.storage import make_storage, s3_client_factory
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +34,10 @@ async def startup(arq_ctx: dict[str, Any]) -> None:
     ctx["marketing_provider"] = make_marketing_provider(settings, http)
     # Shared by every worker process through Redis: the provider's limit is global.
     ctx["email_rate_limiter"] = RateLimiter(ctx["redis"], settings.email_rate_limit_per_s)
-    # A Session holds no connection; jobs open short-lived clients from it (`async with`).
-    ctx["s3_session"] = aioboto3.Session()
+    # A Session holds no connection; storage opens short-lived clients from it (`async with`).
+    s3_session = aioboto3.Session()
+    ctx["s3_session"] = s3_session
+    ctx["storage"] = make_storage(settings, s3_client_factory(s3_session, settings))
     log.info(
         "worker ready: queue=%s database=%s",
         ctx["queue_name"],

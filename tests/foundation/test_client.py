@@ -158,3 +158,21 @@ async def test_from_settings_owns_and_closes_its_connections(
         welcome = await jobs.send_welcome_email(user_id)
     assert queued.job_id is not None
     assert welcome.job_id == f"welcome:{user_id}"
+
+
+async def test_export_url_for_a_completed_local_export(
+    jobs_client: JobsClient,
+    user_id: uuid.UUID,
+    sessions: async_sessionmaker[AsyncSession],
+    settings: Settings,
+) -> None:
+    status = await jobs_client.export_contacts(user_id)
+    with pytest.raises(LookupError, match="is pending, not completed"):
+        await jobs_client.export_url(status.id)
+    async with sessions.begin() as session:
+        row = await session.get(Export, status.id)
+        assert row is not None
+        row.status = "completed"
+    url = await jobs_client.export_url(status.id)
+    expected = (settings.export_dir / str(user_id) / f"{status.id}.csv").resolve()
+    assert url == expected.as_uri()

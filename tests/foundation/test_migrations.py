@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import uuid
 from collections.abc import AsyncIterator
 
@@ -10,6 +11,7 @@ import pytest
 
 from db.migrate import downgrade, upgrade
 from db.models import Base
+from jobs.exports.csv_format import NEUTRALIZE_FUNCTION_SQL
 from tests.conftest import PG_SERVER, _admin
 from worker.settings import Settings
 
@@ -62,3 +64,8 @@ async def test_contract_inserts_work_with_defaults(settings: Settings) -> None:
             )
     finally:
         await connection.close()
+
+
+def test_csv_safe_migration_matches_the_exporters_definition() -> None:
+    migration = importlib.import_module("db.migrations.versions.0002_csv_safe_function")
+    assert migration.CSV_SAFE_SQL == NEUTRALIZE_FUNCTION_SQL
