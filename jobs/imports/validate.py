@@ -223,11 +223,11 @@ class Validator:
         for name in CANONICAL_COLUMNS:
             index = self.header_map.indexes.get(name, len(fields))  # absent or past the row's end
             values.append(fields[index].strip() or None if index < len(fields) else None)
+        if problem := email_problem(values[0]):
+            problems.append(problem)
         for name, cleaned in zip(CANONICAL_COLUMNS, values, strict=True):
             if cleaned is not None and len(cleaned) > MAX_CHARS[name] and name != "email":
                 problems.append(f"{name}: longer than {MAX_CHARS[name]} characters")
-        if problem := email_problem(values[0]):
-            problems.append(problem)
         tags, problem = split_tags(values[9])
         if problem:
             problems.append(problem)
