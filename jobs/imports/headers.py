@@ -1,0 +1,143 @@
+"""Map a CSV header onto the canonical contact columns (CONTRACT §8 aliases).
+
+Names match case-insensitively, ignoring white space, `-` and `_`, so "E-mail", "e_mail" and
+"EMAIL" are one column. The first column that maps to a canonical name wins; a later one
+("Mobile" after "Phone") is ignored and reported, like an unknown column.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from jobs.imports.sniff import FileFormatError
+
+CANONICAL_COLUMNS = (
+    "email",
+    "first_name",
+    "last_name",
+    "phone",
+    "company",
+    "job_title",
+    "city",
+    "country",
+    "linkedin_url",
+    "tags",
+)
+
+_ALIASES: dict[str, tuple[str, ...]] = {
+    "email": ("email", "emailaddress", "mail", "emailaddr", "primaryemail"),
+    "first_name": ("firstname", "givenname", "forename", "first"),
+    "last_name": ("lastname", "surname", "familyname", "last"),
+    "phone": (
+        "phone",
+        "phonenumber",
+        "mobile",
+        "mobilephone",
+        "mobilenumber",
+        "cellphone",
+        "telephone",
+        "tel",
+    ),
+    "company": (
+        "company",
+        "companyname",
+        "organization",
+        "organisation",
+        "organizationname",
+        "organisationname",
+        "employer",
+    ),
+    "job_title": ("title", "jobtitle", "position"),
+    "city": ("city", "town"),
+    "country": ("country", "countryname", "country/region"),
+    "linkedin_url": ("linkedin", "linkedinurl", "linkedinprofile", "linkedinprofileurl"),
+    "tags": ("tags", "tag", "labels"),
+}
+ALIASES: dict[str, str] = {
+    alias: canonical for canonical, aliases in _ALIASES.items() for alias in aliases
+}
+
+_IGNORED_IN_NAMES = re.compile(r"[\s\-_\ufeff]+")
+_MAX_LISTED_HEADERS = 30
+_MAX_HEADER_CHARS = 60
+
+
+def normalize_header(name: str) -> str:
+    """The key a header name is matched by: no spaces, `-` or `_`, case-folded."""
+    return _IGNORED_IN_NAMES.sub("", name).casefold()
+
+
+def display_name(name: str) -> str:
+    """A header name safe to show in a message or store in PostgreSQL (no NUL, bounded)."""
+    name = name.strip().replace("\x00", "\u2400")
+    return name if len(name) <= _MAX_HEADER_CHARS else name[: _MAX_HEADER_CHARS - 1] + "\u2026"
+
+
+@dataclass(frozen=True)
+class HeaderMap:
+    """Where each canonical column is in the file, and what is ignored."""
+
+    header: tuple[str, ...]
+    indexes: dict[str, int]  # canonical name -> column index, only for columns present
+    unknown_columns: tuple[str, ...]  # header names that match no canonical column
+    duplicate_columns: tuple[str, ...]  # header names of a canonical column already present
+    payload_keys: tuple[str, ...]  # unique display names, one per header column
+
+    @property
+    def width(self) -> int:
+        return len(self.header)
+
+    def payload_key(self, index: int) -> str:
+        """The payload key of field `index`; fields past the header are "column N"."""
+        return self.payload_keys[index] if index < self.width else f"column {index + 1}"
+
+
+def map_header(header: Sequence[str]) -> HeaderMap:
+    """Map the header; FileFormatError (listing the headers found) if it has no email column."""
+    indexes: dict[str, int] = {}
+    unknown: list[str] = []
+    duplicates: list[str] = []
+    for index, name in enumerate(header):
+        canonical = ALIASES.get(normalize_header(name))
+        if canonical is None:
+            if name.strip():
+                unknown.append(display_name(name))
+        elif canonical in indexes:
+            duplicates.append(display_name(name))
+        else:
+            indexes[canonical] = index
+    if "email" not in indexes:
+        raise FileFormatError(
+            'the file has no email column (a header such as "email" or "E-mail"); '
+            f"the headers found are: {_list_headers(header)}"
+        )
+    return HeaderMap(
+        header=tuple(header),
+        indexes=indexes,
+        unknown_columns=tuple(unknown),
+        duplicate_columns=tuple(duplicates),
+        payload_keys=_payload_keys(header),
+    )
+
+
+def _list_headers(header: Sequence[str]) -> str:
+    shown = [display_name(name) or "(blank)" for name in header[:_MAX_LISTED_HEADERS]]
+    listed = ", ".join(shown)
+    if len(header) > _MAX_LISTED_HEADERS:
+        listed += f" and {len(header) - _MAX_LISTED_HEADERS} more"
+    return listed
+
+
+def _payload_keys(header: Sequence[str]) -> tuple[str, ...]:
+    """Display names made unique: blank -> "column N", a repeated name -> "Name (column N)"."""
+    keys: list[str] = []
+    seen: set[str] = set()
+    for index, name in enumerate(header):
+        key = display_name(name) or f"column {index + 1}"
+        if key in seen:
+            key = f"{key} (column {index + 1})"
+        seen.add(key)
+        keys.append(key)
+    return tuple(keys)

@@ -1,0 +1,268 @@
+"""Stream CSV records out of an async byte source, in batches, without blocking the event loop.
+
+Each step decodes about `step_bytes` of the file, cuts the text after the last line break that
+ends a record, and runs `csv.reader` over all those lines at once (the C parser does the per-row
+work; Python only touches whole lists). The record cut is chosen by quote parity and verified
+by csv itself: a sentinel line after the text comes back as its own record only when the text
+ended outside quotes; otherwise the open record is carried into the next step. Stray quotes in
+unquoted cells therefore cost speed, never correctness.
+
+Row numbers count records (a quoted newline does not start a row), the header is row 1. Records
+whose fields are all empty (blank lines, `,,,`) use a row number but are not data rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import csv
+import io
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import aclosing
+from itertools import chain, compress, count
+
+from jobs.imports.sniff import (
+    CP1252,
+    SNIFF_BYTES,
+    Encoding,
+    FileFormatError,
+    choose_delimiter,
+    first_line,
+    sniff_encoding,
+)
+from jobs.imports.sources import SourceFactory, close_iterator, rechunk
+
+__all__ = ["CsvReader", "FileFormatError", "NumberedRow"]
+
+NumberedRow = tuple[int, list[str]]
+
+DEFAULT_STEP_BYTES = 256 << 10  # ~2,000 rows, ~5-20 ms of parsing (1 MiB: 20-45 ms)
+# One record longer than this is refused: it is almost always an unclosed quote swallowing the
+# rest of the file, and carrying it on would grow memory with the file's size.
+MAX_RECORD_CHARS = 16 << 20
+_SENTINEL = "\x00\ufdd0end of chunk\ufdd0\x00"  # U+FDD0 is a noncharacter: no file holds this
+_SENTINEL_LINES = (_SENTINEL + "\n",)
+
+
+class _Parser:
+    """Decode and parse one pass over the file, step by step; keeps the unfinished record."""
+
+    def __init__(self, encoding: Encoding, delimiter: str) -> None:
+        self._decoder = codecs.getincrementaldecoder(encoding.name)(encoding.errors)
+        self._delimiter = delimiter
+        self._carry = ""
+        self._next_row_number = 1
+
+    def feed(self, data: bytes, final: bool) -> list[NumberedRow]:
+        """Return the non-blank records completed by `data` (all of them when `final`)."""
+        text = self._decoder.decode(data, final)
+        if self._carry:
+            text = self._carry + text
+        cut = len(text) if final else _record_cut(text)
+        head, self._carry = text[:cut], text[cut:]
+        if not head:
+            self._check_carry()
+            return []
+        lines = chain(io.StringIO(head, newline=""), _SENTINEL_LINES)
+        try:
+            rows = list(csv.reader(lines, delimiter=self._delimiter))
+        except csv.Error as exc:  # only the field size limit is left to trip in lax mode
+            raise FileFormatError(f"row {self._next_row_number} and after: {exc}") from None
+        last = rows.pop()
+        if last != [_SENTINEL]:
+            # The cut fell inside a quoted field: csv swallowed the sentinel into it.
+            if final:
+                raise FileFormatError(
+                    f'row {self._next_row_number + len(rows)} opens a quoted field (") that is '
+                    "never closed; close it or remove the stray quote"
+                )
+            self._carry = head[self._last_record_start(head) :] + self._carry
+            self._check_carry()
+        first = self._next_row_number
+        self._next_row_number += len(rows)
+        return list(compress(zip(count(first), rows), map(any, rows)))
+
+    def _last_record_start(self, head: str) -> int:
+        """Offset in `head` where its last (unfinished) record starts. Rare, so plain Python."""
+        lines = io.StringIO(head, newline="").readlines()
+        reader = csv.reader(lines, delimiter=self._delimiter)
+        start_line = lines_read = 0
+        for _ in reader:
+            start_line, lines_read = lines_read, reader.line_num
+        return sum(map(len, lines[:start_line]))
+
+    def _check_carry(self) -> None:
+        if len(self._carry) > MAX_RECORD_CHARS:
+            raise FileFormatError(
+                f"row {self._next_row_number} is longer than {MAX_RECORD_CHARS >> 20} MiB: "
+                'it probably opens a quoted field (") that is never closed'
+            )
+
+
+def _record_cut(text: str) -> int:
+    """Index just past the last line break that likely ends a record (0: none yet).
+
+    Prefers a break with an even number of quotes before it; `text` starts at a record start.
+    """
+    if "\n" in text:
+        brk, end = "\n", len(text)
+    else:  # CR-only line ends; a CR at the very end may be half of a CRLF split across steps
+        brk, end = "\r", len(text) - 1
+    last = pos = text.rfind(brk, 0, end)
+    if pos < 0:
+        return 0
+    quotes = text.count('"', 0, pos)
+    while quotes % 2:
+        before = text.rfind(brk, 0, pos)
+        if before < 0:  # parity found nothing (stray quotes?): let csv decide at the last break
+            return last + 1
+        quotes -= text.count('"', before, pos)
+        pos = before
+    return pos + 1
+
+
+class CsvReader:
+    """A CSV file opened for reading: encoding, delimiter and header are known.
+
+    Every pass (`count_rows`, `batches`) re-reads the file from the source factory.
+    """
+
+    def __init__(
+        self,
+        source: SourceFactory,
+        encoding: Encoding,
+        delimiter: str,
+        *,
+        step_bytes: int = DEFAULT_STEP_BYTES,
+        parse_in_thread: bool = False,
+    ) -> None:
+        self._source = source
+        self._encoding = encoding
+        self.delimiter = delimiter
+        self.header: list[str] = []
+        self.header_row_number = 1
+        self._step_bytes = step_bytes
+        self._parse_in_thread = parse_in_thread
+
+    @classmethod
+    async def open(
+        cls,
+        source: SourceFactory,
+        *,
+        step_bytes: int = DEFAULT_STEP_BYTES,
+        parse_in_thread: bool = False,
+    ) -> CsvReader:
+        """Sniff encoding and delimiter, read the header; FileFormatError if not a CSV text."""
+        if csv.field_size_limit() < MAX_RECORD_CHARS + 1:
+            # Process-wide, so only ever raised: big fields become row errors, not crashes.
+            csv.field_size_limit(MAX_RECORD_CHARS + 1)
+        head, at_eof = await _read_head(source, SNIFF_BYTES)
+        if not head:
+            raise FileFormatError("the file is empty")
+        encoding = sniff_encoding(head, at_eof)
+        text = codecs.getincrementaldecoder(encoding.name)("replace").decode(head, at_eof)
+        delimiter = choose_delimiter(first_line(text.lstrip("\r\n")))
+        reader = cls(
+            source, encoding, delimiter, step_bytes=step_bytes, parse_in_thread=parse_in_thread
+        )
+        async with aclosing(reader._records()) as steps:
+            async for step in steps:
+                if step:
+                    reader.header_row_number, reader.header = step[0]
+                    return reader
+        raise FileFormatError("the file is empty (it has no header row)")
+
+    @property
+    def encoding(self) -> str:
+        """The codec name in use; becomes "cp1252" if invalid UTF-8 turned up mid-file."""
+        return self._encoding.name
+
+    async def count_rows(self) -> int:
+        """Count the data rows (the rows `batches` yields) with a full parsing pass."""
+        total = 0
+        async for step in self._records():
+            total += len(step)
+        return total - 1  # the header
+
+    async def batches(
+        self, max_rows: int = 5000, skip_rows: int = 0
+    ) -> AsyncIterator[list[NumberedRow]]:
+        """Yield data rows as lists of at most `max_rows` `(row_number, fields)` pairs.
+
+        `skip_rows` drops the first data rows (resuming after the last committed batch). Awaits
+        between batches, so a consumer that does not await still lets the loop run.
+        """
+        pending: list[NumberedRow] = []
+        to_skip = skip_rows + 1  # the header
+        async with aclosing(self._records()) as steps:
+            async for step in steps:
+                if to_skip:
+                    if len(step) <= to_skip:
+                        to_skip -= len(step)
+                        continue
+                    step, to_skip = step[to_skip:], 0
+                pending += step
+                start = 0
+                while len(pending) - start >= max_rows:
+                    yield pending[start : start + max_rows]
+                    start += max_rows
+                    await asyncio.sleep(0)
+                del pending[:start]
+        if pending:
+            yield pending
+
+    async def _records(self) -> AsyncGenerator[list[NumberedRow], None]:
+        """All non-blank records, header included, one list per step; falls back to cp1252."""
+        emitted = 0  # row number of the last record yielded, to skip them after a restart
+        while True:
+            try:
+                async for step in self._pass(self._encoding):
+                    if step and step[0][0] <= emitted:
+                        step = [row for row in step if row[0] > emitted]
+                    if step:
+                        emitted = step[-1][0]
+                        yield step
+                return
+            except UnicodeDecodeError:
+                if not self._encoding.may_fall_back:
+                    raise
+                # Not UTF-8 after all: the record structure is the same in cp1252 (ASCII
+                # delimiters, quotes and line breaks), so row numbers carry over.
+                self._encoding = CP1252
+
+    async def _pass(self, encoding: Encoding) -> AsyncGenerator[list[NumberedRow], None]:
+        parser = _Parser(encoding, self.delimiter)
+        chunks = self._source()
+        steps = rechunk(chunks, self._step_bytes)
+        try:
+            async for data in steps:
+                yield await self._run(parser.feed, data, False)
+            yield await self._run(parser.feed, b"", True)
+        finally:
+            await steps.aclose()
+            await close_iterator(chunks)
+
+    async def _run(
+        self, feed: Callable[[bytes, bool], list[NumberedRow]], data: bytes, final: bool
+    ) -> list[NumberedRow]:
+        if self._parse_in_thread:
+            return await asyncio.to_thread(feed, data, final)
+        rows = feed(data, final)
+        await asyncio.sleep(0)  # in-memory sources never await: give the loop its turn
+        return rows
+
+
+async def _read_head(source: SourceFactory, size_bytes: int) -> tuple[bytes, bool]:
+    """The first `size_bytes` of the source (fewer at EOF) and whether EOF was reached."""
+    chunks = source()
+    parts: list[bytes] = []
+    got = 0
+    try:
+        async for chunk in chunks:
+            parts.append(chunk)
+            got += len(chunk)
+            if got >= size_bytes:
+                return b"".join(parts)[:size_bytes], False
+    finally:
+        await close_iterator(chunks)
+    return b"".join(parts), True

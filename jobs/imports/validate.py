@@ -1,0 +1,280 @@
+"""Validate CSV rows into contact records or row errors, a whole batch per call (CONTRACT §8).
+
+Speed: pydantic with EmailStr manages ~12k rows/s; this is plain Python with one precompiled
+regex. Most rows take a fast path (right width, every field <= 255 characters, no NUL in the
+batch) where only email, phone and tags can break a rule; a row that breaks one, or is off the
+fast path, goes through `_check_row`, which applies every rule and writes every message, so the
+two paths cannot disagree about what is wrong.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from itertools import chain, compress, count, repeat
+from operator import itemgetter, not_
+from typing import NamedTuple
+
+from jobs.imports.headers import CANONICAL_COLUMNS, HeaderMap
+from jobs.imports.reader import NumberedRow
+
+MAX_FIELD_CHARS = 64 * 1024  # any field, any column (also ignored ones)
+MAX_CHARS: dict[str, int] = {
+    "email": 254,  # RFC 5321 path limit (256) minus the angle brackets
+    "first_name": 255,
+    "last_name": 255,
+    "phone": 64,
+    "company": 255,
+    "job_title": 255,
+    "city": 255,
+    "country": 255,
+    "linkedin_url": 2048,
+    "tags": MAX_FIELD_CHARS,  # bounded per tag and by count instead
+}
+MAX_LOCAL_PART_CHARS = 64  # RFC 5321 4.5.3.1.1
+MAX_TAG_CHARS = 64
+MAX_TAGS = 50
+MAX_PAYLOAD_VALUE_CHARS = 1024  # an error row never stores a 200 KB cell
+# Rows whose fields all fit this skip the generic length checks; phone (64) and tags (64 a
+# tag) are checked on their own.
+_FAST_MAX_CHARS = 255
+_SLICE_ROWS = 1000
+
+# The WHATWG HTML "valid e-mail address" (https://html.spec.whatwg.org/#valid-e-mail-address):
+# ASCII only, so an internationalised domain must arrive as punycode.
+_EMAIL = re.compile(
+    r"[a-zA-Z0-9.!#$%&'*+/=?^_`{|}~-]+"
+    r"@[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?"
+    r"(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?)*"
+)
+_is_email = _EMAIL.fullmatch
+
+
+class ContactRow(NamedTuple):
+    """A valid row, in the column order of the staging table's COPY."""
+
+    row_number: int
+    email: str  # trimmed, lower-cased
+    first_name: str | None
+    last_name: str | None
+    phone: str | None
+    company: str | None
+    job_title: str | None
+    city: str | None
+    country: str | None
+    linkedin_url: str | None
+    tags: list[str] | None
+
+
+class RowError(NamedTuple):
+    """A rejected row: `message` names each column and its problem; payload values <= 1 KiB."""
+
+    row_number: int
+    message: str
+    payload: dict[str, str]
+
+
+class ValidatedBatch(NamedTuple):
+    rows: list[ContactRow]
+    errors: list[RowError]
+
+
+def email_problem(email: str | None) -> str | None:
+    """Why `email` (already trimmed) is not acceptable, or None when it is."""
+    if email is None:
+        return "email: missing"
+    if not _is_email(email):
+        return "email: not a valid email address"
+    if len(email) > MAX_CHARS["email"]:
+        return f"email: not a valid email address (longer than {MAX_CHARS['email']} characters)"
+    if email.index("@") > MAX_LOCAL_PART_CHARS:
+        return (
+            "email: not a valid email address "
+            f"(more than {MAX_LOCAL_PART_CHARS} characters before the @)"
+        )
+    return None
+
+
+def split_tags(value: str | None) -> tuple[list[str] | None, str | None]:
+    """Tags split on `;` or `,`, trimmed, empties and repeats dropped; or the problem."""
+    if not value:
+        return None, None
+    if "," not in value and ";" not in value:  # one tag: the common case, kept cheap
+        value = value.strip()
+        if len(value) > MAX_TAG_CHARS:
+            return None, f"tags: a tag is longer than {MAX_TAG_CHARS} characters"
+        return ([value] if value else None), None
+    tags = list(dict.fromkeys(filter(None, map(str.strip, value.replace(";", ",").split(",")))))
+    if len(tags) > MAX_TAGS:
+        return None, f"tags: more than {MAX_TAGS} tags"
+    if any(len(tag) > MAX_TAG_CHARS for tag in tags):
+        return None, f"tags: a tag is longer than {MAX_TAG_CHARS} characters"
+    return tags or None, None
+
+
+class Validator:
+    """Validates batches of `(row_number, fields)` for one file's header."""
+
+    def __init__(self, header_map: HeaderMap) -> None:
+        self.header_map = header_map
+        self._mapped = set(header_map.indexes.values())
+        # The column name each field's problems are reported under.
+        self._field_names = [header_map.payload_keys[index] for index in range(header_map.width)]
+        for name, index in header_map.indexes.items():
+            self._field_names[index] = name
+
+    def validate(self, batch: Sequence[NumberedRow]) -> ValidatedBatch:
+        """Split a batch into valid rows and row errors, each list in file order."""
+        rows: list[ContactRow] = []
+        errors: list[RowError] = []
+        # Slices keep the column-wise working set in cache: measured ~20% faster than 5,000.
+        for start in range(0, len(batch), _SLICE_ROWS):
+            piece = batch[start : start + _SLICE_ROWS]
+            fast = self._take_fast_rows(piece, rows, errors)
+            if fast:
+                self._validate_fast(fast, rows, errors)
+        # Rows checked one by one were appended first; both lists are a few sorted runs.
+        rows.sort(key=_row_number)
+        errors.sort(key=_row_number)
+        return ValidatedBatch(rows, errors)
+
+    def _take_fast_rows(
+        self, batch: Sequence[NumberedRow], rows: list[ContactRow], errors: list[RowError]
+    ) -> Sequence[NumberedRow]:
+        """The rows fit for the fast path; checks the others one by one right away."""
+        width = self.header_map.width
+        field_lists = list(map(_fields, batch))
+        all_fields = list(chain.from_iterable(field_lists))
+        # C-speed passes over the whole batch; a clean batch skips the per-row tests below.
+        nul = "\x00" in "\x1f".join(all_fields)
+        long = max(map(len, all_fields), default=0) > _FAST_MAX_CHARS
+        ragged = bool(field_lists) and not (
+            min(map(len, field_lists)) == max(map(len, field_lists)) == width
+        )
+        if not (nul or long or ragged):
+            return batch
+        fast: list[NumberedRow] = []
+        for number, fields in batch:
+            if (
+                len(fields) != width
+                or (long and max(map(len, fields)) > _FAST_MAX_CHARS)
+                or (nul and "\x00" in "\x1f".join(fields))
+            ):
+                self._check_slowly(number, fields, rows, errors)
+            else:
+                fast.append((number, fields))
+        return fast
+
+    def _validate_fast(
+        self, batch: Sequence[NumberedRow], rows: list[ContactRow], errors: list[RowError]
+    ) -> None:
+        """Column by column with map() over the batch, so the loops run in C, not bytecode."""
+        numbers = list(map(_row_number, batch))
+        columns = list(zip(*map(_fields, batch), strict=True))
+        stripped = {
+            name: list(map(str.strip, columns[index]))
+            for name, index in self.header_map.indexes.items()
+        }
+        emails = stripped["email"]
+        # Positions that break a rule; `_check_row` then writes their messages.
+        bad = set(compress(count(), map(not_, map(_is_email, emails))))
+        if max(map(len, emails)) > MAX_LOCAL_PART_CHARS:
+            bad.update(i for i, email in enumerate(emails) if email_problem(email or None))
+        phones = stripped.get("phone")
+        if phones and max(map(len, phones)) > MAX_CHARS["phone"]:
+            bad.update(i for i, phone in enumerate(phones) if len(phone) > MAX_CHARS["phone"])
+        output: list[Iterable[object]] = [numbers, map(str.lower, emails)]
+        for name in CANONICAL_COLUMNS[1:-1]:
+            values = stripped.get(name)
+            output.append(repeat(None) if values is None else [v or None for v in values])
+        if "tags" in stripped:
+            tags_and_problems = list(map(split_tags, stripped["tags"]))
+            bad.update(compress(count(), map(itemgetter(1), tags_and_problems)))
+            output.append(map(itemgetter(0), tags_and_problems))
+        else:
+            output.append(repeat(None))
+        records: Iterable[tuple[object, ...]] = zip(*output)  # noqa: B905 - repeat() is endless
+        if bad:
+            records = compress(records, map(not_, map(bad.__contains__, range(len(batch)))))
+            for index in sorted(bad):
+                self._check_slowly(*batch[index], rows, errors)
+        # tuple.__new__ skips NamedTuple's Python-level __new__ (~0.3 us a row).
+        rows.extend(map(tuple.__new__, repeat(ContactRow), records))
+
+    def _check_slowly(
+        self, number: int, fields: list[str], rows: list[ContactRow], errors: list[RowError]
+    ) -> None:
+        checked = self._check_row(number, fields)
+        if isinstance(checked, RowError):
+            errors.append(checked)
+        else:
+            rows.append(checked)
+
+    def _check_row(self, number: int, fields: list[str]) -> ContactRow | RowError:
+        """Every rule, for rows off the fast path; collects all the row's problems."""
+        width = self.header_map.width
+        problems: list[str] = []
+        extras = [index for index in range(width, len(fields)) if fields[index].strip()]
+        if extras:
+            problems.append(f"row has {extras[-1] + 1} fields, the header has {width}")
+        for index, value in enumerate(fields):
+            name = self._field_names[index] if index < width else f"column {index + 1}"
+            if "\x00" in value:
+                problems.append(f"{name}: contains a NUL byte")
+            if len(value) > MAX_FIELD_CHARS and index not in self._mapped:
+                problems.append(f"{name}: longer than {MAX_FIELD_CHARS} characters")
+        values: list[str | None] = []
+        for name in CANONICAL_COLUMNS:
+            index = self.header_map.indexes.get(name, len(fields))  # absent or past the row's end
+            values.append(fields[index].strip() or None if index < len(fields) else None)
+        if problem := email_problem(values[0]):
+            problems.append(problem)
+        for name, cleaned in zip(CANONICAL_COLUMNS, values, strict=True):
+            if cleaned is not None and len(cleaned) > MAX_CHARS[name] and name != "email":
+                problems.append(f"{name}: longer than {MAX_CHARS[name]} characters")
+        tags, problem = split_tags(values[9])
+        if problem:
+            problems.append(problem)
+        email = values[0]
+        if problems or email is None:
+            return self._error(number, fields, problems)
+        return _contact(number, email, values, tags)
+
+    def _error(self, number: int, fields: Sequence[str], problems: list[str]) -> RowError:
+        payload = {
+            self.header_map.payload_key(index): _payload_value(value)
+            for index, value in enumerate(fields)
+        }
+        return RowError(number, "; ".join(problems), payload)
+
+
+_row_number = itemgetter(0)
+_fields = itemgetter(1)
+
+
+def _contact(
+    number: int, email: str, values: list[str | None], tags: list[str] | None
+) -> ContactRow:
+    _, first_name, last_name, phone, company, job_title, city, country, linkedin_url, _ = values
+    return ContactRow(
+        number,
+        email.lower(),
+        first_name,
+        last_name,
+        phone,
+        company,
+        job_title,
+        city,
+        country,
+        linkedin_url,
+        tags,
+    )
+
+
+def _payload_value(value: str) -> str:
+    # PostgreSQL text and jsonb cannot hold NUL: show it as the visible U+2400 symbol.
+    if "\x00" in value:
+        value = value.replace("\x00", "\u2400")
+    if len(value) > MAX_PAYLOAD_VALUE_CHARS:
+        return f"{value[:MAX_PAYLOAD_VALUE_CHARS]}\u2026 ({len(value)} characters)"
+    return value

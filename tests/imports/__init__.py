@@ -1,0 +1,1 @@
+"""Tests of the CSV import pipeline's pure parts: reader and validator."""
