@@ -11,6 +11,8 @@ import httpx
 
 from db.session import create_engine, make_sessionmaker
 from worker.context import Ctx
+from worker.lease import Leases, renewing
+from worker.recycle import Recycler
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,15 @@ async def startup(arq_ctx: dict[str, Any]) -> None:
     ctx["http"] = await stack.enter_async_context(make_http_client())
     # A Session holds no connection; jobs open short-lived clients from it (`async with`).
     ctx["s3_session"] = aioboto3.Session()
+    # Reliability state of this process, read by the arq hooks in worker/lease.py and
+    # worker/recycle.py (they see arq's plain dict, so these keys stay out of the typed Ctx).
+    if "redis" in arq_ctx:  # absent only when a test calls startup() by hand
+        leases = Leases(ctx["redis"], ctx["queue_name"])
+        arq_ctx["leases"] = await stack.enter_async_context(renewing(leases))
+    arq_ctx["recycler"] = Recycler(
+        max_jobs=settings.worker_max_jobs_per_process,
+        max_memory_mb=settings.worker_max_memory_mb,
+    )
     log.info(
         "worker ready: queue=%s database=%s",
         ctx["queue_name"],

@@ -17,6 +17,7 @@ from typing import Any
 
 from arq.worker import Worker
 
+from worker.lease import shorten_initial_claim
 from worker.main import QUEUES, worker_settings
 from worker.settings import Settings
 
@@ -38,7 +39,8 @@ def register(subparsers: Any) -> None:
 
 
 async def run_worker(args: argparse.Namespace, settings: Settings) -> int:
-    worker = Worker(**worker_settings(args.queue, settings, burst=args.burst))
+    worker = Worker(**worker_settings(args.queue, settings, burst=args.burst, recycle=True))
+    shorten_initial_claim(worker)
     try:
         await worker.async_run()
     except asyncio.CancelledError:
