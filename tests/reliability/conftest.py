@@ -8,6 +8,7 @@ are killed by process group when the test ends, whatever happened.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -138,10 +139,8 @@ class Processes:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait(5)
             else:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(process.pid, signal.SIGKILL)  # orphaned children, if any
-                except ProcessLookupError:
-                    pass
 
 
 @pytest.fixture
@@ -183,7 +182,7 @@ class PrivateRedis:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    async def start(self) -> None:
+    def _spawn(self) -> None:
         self.process = subprocess.Popen(
             # appendfsync always: a SIGKILLed server loses nothing it acknowledged.
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
@@ -191,6 +190,9 @@ class PrivateRedis:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )  # fmt: skip
+
+    async def start(self) -> None:
+        self._spawn()
         client = aioredis.Redis.from_url(self.url)
 
         async def answers() -> bool:

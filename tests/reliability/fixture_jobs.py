@@ -29,12 +29,17 @@ FIXTURE_TABLES = "rel_runs, rel_done, rel_failures"
 _hoard: list[bytes] = []
 
 
-async def _record_run(ctx: Ctx, key: str) -> None:
+async def _record_run(ctx: Ctx, key: str) -> int:
+    """Record this run; the number of earlier runs of `key`."""
     async with ctx["sessions"].begin() as session:
+        earlier = await session.scalar(
+            text("SELECT count(*) FROM rel_runs WHERE key = :key"), {"key": key}
+        )
         await session.execute(
             text("INSERT INTO rel_runs (key, try, pid) VALUES (:key, :try, :pid)"),
             {"key": key, "try": ctx.get("job_try", 1), "pid": os.getpid()},
         )
+    return int(earlier or 0)
 
 
 async def _record_done(ctx: Ctx, key: str) -> None:
@@ -46,10 +51,10 @@ async def _record_done(ctx: Ctx, key: str) -> None:
 
 
 @job()
-async def record(ctx: Ctx, key: str, sleep_s: float = 0.0, first_try_sleep_s: float = 0.0) -> int:
-    """Record a run, sleep (longer on the first try: the one a test interrupts), record done."""
-    await _record_run(ctx, key)
-    await asyncio.sleep(first_try_sleep_s if ctx.get("job_try", 1) == 1 else sleep_s)
+async def record(ctx: Ctx, key: str, sleep_s: float = 0.0, first_run_sleep_s: float = 0.0) -> int:
+    """Record a run, sleep (longer on the first run: the one a test interrupts), record done."""
+    earlier = await _record_run(ctx, key)
+    await asyncio.sleep(first_run_sleep_s if earlier == 0 else sleep_s)
     await _record_done(ctx, key)
     return os.getpid()
 

@@ -80,7 +80,7 @@ async def test_a_sigkilled_workers_job_runs_again_elsewhere_within_30_s(
     env = worker_env(settings)  # JOB_TIMEOUT_S=1800: stock arq would wait 1840 s
     first = processes.start("work", "default", env=env)
     await arq_redis.enqueue_job(
-        "record", key="k", first_try_sleep_s=600, _job_id="victim", _queue_name="default"
+        "record", key="k", first_run_sleep_s=600, _job_id="victim", _queue_name="default"
     )
     await wait_for(lambda: db.runs("k"), 20, "the first worker to start the job")
     second = processes.start("work", "default", env=env)
