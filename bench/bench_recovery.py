@@ -225,9 +225,7 @@ async def main() -> None:
                 f"{label:<34}{statistics.median(values):>10.1f}{min(values):>8.1f}"
                 f"{max(values):>8.1f}{lost:>6}{doubled:>9}"
             )
-        print(
-            "stock arq in general: job_timeout + 10 s (300 s default: ~310 s; ours 1800+30: ~1840 s)"
-        )
+        print("stock arq: job_timeout + 10 s (arq default 300 s: ~310 s; 1800+30 s: ~1840 s)")
     finally:
         redis_server.kill()
         await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
