@@ -176,6 +176,32 @@ class Bench:
         return float(rerun_at.timestamp() - killed_at_s)
 
 
+async def time_status(redis_url: str, dsn: str) -> list[float]:
+    """Seconds `python -m worker status` needs to collect, with 100,000 jobs queued."""
+    from db.migrate import upgrade
+    from worker.cli.status import collect
+    from worker.settings import Settings
+
+    settings = Settings(redis_url=redis_url, database_url=dsn)
+    await upgrade(settings)
+    from redis.asyncio import Redis
+
+    client = Redis.from_url(redis_url)
+    now_ms = int(time.time() * 1000)
+    async with client.pipeline(transaction=False) as pipe:
+        for start in range(0, 100_000, 10_000):
+            pipe.zadd("default", {f"q{n}": now_ms - n for n in range(start, start + 10_000)})
+        await pipe.execute()
+    timings = []
+    for _ in range(TRIALS):
+        started = time.perf_counter()
+        await collect(settings)
+        timings.append(time.perf_counter() - started)
+    await client.delete("default")
+    await client.aclose()
+    return timings
+
+
 async def main() -> None:
     from arq.connections import RedisSettings, create_pool
 
@@ -203,6 +229,7 @@ async def main() -> None:
         async def trials(flavour: str, pool: Any) -> list[float]:
             return [await bench.trial(flavour, n, pool) for n in range(TRIALS)]
 
+        status_s = await time_status(bench.redis_url, dsn)
         started = time.monotonic()
         stock, ours = await asyncio.gather(trials("stock", stock_pool), trials("ours", our_pool))
         check = await asyncpg.connect(dsn)
@@ -226,6 +253,7 @@ async def main() -> None:
                 f"{max(values):>8.1f}{lost:>6}{doubled:>9}"
             )
         print("stock arq: job_timeout + 10 s (arq default 300 s: ~310 s; 1800+30 s: ~1840 s)")
+        print(f"status with 100,000 queued jobs: median {statistics.median(status_s):.3f} s")
     finally:
         redis_server.kill()
         await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
