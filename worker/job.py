@@ -9,7 +9,11 @@ arq, so every job gets the same behaviour without repeating it:
   ran that long will run that long again (imports avoid it with the soft limit);
 - a transient failure becomes arq's `Retry` with exponential backoff, at most `MAX_RETRIES`
   times; a permanent one (or the last transient one) fails now, and `on_failure` records the
-  reason on the job's own row (import, export, email) so users see it, not just Redis.
+  reason on the job's own row (import, export, email) so users see it, not just Redis;
+- a job whose worker died on every allowed try (a poison pill) is failed, with that reason, on
+  the one extra try arq is given for it, instead of arq dropping it without calling our code;
+- a try cancelled by a shutdown goes back to the queue without using up a try;
+- outcomes are counted in Redis for `python -m worker status` (worker/stats.py).
 """
 
 from __future__ import annotations
@@ -20,10 +24,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
+from arq.constants import retry_key_prefix
 from arq.cron import CronJob, cron
 from arq.typing import WorkerCoroutine
 from arq.worker import Function, Retry
 
+from worker import stats
 from worker.context import Ctx
 from worker.errors import PermanentError, RateLimited, TransientError
 from worker.logs import job_log_context
@@ -40,6 +46,20 @@ ARQ_TIMEOUT_GRACE_S = 30.0
 
 class HardTimeLimitExceeded(PermanentError):
     """The job ran past its hard time limit and was stopped."""
+
+
+class WorkerDied(PermanentError):
+    """The job's worker process died on every try (a poison pill): the job is not run again."""
+
+
+async def _give_try_back(ctx: Ctx) -> None:
+    redis = ctx.get("redis")
+    if redis is None or "job_id" not in ctx:
+        return
+    try:
+        await redis.decr(retry_key_prefix + ctx["job_id"])
+    except Exception as exc:
+        log.warning("could not give the try of a cancelled job back: %s", exc)
 
 
 @dataclass(frozen=True)
@@ -76,36 +96,81 @@ class JobDefinition:
     async def run(self, ctx: Ctx, *args: Any, **kwargs: Any) -> Any:
         settings = ctx["settings"]
         job_try = ctx.get("job_try", 1)
+        job_id = ctx.get("job_id", "-")
+        with job_log_context(job_id=job_id, job=self.name, job_try=job_try):
+            deaths = await stats.try_started(ctx.get("redis"), ctx["queue_name"], job_id)
+            outcome: stats.Outcome = "failed"
+            error: str | None = None
+            try:
+                if job_try > settings.max_retries + 1:
+                    # arq allows one try beyond ours (worker_settings), so a job whose worker
+                    # keeps dying reaches this line instead of arq failing it silently.
+                    raise WorkerDied(
+                        f"the worker died {deaths} times while running this job "
+                        f"(killed or out of memory); not trying again"
+                    )
+                result = await self._run_with_limits(ctx, job_try, *args, **kwargs)
+                outcome = "completed"
+                return result
+            except Retry:
+                outcome = "retried"
+                raise
+            except asyncio.CancelledError:
+                # A shutdown past its grace: arq puts the job back in the queue. That is not
+                # the job's fault, so give arq's try back (arq counts it when the job starts).
+                outcome = "retried"
+                await asyncio.shield(_give_try_back(ctx))
+                raise
+            except Exception as exc:
+                error = str(exc)
+                log.error("job failed: %s", error)
+                await self._record_failure(ctx, kwargs, error)
+                raise
+            finally:
+                redis = ctx.get("redis")
+                await asyncio.shield(
+                    stats.try_ended(redis, job_id, final=outcome in ("completed", "failed"))
+                )
+                await asyncio.shield(
+                    stats.record(
+                        redis,
+                        ctx["queue_name"],
+                        outcome,
+                        job_id=job_id,
+                        job=self.name,
+                        job_try=job_try,
+                        error=error,
+                    )
+                )
+
+    async def _run_with_limits(self, ctx: Ctx, job_try: int, *args: Any, **kwargs: Any) -> Any:
+        """The job under its soft and hard limits; failures become `Retry` or a `WorkerError`."""
+        settings = ctx["settings"]
         loop = asyncio.get_running_loop()
         hard_s = self.hard_timeout_s(settings)
         soft_s = min(settings.job_soft_timeout_s, hard_s * 0.9)
         ctx["soft_deadline"] = loop.time() + soft_s
-        with job_log_context(job_id=ctx.get("job_id", "-"), job=self.name, job_try=job_try):
-            deadline = asyncio.timeout(hard_s)
-            try:
-                async with deadline:
-                    return await self.coroutine(ctx, *args, **kwargs)
-            except Exception as exc:
-                if deadline.expired():
-                    failure: Exception = HardTimeLimitExceeded(
-                        f"stopped: ran past the hard time limit of {hard_s:g} s (JOB_TIMEOUT_S)"
+        deadline = asyncio.timeout(hard_s)
+        try:
+            async with deadline:
+                return await self.coroutine(ctx, *args, **kwargs)
+        except Exception as exc:
+            if deadline.expired():
+                failure: Exception = HardTimeLimitExceeded(
+                    f"stopped: ran past the hard time limit of {hard_s:g} s (JOB_TIMEOUT_S)"
+                )
+            else:
+                failure = classify(exc)
+            if isinstance(failure, TransientError):
+                if job_try <= settings.max_retries:
+                    wait_s = failure.retry_after_s if isinstance(failure, RateLimited) else None
+                    defer_s = retry_delay_s(
+                        job_try, settings.retry_base_delay_s, retry_after_s=wait_s
                     )
-                else:
-                    failure = classify(exc)
-                if isinstance(failure, TransientError):
-                    if job_try <= settings.max_retries:
-                        wait_s = failure.retry_after_s if isinstance(failure, RateLimited) else None
-                        defer_s = retry_delay_s(
-                            job_try, settings.retry_base_delay_s, retry_after_s=wait_s
-                        )
-                        log.warning("transient failure, retry in %.1f s: %s", defer_s, failure)
-                        raise Retry(defer=defer_s) from exc
-                    failure = PermanentError(
-                        f"gave up after {job_try} tries; last error: {failure}"
-                    )
-                log.error("job failed: %s", failure)
-                await self._record_failure(ctx, kwargs, str(failure))
-                raise failure from exc
+                    log.warning("transient failure, retry in %.1f s: %s", defer_s, failure)
+                    raise Retry(defer=defer_s) from exc
+                failure = PermanentError(f"gave up after {job_try} tries; last error: {failure}")
+            raise failure from exc
 
     async def _record_failure(self, ctx: Ctx, kwargs: dict[str, Any], message: str) -> None:
         if self.on_failure is None:
@@ -153,6 +218,6 @@ class CronSchedule:
             # unique=True: with several default workers, each tick is enqueued under one job id.
             unique=True,
             timeout=self.job.hard_timeout_s(settings) + ARQ_TIMEOUT_GRACE_S,
-            max_tries=settings.max_retries + 1,
+            max_tries=settings.max_retries + 2,  # one beyond ours: see JobDefinition.run
             keep_result=settings.keep_result_s,
         )

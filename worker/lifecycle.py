@@ -12,8 +12,10 @@ from db.session import create_engine, make_sessionmaker
 from worker.context import Ctx
 from worker.email_providers import make_email_provider
 from worker.http import make_http_client
+from worker.lease import Leases, renewing
 from worker.marketing import make_marketing_provider
 from worker.ratelimit import RateLimiter
+from worker.recycle import Recycler
 from worker.storage import make_storage, s3_client_factory
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,14 @@ async def startup(arq_ctx: dict[str, Any]) -> None:
     s3_session = aioboto3.Session()
     ctx["s3_session"] = s3_session
     ctx["storage"] = make_storage(settings, s3_client_factory(s3_session, settings))
+    # Reliability state of this process, read by the arq hooks in worker/lease.py and
+    # worker/recycle.py (they see arq's plain dict, so these keys stay out of the typed Ctx).
+    leases = Leases(ctx["redis"], ctx["queue_name"])
+    arq_ctx["leases"] = await stack.enter_async_context(renewing(leases))
+    arq_ctx["recycler"] = Recycler(
+        max_jobs=settings.worker_max_jobs_per_process,
+        max_memory_mb=settings.worker_max_memory_mb,
+    )
     log.info(
         "worker ready: queue=%s database=%s",
         ctx["queue_name"],

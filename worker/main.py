@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import socket
 from dataclasses import dataclass
 from typing import Any
@@ -17,8 +18,10 @@ from arq.connections import RedisSettings
 from arq.cron import CronJob
 from arq.worker import Function
 
+from worker import lease
 from worker.job import CronSchedule, JobDefinition
 from worker.lifecycle import shutdown, startup
+from worker.recycle import after_job_end as recycle_after_job_end
 from worker.serialization import deserialize, serialize
 from worker.settings import Settings
 
@@ -42,7 +45,10 @@ QUEUES: dict[str, QueueConfig] = {
     "exports": QueueConfig(("jobs.exports",), max_jobs=4, poll_delay_s=0.5, shutdown_grace_s=20),
     # IO-bound email and sync calls: many in flight, polled often so sends start promptly.
     "default": QueueConfig(
-        ("jobs.email", "jobs.marketing"), max_jobs=200, poll_delay_s=0.1, shutdown_grace_s=10
+        ("jobs.email", "jobs.marketing", "worker.reconcile"),
+        max_jobs=200,
+        poll_delay_s=0.1,
+        shutdown_grace_s=10,
     ),
 }
 WORKER_CLASS_QUEUES = {
@@ -52,11 +58,28 @@ WORKER_CLASS_QUEUES = {
 }
 
 
+# Fault tests and benchmarks run real worker processes with jobs of their own: this variable
+# (comma-separated module names) replaces every queue's job modules in that process. Only
+# dotted names are accepted, and only importable modules can load, as with the built-in list.
+JOB_MODULES_ENV = "C360_JOB_MODULES"
+_MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+
+def job_modules(queue: str) -> tuple[str, ...]:
+    override = os.environ.get(JOB_MODULES_ENV, "").strip()
+    if not override:
+        return QUEUES[queue].job_modules
+    names = tuple(name.strip() for name in override.split(",") if name.strip())
+    if bad := [name for name in names if not _MODULE_NAME.match(name)]:
+        raise ValueError(f"{JOB_MODULES_ENV}: not a module name: {', '.join(bad)}")
+    return names
+
+
 def queue_jobs(queue: str) -> tuple[list[JobDefinition], list[CronSchedule]]:
     """The jobs and cron schedules the queue's modules declare in `JOBS` and `CRON_JOBS`."""
     jobs: list[JobDefinition] = []
     crons: list[CronSchedule] = []
-    for module_name in QUEUES[queue].job_modules:
+    for module_name in job_modules(queue):
         module = importlib.import_module(module_name)
         jobs.extend(getattr(module, "JOBS", ()))
         crons.extend(getattr(module, "CRON_JOBS", ()))
@@ -73,10 +96,15 @@ def worker_settings(
     settings: Settings,
     *,
     burst: bool = False,
+    recycle: bool = False,
     jobs: list[JobDefinition] | None = None,
     crons: list[CronSchedule] | None = None,
 ) -> dict[str, Any]:
-    """Keyword arguments for `arq.Worker` serving `queue`; tests pass their own `jobs`."""
+    """Keyword arguments for `arq.Worker` serving `queue`; tests pass their own `jobs`.
+
+    `recycle`: exit after WORKER_MAX_JOBS_PER_PROCESS jobs or above WORKER_MAX_MEMORY_MB, by
+    sending this process SIGTERM; only for workers that handle signals (not in-process tests).
+    """
     config = QUEUES[queue]
     if jobs is None:
         jobs, declared_crons = queue_jobs(queue)
@@ -90,15 +118,20 @@ def worker_settings(
         "redis_settings": RedisSettings.from_dsn(settings.redis_url),
         "on_startup": startup,
         "on_shutdown": shutdown,
+        # Short renewed in-progress leases (worker/lease.py) and recycling (worker/recycle.py).
+        "on_job_start": lease.on_job_start,
+        "on_job_end": lease.on_job_end,
+        "after_job_end": recycle_after_job_end if recycle and not burst else None,
         "ctx": {"settings": settings, "queue_name": queue},
         "burst": burst,
         "max_jobs": config.max_jobs,
         "poll_delay": config.poll_delay_s,
         "job_timeout": settings.job_timeout_s,
         "keep_result": settings.keep_result_s,
-        # MAX_RETRIES retries after the first try. Our wrapper decides retries itself; this
-        # bound catches the tries that never reach it (a worker killed mid-job).
-        "max_tries": settings.max_retries + 1,
+        # MAX_RETRIES retries after the first try, plus one: our wrapper decides retries
+        # itself, and a try beyond its limit only happens when the worker died on the last
+        # one; JobDefinition.run then records the failure (arq would drop it silently).
+        "max_tries": settings.max_retries + 2,
         "health_check_interval": HEALTH_CHECK_INTERVAL_S,
         "health_check_key": health_check_key(queue),
         "job_completion_wait": config.shutdown_grace_s,
@@ -112,4 +145,5 @@ def __getattr__(name: str) -> type:
     queue = WORKER_CLASS_QUEUES.get(name)
     if queue is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return type(name, (), worker_settings(queue, Settings()))
+    # arq's CLI installs signal handlers, so these workers may recycle themselves.
+    return type(name, (), worker_settings(queue, Settings(), recycle=True))

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
 import time
 from typing import Any
 
+import redis.exceptions
 from arq.worker import Worker
 
+from worker.lease import shorten_initial_claim
 from worker.main import QUEUES, worker_settings
 from worker.settings import Settings
 
@@ -38,13 +41,23 @@ def register(subparsers: Any) -> None:
 
 
 async def run_worker(args: argparse.Namespace, settings: Settings) -> int:
-    worker = Worker(**worker_settings(args.queue, settings, burst=args.burst))
+    worker = Worker(**worker_settings(args.queue, settings, burst=args.burst, recycle=True))
+    shorten_initial_claim(worker)
     try:
         await worker.async_run()
     except asyncio.CancelledError:
         pass  # arq cancels its main task on SIGTERM once running jobs are drained
-    finally:
-        await worker.close()
+    except redis.exceptions.RedisError as exc:
+        # arq's poll loop does not reconnect. Stop the jobs (they resume on their next pickup,
+        # once their leases run out) and exit; the supervisor or compose restarts the worker.
+        log.error("lost Redis (%s); exiting so a fresh worker reconnects", exc)
+        for task in worker.tasks.values():
+            task.cancel()
+        await asyncio.gather(*worker.tasks.values(), return_exceptions=True)
+        with contextlib.suppress(redis.exceptions.RedisError):
+            await worker.close()
+        return 1
+    await worker.close()
     return 0
 
 

@@ -1,0 +1,106 @@
+"""Short renewed leases: a SIGKILLed worker's job runs again on another worker within 30 s."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from arq.connections import ArqRedis
+from arq.constants import in_progress_key_prefix
+
+from tests.conftest import RunBurst
+from tests.reliability.conftest import Db, Processes, wait_for, worker_env, worker_ready
+from worker.context import Ctx
+from worker.job import job
+from worker.lease import LEASE_MS, Leases, running_key
+from worker.settings import Settings
+
+
+@job()
+async def probe_lease(ctx: Ctx) -> dict[str, Any]:
+    redis = ctx["redis"]
+    entry = await redis.hget(running_key("default"), ctx["job_id"])  # type: ignore[misc]
+    return {
+        "pttl_ms": await redis.pttl(in_progress_key_prefix + ctx["job_id"]),
+        "entry": json.loads(entry),
+    }
+
+
+async def test_a_running_job_holds_a_short_lease_mirrored_for_status(
+    arq_redis: ArqRedis, run_burst: RunBurst, redis_raw: aioredis.Redis
+) -> None:
+    job_ = await arq_redis.enqueue_job("probe_lease", _job_id="probe-1", _queue_name="default")
+    assert job_ is not None
+    # A worker built by arq from our settings claims for job_timeout + 10 s (about 100 s
+    # here); the on_job_start hook must have cut that to the lease before the job ran.
+    await run_burst("default", jobs=[probe_lease])
+    seen = await job_.result(timeout=1)
+    assert LEASE_MS - 2000 < seen["pttl_ms"] <= LEASE_MS
+    assert seen["entry"]["worker"].endswith(f":{os.getpid()}")
+    assert seen["entry"]["lease_until_ms"] > time.time() * 1000
+    # Finished: the mirror entry is gone and arq deleted the in-progress key.
+    assert await redis_raw.hlen(running_key("default")) == 0
+    assert not await redis_raw.exists(in_progress_key_prefix + "probe-1")
+
+
+async def test_renewal_extends_leases_but_never_shortens_a_cron_keep_or_revives_a_key(
+    arq_redis: ArqRedis, redis_raw: aioredis.Redis
+) -> None:
+    leases = Leases(arq_redis, "default")
+    for job_id in ("running", "cron-finished", "finished"):
+        await redis_raw.set(in_progress_key_prefix + job_id, b"1", px=3000)
+        await leases.acquire(job_id)
+    await redis_raw.pexpire(in_progress_key_prefix + "running", 1000)
+    # arq's finish_job: a cron job's key is kept 60 s; a plain job's key is deleted.
+    await redis_raw.pexpire(in_progress_key_prefix + "cron-finished", 60_000)
+    await redis_raw.delete(in_progress_key_prefix + "finished")
+    assert await leases.renew() == 3
+    assert await redis_raw.pttl(in_progress_key_prefix + "running") > LEASE_MS - 1000
+    assert await redis_raw.pttl(in_progress_key_prefix + "cron-finished") > LEASE_MS + 30_000
+    assert not await redis_raw.exists(in_progress_key_prefix + "finished")
+    await leases.release("running")
+    assert await leases.renew() == 2
+    assert sorted(await redis_raw.hkeys(running_key("default"))) == [b"cron-finished", b"finished"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+async def test_a_sigkilled_workers_job_runs_again_elsewhere_within_30_s(
+    settings: Settings,
+    processes: Processes,
+    arq_redis: ArqRedis,
+    redis_raw: aioredis.Redis,
+    db: Db,
+) -> None:
+    env = worker_env(settings)  # JOB_TIMEOUT_S=1800: stock arq would wait 1840 s
+    first = processes.start("work", "default", env=env)
+    await arq_redis.enqueue_job(
+        "record", key="k", first_run_sleep_s=600, _job_id="victim", _queue_name="default"
+    )
+    await wait_for(lambda: db.runs("k"), 20, "the first worker to start the job")
+    second = processes.start("work", "default", env=env)
+    await wait_for(lambda: worker_ready(redis_raw, "default", second.pid), 20, "worker 2")
+
+    os.kill(first.pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    runs = await wait_for(
+        lambda: _rerun(db), 30, "the job to run again within 30 s of the kill", every_s=0.05
+    )
+    recovered_s = time.monotonic() - killed_at
+    assert recovered_s < 30
+    assert [(r[0], r[1]) for r in runs] == [(1, first.pid), (2, second.pid)]
+    await wait_for(db.done, 10, "the re-run to finish")
+    assert await db.done() == {"k"}
+    assert await redis_raw.zcard("default") == 0
+
+
+async def _rerun(db: Db) -> list[Any]:
+    runs = await db.runs("k")
+    if len(runs) < 2:
+        return []
+    return runs

@@ -1,0 +1,153 @@
+"""The reconciler: PostgreSQL is the source of truth; re-enqueue what Redis forgot.
+
+A Redis that lost its data (restarted without persistence, flushed, failed over to a stale
+replica) forgets queued and running jobs, while PostgreSQL still shows their imports and
+exports as `pending` or `processing`. Every minute this cron re-enqueues such rows under the
+same deterministic arq job id the client used (`import:<uuid>`, `export:<uuid>`).
+
+It never runs a job twice at the same time: a row is re-enqueued only when Redis has no trace
+of its job (no job key, no queue entry, no in-progress lease, no result), arq refuses a
+duplicate id while the job exists, and the import/export jobs take a PostgreSQL advisory lock.
+Rows younger than `MIN_AGE_S` are left alone: the client commits the row before it enqueues.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, cast
+
+from arq.connections import ArqRedis
+from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_prefix
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from db.models import ContactImportJob, Export
+from worker.context import Ctx
+from worker.job import CronSchedule, job
+from worker.lease import RUNNING_KEY_PREFIX
+
+log = logging.getLogger(__name__)
+
+MIN_AGE_S = 60
+OPEN_STATUSES = ("pending", "processing")
+EXPORT_FUNCTIONS = {"contacts": "generate_contact_export", "companies": "generate_company_export"}
+
+
+@dataclass(frozen=True)
+class Expected:
+    """A job PostgreSQL expects to exist: how the client enqueued it (worker/client.py)."""
+
+    arq_id: str
+    function: str
+    queue: str
+    kwargs: dict[str, Any]
+
+
+async def expected_jobs(sessions: async_sessionmaker[AsyncSession]) -> list[Expected]:
+    """Open imports and exports older than `MIN_AGE_S`, as the jobs that should exist."""
+    cutoff = func.now() - timedelta(seconds=MIN_AGE_S)
+    async with sessions() as session:
+        imports = await session.scalars(
+            select(ContactImportJob.id).where(
+                ContactImportJob.status.in_(OPEN_STATUSES), ContactImportJob.created_at < cutoff
+            )
+        )
+        expected = [
+            Expected(f"import:{i}", "process_contacts_import", "imports", {"job_id": str(i)})
+            for i in imports
+        ]
+        exports = await session.execute(
+            select(Export.id, Export.kind).where(
+                Export.status.in_(OPEN_STATUSES), Export.created_at < cutoff
+            )
+        )
+        expected += [
+            Expected(f"export:{i}", EXPORT_FUNCTIONS[kind], "exports", {"export_id": str(i)})
+            for i, kind in exports
+        ]
+    return expected
+
+
+async def forgotten(redis: ArqRedis, expected: list[Expected]) -> list[Expected]:
+    """Those of `expected` that Redis has no trace of, checked in one round trip."""
+    if not expected:
+        return []
+    async with redis.pipeline(transaction=False) as pipe:
+        for item in expected:
+            pipe.exists(
+                job_key_prefix + item.arq_id,
+                in_progress_key_prefix + item.arq_id,
+                result_key_prefix + item.arq_id,
+            )
+            pipe.zscore(item.queue, item.arq_id)
+        replies = await pipe.execute()
+    lost = []
+    for index, item in enumerate(expected):
+        keys, score = replies[2 * index], replies[2 * index + 1]
+        if not keys and score is None:
+            lost.append(item)
+    return lost
+
+
+async def still_open(sessions: async_sessionmaker[AsyncSession], items: list[Expected]) -> set[str]:
+    """Re-read statuses just before enqueueing: a job may have finished since the first read."""
+    import_ids = [uuid.UUID(i.kwargs["job_id"]) for i in items if i.queue == "imports"]
+    export_ids = [uuid.UUID(i.kwargs["export_id"]) for i in items if i.queue == "exports"]
+    async with sessions() as session:
+        open_imports = await session.scalars(
+            select(ContactImportJob.id).where(
+                ContactImportJob.id.in_(import_ids), ContactImportJob.status.in_(OPEN_STATUSES)
+            )
+        )
+        open_exports = await session.scalars(
+            select(Export.id).where(Export.id.in_(export_ids), Export.status.in_(OPEN_STATUSES))
+        )
+        return {f"import:{i}" for i in open_imports} | {f"export:{i}" for i in open_exports}
+
+
+async def prune_dead_leases(redis: ArqRedis) -> int:
+    """Drop `c360:running:*` entries whose lease ran out (their worker died)."""
+    now_ms = int(time.time() * 1000)
+    pruned = 0
+    async for key in redis.scan_iter(match=RUNNING_KEY_PREFIX + "*", count=1000):
+        # redis-py types hash commands for sync and async clients at once.
+        entries = await cast(Awaitable[dict[bytes, bytes]], redis.hgetall(key))
+        dead = [
+            job_id.decode()
+            for job_id, raw in entries.items()
+            if json.loads(raw).get("lease_until_ms", 0) < now_ms
+        ]
+        if dead:
+            pruned += await cast(Awaitable[int], redis.hdel(key, *dead))
+    return pruned
+
+
+@job(timeout_cap_s=50)
+async def reconcile_jobs(ctx: Ctx) -> dict[str, int]:
+    """Re-enqueue open imports/exports that Redis lost; running it twice changes nothing."""
+    redis, sessions = ctx["redis"], ctx["sessions"]
+    lost = await forgotten(redis, await expected_jobs(sessions))
+    reopened = await still_open(sessions, lost) if lost else set()
+    enqueued = 0
+    for item in lost:
+        if item.arq_id not in reopened:
+            continue
+        job_ = await redis.enqueue_job(
+            item.function, _job_id=item.arq_id, _queue_name=item.queue, **item.kwargs
+        )
+        if job_ is not None:
+            enqueued += 1
+            log.warning("re-enqueued %s on %s: Redis had lost it", item.arq_id, item.queue)
+    pruned = await prune_dead_leases(redis)
+    return {"enqueued": enqueued, "pruned_leases": pruned}
+
+
+JOBS = [reconcile_jobs]
+# Every minute (arq's cron: unset fields match every value; seconds default to 0).
+CRON_JOBS = [CronSchedule(reconcile_jobs)]
