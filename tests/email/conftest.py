@@ -1,4 +1,4 @@
-"""Fixtures for the email and marketing tests: the loopback provider, a client, Redis db 12."""
+"""Fixtures for the email and marketing tests: the loopback provider, a client, the rig's Redis."""
 
 from __future__ import annotations
 
@@ -11,9 +11,8 @@ from redis.asyncio import Redis
 
 from tests.support.provider_server import ProviderServer
 from worker.http import make_http_client
+from worker.settings import Settings
 
-# These tests own Redis database 12; other suites use other databases at the same time.
-TEST_REDIS_URL = "redis://127.0.0.1:6379/12"
 # Short enough that a hang test ends quickly, long enough for a loaded CI machine to answer.
 TEST_TIMEOUT = httpx.Timeout(connect=2.0, read=1.0, write=2.0, pool=2.0)
 
@@ -40,8 +39,14 @@ async def http(request: pytest.FixtureRequest) -> AsyncIterator[httpx.AsyncClien
 
 
 @pytest.fixture
-async def redis() -> AsyncIterator[Redis]:
-    client = Redis.from_url(TEST_REDIS_URL)
+def redis_url(settings: Settings) -> str:
+    """The rig's Redis database (TEST_REDIS_DB), so the whole suite stays in one database."""
+    return settings.redis_url
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_url)
     yield client
     await client.aclose()
 
