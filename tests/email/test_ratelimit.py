@@ -1,4 +1,4 @@
-"""The Redis-shared send limit, against real Redis (the rig's TEST_REDIS_DB), across connections and processes.
+"""The Redis-shared send limit (the rig's TEST_REDIS_DB), across connections and processes.
 
 The assertions count grants inside a window; they do not time our code. The upper bound is
 what GCRA allows (one grant per interval, plus the burst); the lower bound proves the limiter
