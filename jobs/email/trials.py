@@ -5,7 +5,6 @@ it has ended, and the plan moved from `trial` to `expired` with that notice.
 from __future__ import annotations
 
 import asyncio
-import math
 import uuid
 from collections import Counter
 from collections.abc import Callable
@@ -24,7 +23,6 @@ from worker.context import Ctx
 from worker.job import job
 
 REMIND_BEFORE = timedelta(days=3)
-DAY = timedelta(days=1)
 
 
 def _not_settled(prefix: str) -> Any:
@@ -89,7 +87,8 @@ async def check_trial_expirations(ctx: Ctx) -> dict[str, Any]:
     max_attempts = ctx["settings"].max_retries + 1
 
     async def remind(user: Row[Any]) -> Outcome:
-        days_left = max(1, math.ceil((user.trial_ends_at - now) / DAY))
+        # Whole days left, as people count them: 2 days 5 hours is "2 days", 5 hours is "1 day".
+        days_left = max(1, (user.trial_ends_at - now).days)
         draft = drafts.trial_reminder(user.id, user.email, user.name, user.trial_ends_at, days_left)
         return await deliver(ctx, draft, max_attempts=max_attempts)
 
