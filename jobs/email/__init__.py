@@ -1,5 +1,28 @@
 """Email jobs: transactional sends, the waitlist campaign and trial notices (CONTRACT §5).
 
-`templates` renders each email (HTML and text); providers live in `worker.email_providers`,
-the shared send-rate limit in `worker.ratelimit`.
+Every email goes through the outbox (`outbox.deliver`): one row per logical email, claimed
+before the provider call, so a job that runs twice sends once. `templates` renders each email
+(HTML and text); providers live in `worker.email_providers`, the shared send-rate limit in
+`worker.ratelimit`.
 """
+
+from __future__ import annotations
+
+from jobs.email.campaign import kickoff_waitlist_first_email, send_waitlist_campaign_hourly
+from jobs.email.transactional import send_email, send_welcome_email
+from jobs.email.trials import check_trial_expirations
+from worker.job import CronSchedule
+
+JOBS = [
+    send_email,
+    send_welcome_email,
+    kickoff_waitlist_first_email,
+    send_waitlist_campaign_hourly,
+    check_trial_expirations,
+]
+# UTC (worker.main sets arq's timezone). Trials at half past, so the two crons do not start
+# their database scans and sends in the same second.
+CRON_JOBS = [
+    CronSchedule(send_waitlist_campaign_hourly, minute=0),
+    CronSchedule(check_trial_expirations, minute=30),
+]

@@ -1,19 +1,26 @@
-"""Fixtures for the email and marketing tests: the loopback provider, a client, Redis db 12."""
+"""Fixtures for the email and marketing tests: the loopback provider, a client, the rig's Redis."""
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any, cast
 
 import httpx
 import pytest
+from arq.connections import ArqRedis
+from pydantic import SecretStr
 from redis.asyncio import Redis
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from db.models import EmailMessage
 from tests.support.provider_server import ProviderServer
+from worker.context import Ctx
 from worker.http import make_http_client
+from worker.lifecycle import shutdown, startup
+from worker.settings import Settings
 
-# These tests own Redis database 12; other suites use other databases at the same time.
-TEST_REDIS_URL = "redis://127.0.0.1:6379/12"
 # Short enough that a hang test ends quickly, long enough for a loaded CI machine to answer.
 TEST_TIMEOUT = httpx.Timeout(connect=2.0, read=1.0, write=2.0, pool=2.0)
 
@@ -40,8 +47,14 @@ async def http(request: pytest.FixtureRequest) -> AsyncIterator[httpx.AsyncClien
 
 
 @pytest.fixture
-async def redis() -> AsyncIterator[Redis]:
-    client = Redis.from_url(TEST_REDIS_URL)
+def redis_url(settings: Settings) -> str:
+    """The rig's Redis database (TEST_REDIS_DB), so the whole suite stays in one database."""
+    return settings.redis_url
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_url)
     yield client
     await client.aclose()
 
@@ -54,3 +67,71 @@ async def ratelimit_prefix(redis: Redis) -> AsyncIterator[str]:
     keys = [key async for key in redis.scan_iter(match=f"{prefix}:*")]
     if keys:
         await redis.delete(*keys)
+
+
+# ---- the email and marketing jobs ---------------------------------------------------------------
+
+API_KEY = "re_test_Sup3rSecretKeyValue_4242"
+RECIPIENT = "ada@example.com"
+
+
+@pytest.fixture
+def job_settings(settings: Settings, provider_server: ProviderServer) -> Callable[..., Settings]:
+    """Settings for one provider on the loopback server: fast retries, a generous rate limit."""
+
+    def build(provider: str = "resend", **overrides: Any) -> Settings:
+        update: dict[str, Any] = {
+            "email_provider": provider,
+            "email_api_key": SecretStr(API_KEY),
+            "email_api_base_url": provider_server.base_url,
+            "email_from": "Contact360 <no-reply@contact360.test>",
+            "email_rate_limit_per_s": 1000.0,
+            "marketing_api_base_url": provider_server.base_url,
+            "max_retries": 2,
+            "retry_base_delay_s": 0.01,
+        }
+        if overrides.get("marketing_provider") == "sendgrid":
+            update["marketing_api_key"] = SecretStr(API_KEY)
+        return settings.model_copy(update=update | overrides)
+
+    return build
+
+
+@pytest.fixture(autouse=True)
+def short_http_timeouts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Workers started in these tests use TEST_TIMEOUT, so a hang ends in a second."""
+    import worker.lifecycle
+
+    monkeypatch.setattr(
+        worker.lifecycle, "make_http_client", lambda: make_http_client(timeout=TEST_TIMEOUT)
+    )
+
+
+@pytest.fixture
+async def job_ctx(
+    job_settings: Callable[..., Settings], arq_redis: ArqRedis
+) -> AsyncIterator[Callable[..., Awaitable[Ctx]]]:
+    """`ctx = await job_ctx("sendgrid")`: the real ctx `startup` builds, to call a job directly."""
+    opened: list[dict[str, Any]] = []
+
+    async def build(provider: str = "resend", **overrides: Any) -> Ctx:
+        ctx: dict[str, Any] = {
+            "settings": job_settings(provider, **overrides),
+            "queue_name": "default",
+            "redis": arq_redis,
+            "job_id": f"test-{uuid.uuid4().hex[:8]}",
+            "job_try": 1,
+        }
+        await startup(ctx)
+        opened.append(ctx)
+        return cast(Ctx, ctx)
+
+    yield build
+    for ctx in opened:
+        await shutdown(ctx)
+
+
+async def outbox_rows(sessions: async_sessionmaker[AsyncSession]) -> list[EmailMessage]:
+    async with sessions() as session:
+        rows = await session.scalars(select(EmailMessage).order_by(EmailMessage.created_at))
+        return list(rows)

@@ -1,4 +1,4 @@
-"""The Redis-shared send limit, against real Redis (db 12), across connections and processes.
+"""The Redis-shared send limit (the rig's TEST_REDIS_DB), across connections and processes.
 
 The assertions count grants inside a window; they do not time our code. The upper bound is
 what GCRA allows (one grant per interval, plus the burst); the lower bound proves the limiter
@@ -15,8 +15,6 @@ import pytest
 from redis.asyncio import Redis
 
 from worker.ratelimit import RateLimiter
-
-from .conftest import TEST_REDIS_URL
 
 RATE_PER_S = 20.0
 WINDOW_S = 1.5
@@ -43,8 +41,8 @@ async def count_grants(limiter: RateLimiter, until_monotonic: float, workers: in
     return granted
 
 
-async def test_two_connections_share_one_rate(ratelimit_prefix: str) -> None:
-    redis_a, redis_b = Redis.from_url(TEST_REDIS_URL), Redis.from_url(TEST_REDIS_URL)
+async def test_two_connections_share_one_rate(redis_url: str, ratelimit_prefix: str) -> None:
+    redis_a, redis_b = Redis.from_url(redis_url), Redis.from_url(redis_url)
     try:
         a = RateLimiter(redis_a, RATE_PER_S, key_prefix=ratelimit_prefix)
         b = RateLimiter(redis_b, RATE_PER_S, key_prefix=ratelimit_prefix)
@@ -99,10 +97,10 @@ asyncio.run(main(sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4]
 """
 
 
-async def test_two_processes_share_one_rate(ratelimit_prefix: str) -> None:
+async def test_two_processes_share_one_rate(redis_url: str, ratelimit_prefix: str) -> None:
     # Both children start acquiring at the same wall-clock instant, after their imports.
     start_unix_s = time.time() + 1.5
-    args = [TEST_REDIS_URL, ratelimit_prefix, str(RATE_PER_S), str(start_unix_s), str(WINDOW_S)]
+    args = [redis_url, ratelimit_prefix, str(RATE_PER_S), str(start_unix_s), str(WINDOW_S)]
     children = [
         await asyncio.create_subprocess_exec(
             sys.executable, "-c", _CHILD, *args, stdout=asyncio.subprocess.PIPE
@@ -119,8 +117,8 @@ async def test_two_processes_share_one_rate(ratelimit_prefix: str) -> None:
     assert min(counts) > 0
 
 
-async def test_pause_until_blocks_every_limiter(ratelimit_prefix: str) -> None:
-    redis_a, redis_b = Redis.from_url(TEST_REDIS_URL), Redis.from_url(TEST_REDIS_URL)
+async def test_pause_until_blocks_every_limiter(redis_url: str, ratelimit_prefix: str) -> None:
+    redis_a, redis_b = Redis.from_url(redis_url), Redis.from_url(redis_url)
     try:
         a = RateLimiter(redis_a, 100.0, key_prefix=ratelimit_prefix)
         b = RateLimiter(redis_b, 100.0, key_prefix=ratelimit_prefix)

@@ -1,0 +1,372 @@
+"""Email throughput of one default worker process, side by side with stock arq and Celery.
+
+    make bench-email            # or: .venv/bin/python bench/bench_email.py [--emails 2000]
+
+The loopback provider (tests/support/provider_server.py, its own process) answers every send
+after 200 ms; the rate limit is set out of the way. Reported per setup: sends/s from the first
+enqueue to the last send, and the worker's CPU ms per send (psutil, worker processes only,
+start-up excluded). Setups:
+
+- ours, `send_email` jobs: one arq job per email through the outbox (PostgreSQL claim and
+  settle per send), on the default queue's settings (worker.main.QUEUES);
+- ours, campaign: the same number of due waitlist entries sent by one
+  `send_waitlist_campaign_hourly` job (pages of 1,000, 50 sends in flight);
+- stock arq: the same Resend POST as a bare arq job on an `httpx.AsyncClient()` with its default
+  transport, with arq's defaults (max_jobs=10, poll_delay=0.5) and with max_jobs=500;
+- Celery 5 prefork, 4 processes, blocking `httpx.Client` sends (skipped if celery is missing).
+
+Uses a database of its own (dropped at the end) and Redis db BENCH_REDIS_DB (default 13),
+which must be empty or the test rig's own (TEST_REDIS_DB); it is flushed before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import psutil
+from arq.connections import ArqRedis, RedisSettings, create_pool
+from redis.asyncio import Redis
+
+ROOT = Path(__file__).resolve().parent.parent
+PG_SERVER = os.environ.get("BENCH_PG_SERVER", "postgresql://postgres@127.0.0.1:5432")
+REDIS_DB = int(os.environ.get("BENCH_REDIS_DB", "13"))
+REDIS_URL = f"redis://127.0.0.1:6379/{REDIS_DB}"
+RIG_MARKER = b"c360:test-rig-owns-this-db"
+STOCK_QUEUE = "bench:stock"
+DONE_KEY = "bench:email:done"
+CELERY_QUEUE = "bench-email-celery"
+PAYLOAD = {
+    "from": "Contact360 <no-reply@contact360.test>",
+    "subject": "Benchmark",
+    "html": "<p>Hello from the benchmark</p>",
+}
+sys.path.insert(0, str(ROOT))
+
+
+@dataclass
+class Result:
+    setup: str
+    emails: int
+    seconds: float
+    cpu_s: float
+
+    def row(self) -> str:
+        rate = self.emails / self.seconds
+        cpu_ms = 1000 * self.cpu_s / self.emails
+        return f"| {self.setup} | {self.emails:,} | {rate:,.0f} | {cpu_ms:.2f} |"
+
+
+def cpu_s(pid: int) -> float:
+    """CPU seconds of a process and its children (Celery's prefork pool)."""
+    proc = psutil.Process(pid)
+    total = 0.0
+    for p in [proc, *proc.children(recursive=True)]:
+        times = p.cpu_times()
+        total += times.user + times.system
+    return total
+
+
+# ---- stock arq: the baseline job, run with `bench_email.py stock-worker` ---------------------
+
+
+async def _stock_startup(ctx: dict[str, Any]) -> None:
+    import httpx
+
+    ctx["http"] = httpx.AsyncClient()  # as stock users would: httpx's own transport
+
+
+async def _stock_shutdown(ctx: dict[str, Any]) -> None:
+    await ctx["http"].aclose()
+
+
+async def stock_send(ctx: dict[str, Any], to: str, key: str) -> None:
+    response = await ctx["http"].post(
+        f"{os.environ['BENCH_BASE_URL']}/emails",
+        json=PAYLOAD | {"to": [to]},
+        headers={"Authorization": "Bearer bench", "Idempotency-Key": key},
+    )
+    response.raise_for_status()
+    await ctx["redis"].incr(DONE_KEY)
+
+
+def run_stock_worker(max_jobs: int) -> None:
+    from arq.worker import Worker, func
+
+    worker = Worker(
+        functions=[func(stock_send, name="stock_send")],  # type: ignore[arg-type]
+        queue_name=STOCK_QUEUE,
+        redis_settings=RedisSettings.from_dsn(REDIS_URL),
+        on_startup=_stock_startup,
+        on_shutdown=_stock_shutdown,
+        max_jobs=max_jobs,
+        health_check_key=f"{STOCK_QUEUE}:health-check",
+    )
+    worker.run()
+
+
+# ---- Celery prefork: the blocking baseline ------------------------------------------------------
+
+
+def make_celery_app() -> Any:
+    import httpx
+    import redis
+    from celery import Celery
+
+    app = Celery("bench_email", broker=REDIS_URL)
+    app.conf.update(task_default_queue=CELERY_QUEUE, worker_hijack_root_logger=False)
+    state: dict[str, Any] = {}
+
+    @app.task(name="bench_send", ignore_result=True)  # type: ignore[untyped-decorator]
+    def bench_send(to: str, key: str) -> None:
+        if "http" not in state:  # one client per pool process, made after the fork
+            state["http"] = httpx.Client()
+            state["redis"] = redis.Redis.from_url(REDIS_URL)
+        response = state["http"].post(
+            f"{os.environ['BENCH_BASE_URL']}/emails",
+            json=PAYLOAD | {"to": [to]},
+            headers={"Authorization": "Bearer bench", "Idempotency-Key": key},
+        )
+        response.raise_for_status()
+        state["redis"].incr(DONE_KEY)
+
+    return app
+
+
+# Only the Celery worker process (started with BENCH_CELERY=1) builds the app at import.
+celery_app = make_celery_app() if os.environ.get("BENCH_CELERY") == "1" else None
+
+
+# ---- the harness -------------------------------------------------------------------------------
+
+
+def start(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    handle = log.open("wb")
+    return subprocess.Popen(command, env=env, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+async def wait_for(predicate: Any, what: str, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not await predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def measure(name: str, pid: int, emails: int, enqueue: Any, done: Any, ready: Any) -> Result:
+    await wait_for(ready, f"{name} to start", 60)
+    await asyncio.sleep(0.5)  # let start-up work settle before the CPU baseline
+    cpu0, t0 = cpu_s(pid), time.perf_counter()
+    await enqueue()
+    await wait_for(done, f"{name} to send {emails}")
+    result = Result(name, emails, time.perf_counter() - t0, cpu_s(pid) - cpu0)
+    print(result.row(), flush=True)
+    return result
+
+
+async def enqueue_many(
+    pool: ArqRedis, function: str, queue: str, items: list[dict[str, Any]]
+) -> None:
+    for start_at in range(0, len(items), 200):
+        chunk = items[start_at : start_at + 200]
+        await asyncio.gather(*(pool.enqueue_job(function, _queue_name=queue, **k) for k in chunk))
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description="email throughput benchmark")
+    parser.add_argument("--emails", type=int, default=2000)
+    parser.add_argument("--slow-emails", type=int, default=300, help="for the ~20/s baselines")
+    args = parser.parse_args()
+    n, slow_n = args.emails, args.slow_emails
+
+    redis = Redis.from_url(REDIS_URL)
+    keys = await redis.keys("*")
+    if keys and RIG_MARKER not in keys:  # the same rule as the test rig: never eat others' data
+        sys.exit(f"Redis db {REDIS_DB} holds keys of others; set BENCH_REDIS_DB to a free one")
+    await redis.flushdb()
+    database = f"c360_bench_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(f"{PG_SERVER}/postgres")
+    await admin.execute(f'CREATE DATABASE "{database}"')
+    logs = Path(tempfile.mkdtemp(prefix="bench-email-"))
+    # Set-up before any timing: blocking here costs the measurements nothing.
+    server = subprocess.Popen(  # noqa: ASYNC220
+        [sys.executable, "-m", "tests.support.provider_server", "--delay-ms", "200"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+    )
+    assert server.stdout is not None
+    base_url = server.stdout.readline().decode().strip()
+    env = os.environ | {
+        "DATABASE_URL": f"{PG_SERVER.replace('postgresql://', 'postgresql+asyncpg://')}/{database}",
+        "REDIS_URL": REDIS_URL,
+        "EMAIL_PROVIDER": "resend",
+        "EMAIL_API_KEY": "bench",
+        "EMAIL_API_BASE_URL": base_url,
+        "EMAIL_RATE_LIMIT_PER_S": "1000000",
+        "BENCH_BASE_URL": base_url,
+        "PYTHONPATH": str(ROOT),
+    }
+    pool = await create_pool(RedisSettings.from_dsn(REDIS_URL))
+    results: list[Result] = []
+    try:
+        migrate = [sys.executable, "-m", "worker", "migrate"]
+        subprocess.run(migrate, env=env, cwd=ROOT, check=True)  # noqa: ASYNC221 (set-up, untimed)
+        db = await asyncpg.connect(f"{PG_SERVER}/{database}")
+        print(f"provider answers in 200 ms; logs in {logs}\n")
+        print("| setup | emails | sends/s | worker CPU ms/send |\n|---|---|---|---|", flush=True)
+        results += await bench_ours(env, pool, redis, db, logs, n)
+        for max_jobs, count in ((10, slow_n), (500, n)):
+            results.append(await bench_stock(env, pool, redis, logs, max_jobs, count))
+        celery = await bench_celery(env, redis, logs, slow_n)
+        if celery is None:
+            print("| Celery 5 prefork 4 | - | not run: celery is not installed | - |")
+        await db.close()
+    finally:
+        await pool.aclose()
+        server.terminate()
+        server.wait()
+        await redis.flushdb()
+        if RIG_MARKER in keys:
+            await redis.set(RIG_MARKER, "1")
+        await redis.aclose()
+        await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        await admin.close()
+
+
+async def bench_ours(
+    env: dict[str, str], pool: ArqRedis, redis: Redis, db: Any, logs: Path, n: int
+) -> list[Result]:
+    from worker.serialization import serialize
+
+    ours = await create_pool(RedisSettings.from_dsn(REDIS_URL), job_serializer=serialize)
+    worker = start([sys.executable, "-m", "worker", "work", "default"], env, logs / "ours.log")
+
+    async def ready() -> bool:
+        return bool(await redis.keys("default:health-check:*"))
+
+    async def sent(total: int) -> bool:
+        return (
+            int(await db.fetchval("SELECT count(*) FROM email_messages WHERE status='sent'"))
+            >= total
+        )
+
+    items = [
+        {"to": f"r{i}@example.com", "subject": "Benchmark", "html": PAYLOAD["html"]}
+        for i in range(n)
+    ]
+    try:
+        jobs = await measure(
+            "ours: one `send_email` job per email",
+            worker.pid,
+            n,
+            lambda: enqueue_many(ours, "send_email", "default", items),
+            lambda: sent(n),
+            ready,
+        )
+        await db.execute(
+            "INSERT INTO waitlist_entries (email, campaign_step, next_email_at, created_at) "
+            "SELECT 'w' || i || '@example.com', 1, now() - interval '1 hour', "
+            "now() - interval '3 days' FROM generate_series(1, $1) i",
+            n,
+        )
+        campaign = await measure(
+            "ours: one campaign job (100 in flight)",
+            worker.pid,
+            n,
+            lambda: ours.enqueue_job("send_waitlist_campaign_hourly", _queue_name="default"),
+            lambda: sent(2 * n),
+            ready,
+        )
+    finally:
+        stop(worker)
+        await ours.aclose()
+    return [jobs, campaign]
+
+
+async def bench_stock(
+    env: dict[str, str], pool: ArqRedis, redis: Redis, logs: Path, max_jobs: int, n: int
+) -> Result:
+    await redis.delete(DONE_KEY)
+    command = [sys.executable, __file__, "stock-worker", str(max_jobs)]
+    worker = start(command, env, logs / f"stock-{max_jobs}.log")
+    items = [{"to": f"s{i}@example.com", "key": f"stock-{max_jobs}-{i}"} for i in range(n)]
+
+    async def ready() -> bool:
+        return bool(await redis.exists(f"{STOCK_QUEUE}:health-check"))
+
+    async def done() -> bool:
+        return int(await redis.get(DONE_KEY) or 0) >= n
+
+    label = "defaults (max_jobs=10)" if max_jobs == 10 else f"max_jobs={max_jobs}"
+    try:
+        return await measure(
+            f"stock arq, {label}, httpx default transport",
+            worker.pid,
+            n,
+            lambda: enqueue_many(pool, "stock_send", STOCK_QUEUE, items),
+            done,
+            ready,
+        )
+    finally:
+        stop(worker)
+
+
+async def bench_celery(env: dict[str, str], redis: Redis, logs: Path, n: int) -> Result | None:
+    try:
+        import celery  # noqa: F401
+    except ImportError:
+        return None
+    await redis.delete(DONE_KEY)
+    env = env | {"BENCH_CELERY": "1", "PYTHONPATH": f"{ROOT / 'bench'}:{ROOT}"}
+    command = [sys.executable, "-m", "celery", "-A", "bench_email:celery_app", "worker"]
+    command += ["--pool=prefork", "--concurrency=4", "-Q", CELERY_QUEUE, "--loglevel=INFO"]
+    log = logs / "celery.log"
+    worker = start(command, env, log)
+    os.environ["BENCH_CELERY"] = "1"
+    app = make_celery_app()
+    app.control.purge()
+
+    async def ready() -> bool:
+        return "ready." in log.read_text(errors="replace")
+
+    async def enqueue() -> None:
+        for i in range(n):
+            app.send_task("bench_send", args=(f"c{i}@example.com", f"celery-{i}"))
+
+    async def done() -> bool:
+        return int(await redis.get(DONE_KEY) or 0) >= n
+
+    try:
+        return await measure(
+            "Celery 5 prefork 4, blocking httpx", worker.pid, n, enqueue, done, ready
+        )
+    finally:
+        stop(worker)
+        app.control.purge()
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["stock-worker"]:
+        run_stock_worker(int(sys.argv[2]))
+    else:
+        asyncio.run(main())

@@ -1,0 +1,248 @@
+"""The outbox: one `email_messages` row per logical email, claimed before every provider call.
+
+    pending ──claim──> sending ──2xx──────────────────────────────> sent
+                         │ ────4xx──────────────────────────────> failed (provider's message)
+                         │ ────429/5xx/refused──────────────────> pending (retried)
+                         │ ────DeliveryUnknown, Resend──────────> pending (resent, same key)
+                         │ ────DeliveryUnknown, SendGrid────────> review  (never resent)
+    sending, found by a later try after SEND_LEASE_S (we crashed mid-send):
+                           Resend: claimed again and resent with the same Idempotency-Key;
+                           SendGrid: review.
+
+A row in `sent`, `failed` or `review` is settled: claiming it sends nothing, so a second
+enqueue, a retry or a duplicate delivery of the job is harmless. The claim commits before the
+HTTP call (no row lock or connection is held while the provider answers); the lease tells a
+crashed try (old claim) from one still in flight elsewhere (recent claim: retry later).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from worker.context import Ctx
+from worker.email_providers import DeliveryUnknown, OutgoingEmail, safe_to_resend
+from worker.errors import PermanentError, RateLimited, TransientError
+
+log = logging.getLogger(__name__)
+
+# Longer than one provider exchange can take (connect 5 s + read 15 s, worker.http), so a
+# claim younger than this may still be in flight in another try and must not be resent.
+SEND_LEASE_S = 120.0
+# A 429 may pause every sender for up to 300 s (worker.email_providers.base): wait through it
+# rather than burn a retry, but give up before the job's own time limit (SEND_JOB_CAP_S).
+ACQUIRE_TIMEOUT_S = 400.0
+SETTLED = ("sent", "failed", "review")
+
+Status = Literal["sent", "failed", "review", "pending"]
+Sessions = async_sessionmaker[AsyncSession]
+
+
+@dataclass(frozen=True, slots=True)
+class Draft:
+    """A logical email and its idempotency key; the first draft stored under a key wins."""
+
+    key: str
+    to: str
+    subject: str
+    html: str
+    text: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What the outbox row says after `deliver`; `fresh` is False when it was settled before."""
+
+    key: str
+    status: Status
+    fresh: bool = True
+    message_id: str | None = None
+    detail: str | None = None
+
+    @property
+    def settled(self) -> bool:
+        return self.status != "pending"
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "status": self.status,
+            "duplicate": not self.fresh,
+            "provider_message_id": self.message_id,
+            "error": self.detail,
+        }
+
+
+# Runs in the transaction that settles the row, so "sent" and the state it advances (a
+# campaign step, a plan change) commit together or not at all.
+AfterSettled = Callable[[AsyncSession, Outcome], Awaitable[None]]
+
+_INSERT_CLAIMED = text("""
+    INSERT INTO email_messages
+        (idempotency_key, to_email, subject, html, text, status, attempts, provider, updated_at)
+    VALUES (:key, :to, :subject, :html, :text, 'sending', 1, :provider, now())
+    ON CONFLICT (idempotency_key) DO NOTHING
+    RETURNING id, attempts
+""")
+_LOCK_EXISTING = text("""
+    SELECT id, status, attempts, provider_message_id, last_error, to_email, subject, html, text,
+           extract(epoch FROM now() - updated_at) AS claim_age_s
+    FROM email_messages WHERE idempotency_key = :key FOR UPDATE
+""")
+_RECLAIM = text("""
+    UPDATE email_messages
+    SET status = 'sending', attempts = attempts + 1, provider = :provider, updated_at = now()
+    WHERE id = :id RETURNING attempts
+""")
+_SETTLE = text("""
+    UPDATE email_messages
+    SET status = :status, last_error = :error, updated_at = now(),
+        provider_message_id = coalesce(:message_id, provider_message_id),
+        sent_at = CASE WHEN :status = 'sent' THEN now() ELSE sent_at END
+    WHERE id = :id AND (status <> 'sent' OR :status = 'sent')
+""")
+_FAIL_BY_KEY = text("""
+    UPDATE email_messages
+    SET status = CASE WHEN status = 'sending' THEN 'review' ELSE 'failed' END,
+        last_error = :error, updated_at = now()
+    WHERE idempotency_key = :key AND status IN ('pending', 'sending')
+""")
+
+
+@dataclass(frozen=True, slots=True)
+class _Claim:
+    id: Any
+    attempts: int
+    draft: Draft
+
+
+async def deliver(
+    ctx: Ctx,
+    draft: Draft,
+    *,
+    after: AfterSettled | None = None,
+    max_attempts: int | None = None,
+) -> Outcome:
+    """Send `draft` at most once; returns the settled outcome.
+
+    Transient failures are recorded (`pending`, `last_error`) and raised for a retry, unless
+    `max_attempts` is given and reached: then the row fails (a cron has no arq retry per
+    message). `after` runs in the transaction that settles the row, also for duplicates.
+    """
+    sessions, provider = ctx["sessions"], ctx["email_provider"]
+    resend_ok = safe_to_resend(provider)
+    try:
+        # Before the claim: the wait for a slot must not age the claim towards its lease.
+        await ctx["email_rate_limiter"].acquire(timeout_s=ACQUIRE_TIMEOUT_S)
+    except TimeoutError:
+        raise TransientError(f"no send slot within {ACQUIRE_TIMEOUT_S:g} s") from None
+    claim_or_outcome = await _claim(sessions, draft, provider.name, resend_ok, after)
+    if isinstance(claim_or_outcome, Outcome):
+        return claim_or_outcome
+    claim = claim_or_outcome
+    stored = claim.draft
+    try:
+        email = OutgoingEmail(
+            sender=ctx["settings"].email_from,
+            to=(stored.to,),
+            subject=stored.subject,
+            html=stored.html,
+            text=stored.text,
+        )
+        message_id = await provider.send(email, stored.key)
+    except PermanentError as exc:
+        return await _settle(sessions, claim, "failed", after, detail=str(exc))
+    except DeliveryUnknown as exc:
+        if not resend_ok:
+            log.warning("email %s may have been delivered; held for review: %s", draft.key, exc)
+            return await _settle(sessions, claim, "review", after, detail=str(exc))
+        return await _retry_or_fail(sessions, claim, exc, after, max_attempts)
+    except RateLimited as exc:
+        # Every process waits, not just this try: the provider's limit is per account.
+        await ctx["email_rate_limiter"].pause_for(exc.retry_after_s)
+        return await _retry_or_fail(sessions, claim, exc, after, max_attempts)
+    except TransientError as exc:
+        return await _retry_or_fail(sessions, claim, exc, after, max_attempts)
+    return await _settle(sessions, claim, "sent", after, message_id=message_id)
+
+
+async def _claim(
+    sessions: Sessions, draft: Draft, provider: str, resend_ok: bool, after: AfterSettled | None
+) -> _Claim | Outcome:
+    async with sessions.begin() as session:
+        params: dict[str, Any] = {"key": draft.key, "to": draft.to, "subject": draft.subject}
+        params |= {"html": draft.html, "text": draft.text, "provider": provider}
+        inserted = (await session.execute(_INSERT_CLAIMED, params)).first()
+        if inserted is not None:  # the common case: a new message, claimed in one statement
+            return _Claim(inserted.id, inserted.attempts, draft)
+        row = (await session.execute(_LOCK_EXISTING, {"key": draft.key})).one()
+        if row.status in SETTLED:
+            outcome = Outcome(draft.key, row.status, False, row.provider_message_id, row.last_error)
+            if after is not None:
+                await after(session, outcome)
+            return outcome
+        stored = Draft(draft.key, row.to_email, row.subject, row.html, row.text)
+        if row.status == "sending" and row.claim_age_s < SEND_LEASE_S:
+            raise TransientError(f"email {draft.key} is being sent by another try")
+        if row.status == "sending" and not resend_ok:
+            detail = (
+                f"found mid-send after a crash (attempt {row.attempts}); {provider} cannot "
+                "deduplicate, so it was not resent: check the provider's activity"
+            )
+            log.warning("email %s held for review: %s", draft.key, detail)
+            await session.execute(
+                _SETTLE, {"id": row.id, "status": "review", "error": detail, "message_id": None}
+            )
+            outcome = Outcome(draft.key, "review", True, None, detail)
+            if after is not None:
+                await after(session, outcome)
+            return outcome
+        attempts = (await session.execute(_RECLAIM, {"id": row.id, "provider": provider})).one()
+        return _Claim(row.id, attempts.attempts, stored)
+
+
+async def _settle(
+    sessions: Sessions,
+    claim: _Claim,
+    status: Status,
+    after: AfterSettled | None,
+    *,
+    message_id: str | None = None,
+    detail: str | None = None,
+) -> Outcome:
+    outcome = Outcome(claim.draft.key, status, True, message_id, detail)
+    async with sessions.begin() as session:
+        params = {"id": claim.id, "status": status, "error": detail, "message_id": message_id}
+        await session.execute(_SETTLE, params)
+        if after is not None and outcome.settled:
+            await after(session, outcome)
+    return outcome
+
+
+async def _retry_or_fail(
+    sessions: Sessions,
+    claim: _Claim,
+    exc: TransientError,
+    after: AfterSettled | None,
+    max_attempts: int | None,
+) -> Outcome:
+    if max_attempts is not None and claim.attempts >= max_attempts:
+        detail = f"gave up after {claim.attempts} attempts; last error: {exc}"
+        return await _settle(sessions, claim, "failed", after, detail=detail)
+    await _settle(sessions, claim, "pending", None, detail=str(exc))
+    raise exc
+
+
+async def fail_message(ctx: Ctx, key: str, reason: str) -> None:
+    """`on_failure` of the send jobs: the job gave up, so the row must say why.
+
+    A row still `sending` (stopped mid-send by the time limit) may have been delivered:
+    it goes to `review`, not `failed`. Settled rows are left as they are.
+    """
+    async with ctx["sessions"].begin() as session:
+        await session.execute(_FAIL_BY_KEY, {"key": key, "error": reason})

@@ -1,0 +1,66 @@
+"""One-off emails: `send_email` (any caller's message) and `send_welcome_email(user_id)`."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from db.models import User
+from jobs.email import drafts
+from jobs.email.campaign import SEND_JOB_CAP_S
+from jobs.email.outbox import Draft, Outcome, deliver, fail_message
+from worker.context import Ctx
+from worker.errors import PermanentError
+from worker.job import job
+
+
+def send_email_key(ctx: Ctx, idempotency_key: str | None) -> str:
+    """The caller's key, or `job/<arq job id>`: every retry of one job shares it."""
+    if idempotency_key:
+        return idempotency_key
+    return f"job/{ctx.get('job_id', '-')}"
+
+
+def _result(outcome: Outcome) -> dict[str, Any]:
+    # A refusal fails the job (visible in its result) without a retry; the row says why.
+    if outcome.status == "failed" and outcome.fresh:
+        raise PermanentError(outcome.detail or "the provider refused the email")
+    return outcome.summary()
+
+
+async def _fail_send_email(ctx: Ctx, kwargs: dict[str, Any], reason: str) -> None:
+    await fail_message(ctx, send_email_key(ctx, kwargs.get("idempotency_key")), reason)
+
+
+@job(timeout_cap_s=SEND_JOB_CAP_S, on_failure=_fail_send_email)
+async def send_email(
+    ctx: Ctx,
+    to: str,
+    subject: str,
+    html: str,
+    text: str | None = None,
+    idempotency_key: str | None = None,
+) -> dict[str, Any]:
+    """Send one email through the outbox.
+
+    Twice is harmless: the row keyed by `idempotency_key` (or this job's id) is settled by the
+    first run, and with Resend the key also travels as `Idempotency-Key`.
+    """
+    if not isinstance(to, str) or "@" not in to:
+        raise PermanentError(f"send_email: `to` must be one email address, got {to!r}")
+    draft = Draft(send_email_key(ctx, idempotency_key), to, subject, html, text)
+    return _result(await deliver(ctx, draft))
+
+
+async def _fail_welcome(ctx: Ctx, kwargs: dict[str, Any], reason: str) -> None:
+    await fail_message(ctx, f"welcome/{uuid.UUID(str(kwargs['user_id']))}", reason)
+
+
+@job(timeout_cap_s=SEND_JOB_CAP_S, on_failure=_fail_welcome)
+async def send_welcome_email(ctx: Ctx, user_id: str) -> dict[str, Any]:
+    """Welcome a new user; keyed `welcome/<user_id>`, so a second run sends nothing."""
+    async with ctx["sessions"]() as session:
+        user = await session.get(User, uuid.UUID(str(user_id)))
+    if user is None:
+        raise PermanentError(f"no user {user_id}")
+    return _result(await deliver(ctx, drafts.welcome(user.id, user.email, user.name)))

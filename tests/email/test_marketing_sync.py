@@ -1,0 +1,150 @@
+"""Marketing sync: only our own people, batches split at the limit, resumable, `none` is silent."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from arq.connections import ArqRedis
+from pydantic import SecretStr
+from sqlalchemy import select, text
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from db.models import JobCheckpoint
+from jobs.marketing.sync import sync_all_contacts, sync_contact
+from tests.conftest import RunBurst
+from tests.support.provider_server import SENDGRID_CONTACTS, Answer, ProviderServer
+from worker.context import Ctx
+from worker.errors import TransientError
+from worker.marketing import MAX_CONTACTS_PER_CALL, SendGridMarketing
+from worker.settings import Settings
+
+from .conftest import API_KEY
+
+BuildCtx = Callable[..., Awaitable[Ctx]]
+
+
+async def seed(sessions: async_sessionmaker[AsyncSession], users: int, waitlist: int) -> None:
+    """Users, waitlist entries and one customer-imported contact that must never be synced."""
+    async with sessions.begin() as session:
+        await session.execute(
+            text(
+                "INSERT INTO users (id, email, name) SELECT gen_random_uuid(), "
+                "'user' || i || '@example.com', 'Ulla Maria User' FROM generate_series(1, :n) i"
+            ),
+            {"n": users},
+        )
+        await session.execute(
+            text(
+                "INSERT INTO waitlist_entries (email, name) SELECT 'wait' || i || '@example.com', "
+                "NULL FROM generate_series(1, :n) i"
+            ),
+            {"n": waitlist},
+        )
+        owner = await session.scalar(text("SELECT id FROM users ORDER BY id LIMIT 1"))
+        await session.execute(
+            text("INSERT INTO contacts (user_id, email) VALUES (:u, 'customer-lead@acme.test')"),
+            {"u": owner},
+        )
+
+
+def synced_emails(server: ProviderServer) -> list[str]:
+    return [c["email"] for d in server.delivered for c in d.json["contacts"]]
+
+
+def marketing(job_settings: Callable[..., Settings]) -> Settings:
+    return job_settings("console", marketing_provider="sendgrid")
+
+
+async def test_daily_sync_splits_at_30000_and_never_sends_customer_contacts(
+    arq_redis: ArqRedis,
+    run_burst: RunBurst,
+    job_settings: Callable[..., Settings],
+    provider_server: ProviderServer,
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    await seed(sessions, users=MAX_CONTACTS_PER_CALL + 1, waitlist=2)
+    await arq_redis.enqueue_job("sync_all_contacts", _queue_name="default")
+    await run_burst("default", settings_=marketing(job_settings))
+
+    requests = provider_server.requests_to(SENDGRID_CONTACTS)
+    assert [r.method for r in requests] == ["PUT"] * 3
+    assert [len(r.json["contacts"]) for r in requests] == [2, MAX_CONTACTS_PER_CALL, 1]
+    assert requests[0].headers["Authorization"] == f"Bearer {API_KEY}"
+    assert requests[1].json["contacts"][0] == {
+        "email": requests[1].json["contacts"][0]["email"],
+        "first_name": "Ulla",
+        "last_name": "Maria User",
+    }
+    emails = synced_emails(provider_server)
+    assert len(emails) == len(set(emails)) == MAX_CONTACTS_PER_CALL + 3
+    assert "customer-lead@acme.test" not in emails
+    async with sessions() as session:
+        checkpoint = await session.get(JobCheckpoint, "sync_all_contacts")
+    assert checkpoint is not None and checkpoint.value["done"] is True
+
+
+async def test_a_failed_sync_resumes_from_the_last_accepted_batch(
+    job_ctx: BuildCtx,
+    provider_server: ProviderServer,
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    await seed(sessions, users=5, waitlist=3)
+    ctx = await job_ctx("console", marketing_provider="sendgrid")
+    ctx["marketing_provider"] = SendGridMarketing(
+        http=ctx["http"],
+        api_key=SecretStr(API_KEY),
+        base_url=provider_server.base_url,
+        max_contacts_per_call=2,
+    )
+    # Batches: waitlist [2, 1], users [2, 2, 1]. The third call fails.
+    provider_server.script(SENDGRID_CONTACTS, Answer(status=202), Answer(status=202))
+    provider_server.script(SENDGRID_CONTACTS, Answer(status=500))
+    with pytest.raises(TransientError):
+        await sync_all_contacts.coroutine(ctx)
+
+    first = await sync_all_contacts.coroutine(ctx)  # the retry
+    second = await sync_all_contacts.coroutine(ctx)  # the next day: from the start again
+
+    sizes = [len(r.json["contacts"]) for r in provider_server.requests_to(SENDGRID_CONTACTS)]
+    # Failed run and its retry: waitlist 2, 1, users 2, (500), 2, 2, 1. Then the next day.
+    assert (sizes[:6], sizes[6:]) == ([2, 1, 2, 2, 2, 1], [2, 1, 2, 2, 1])
+    assert (first["resumed"], first["batches"], first["synced"]) == (True, 3, 8)
+    assert (second["resumed"], second["batches"], second["synced"]) == (False, 5, 8)
+
+
+async def test_sync_contact_only_syncs_platform_people(
+    arq_redis: ArqRedis,
+    run_burst: RunBurst,
+    job_settings: Callable[..., Settings],
+    provider_server: ProviderServer,
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    await seed(sessions, users=1, waitlist=1)
+    for email in ("USER1@example.com", "wait1@example.com", "customer-lead@acme.test"):
+        await arq_redis.enqueue_job("sync_contact", _queue_name="default", email=email)
+    await run_burst("default", settings_=marketing(job_settings))
+
+    assert sorted(synced_emails(provider_server)) == ["user1@example.com", "wait1@example.com"]
+
+
+async def test_marketing_none_logs_and_does_nothing(
+    caplog: pytest.LogCaptureFixture,
+    job_ctx: BuildCtx,
+    provider_server: ProviderServer,
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    await seed(sessions, users=3, waitlist=1)
+    ctx = await job_ctx("console")  # MARKETING_PROVIDER defaults to none
+    caplog.set_level(logging.INFO)
+    results: list[dict[str, Any]] = [
+        await sync_all_contacts.coroutine(ctx),
+        await sync_contact.coroutine(ctx, email="user1@example.com"),
+    ]
+    assert [r["synced"] for r in results] == [0, 0]
+    assert provider_server.requests == []
+    assert caplog.text.count("MARKETING_PROVIDER=none") == 2
+    async with sessions() as session:
+        assert (await session.execute(select(JobCheckpoint))).first() is None
