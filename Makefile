@@ -46,6 +46,7 @@ bench-export: venv services
 	$(PY) bench/bench_export.py
 
 bench-email: venv services
+	$(PY) -m pip install -q -e '.[dev,bench]'  # Celery, for the prefork baseline
 	$(PY) bench/bench_email.py
 
 bench-recovery: venv services

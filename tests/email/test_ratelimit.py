@@ -56,7 +56,8 @@ async def test_two_connections_share_one_rate(redis_url: str, ratelimit_prefix: 
     total = granted_a + granted_b
     # GCRA with burst 1: at most one grant per 50 ms interval, plus the first one at once.
     assert total <= RATE_PER_S * WINDOW_S + 1
-    assert total >= RATE_PER_S * WINDOW_S * 0.6
+    # The limiter must not starve senders either; loose, since a loaded CI box oversleeps.
+    assert total >= RATE_PER_S * WINDOW_S * 0.3
     assert granted_a > 0
     assert granted_b > 0
 
