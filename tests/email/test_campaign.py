@@ -210,7 +210,7 @@ async def test_two_default_workers_running_the_same_tick_send_once(
         for worker in workers:
             await worker.close()
 
-    # One run per cron job (campaign, trials, marketing sync), not one per worker.
-    assert sum(worker.jobs_complete for worker in workers) == len(workers[0].cron_jobs) == 3
+    # One run per cron job (campaign, trials, marketing sync, reconciler), not one per worker.
+    assert sum(worker.jobs_complete for worker in workers) == len(workers[0].cron_jobs) == 4
     assert len(provider_server.delivered) == 3
     assert len(provider_server.requests) == 3
