@@ -21,13 +21,15 @@ How an export stays correct when arq runs it more than once (at-least-once deliv
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any, cast
 
 import asyncpg
 from sqlalchemy import select, text, update
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from db.models import Export
 from jobs.exports.errors import database_errors
@@ -53,15 +55,12 @@ async def run_export(ctx: Ctx, export_id: str, kind: ExportKind) -> dict[str, An
     """Write export `export_id` (of `kind`) to storage; returns the export's summary."""
     eid = parse_export_id(export_id)
     sessions, storage = ctx["sessions"], ctx["storage"]
-    async with ctx["engine"].connect() as conn, conn.begin():
-        if not await conn.scalar(_TRY_LOCK, {"id": str(eid)}):
-            raise ExportBusy(f"export {eid} is being written by another worker; will try again")
+    async with export_lock(ctx["engine"], eid) as pg:
         row = await _start(ctx, eid, kind)
         if row.status == "completed":
             log.info("export %s is already completed; nothing to do", eid)
             return summary(row, written=False)
         key = export_key(row.user_id, row.id)
-        pg = await _asyncpg_connection(conn)
         args: tuple[uuid.UUID, ...] = (row.user_id, row.id) if row.has_selection else (row.user_id,)
 
         async def report(rows: int) -> None:
@@ -192,10 +191,27 @@ def summary(row: Export, *, written: bool) -> dict[str, Any]:
     }
 
 
-async def _asyncpg_connection(conn: AsyncConnection) -> asyncpg.Connection:
-    """The asyncpg connection under `conn`, inside the transaction `conn` has begun."""
-    raw = await conn.get_raw_connection()
-    return cast(asyncpg.Connection, raw.driver_connection)
+@contextlib.asynccontextmanager
+async def export_lock(engine: AsyncEngine, eid: uuid.UUID) -> AsyncIterator[asyncpg.Connection]:
+    """An asyncpg connection in a transaction that holds export `eid`'s advisory lock.
+
+    Raises `ExportBusy` when another transaction holds it. The lock is released when the
+    transaction ends, or when the connection dies with the worker.
+    """
+    async with engine.connect() as conn:
+        transaction = await conn.begin()
+        try:
+            if not await conn.scalar(_TRY_LOCK, {"id": str(eid)}):
+                raise ExportBusy(f"export {eid} is being written by another worker; will retry")
+            raw = await conn.get_raw_connection()
+            yield cast(asyncpg.Connection, raw.driver_connection)
+        except BaseException:
+            # Keep the error that stopped the export: after a lost connection the rollback
+            # fails too ("the underlying connection is closed") and would hide the cause.
+            with contextlib.suppress(Exception):
+                await transaction.rollback()
+            raise
+        await transaction.commit()
 
 
 @job(on_failure=mark_failed)

@@ -110,14 +110,14 @@ async def test_tags_and_company_cells_are_neutralised_as_a_whole(
 ) -> None:
     rows = Rows(sessions)
     user = await rows.user()
-    evil = await rows.company(user, "=IMPORTXML(CONCAT(A1),\"//a\")")
+    evil = await rows.company(user, '=IMPORTXML(CONCAT(A1),"//a")')
     await rows.contact(user, "a@example.com", tags=["=cmd|'/c calc'!A0", "ok"], company_id=evil)
     await rows.contact(user, "b@example.com", tags=["-1", "x"])  # "-1;x" is not a number
     await rows.contact(user, "c@example.com", tags=["ok", "=later"])  # only the start counts
     await rows.contact(user, "d@example.com", tags=["+1 555", "-2"])  # "+1 555;-2": not a phone
     _, records = await _export_contacts(ctx, storage, sessions, user)
     assert [(r["email"], r["tags"], r["company"]) for r in records] == [
-        ("a@example.com", "'=cmd|'/c calc'!A0;ok", "'=IMPORTXML(CONCAT(A1),\"//a\")"),
+        ("a@example.com", "'=cmd|'/c calc'!A0;ok", '\'=IMPORTXML(CONCAT(A1),"//a")'),
         ("b@example.com", "'-1;x", ""),
         ("c@example.com", "ok;=later", ""),
         ("d@example.com", "'+1 555;-2", ""),
@@ -145,12 +145,14 @@ UNICODE = [
     "😀 family: 👨‍👩‍👧‍👦, flags 🇯🇵🇧🇷",
     "مرحبا بالعالم",  # Arabic, right to left
     "שלום עולם",  # Hebrew, right to left
-    "\u200fמספר 12",  # starts with a right-to-left mark
+    "\u200f\u05de\u05e1\u05e4\u05e8 12",  # right-to-left mark, then Hebrew "number 12"
     "東京都千代田区",
     "서울특별시",
     "e\u0301 (combining acute)",
-    "line one\nline two, with \"quotes\"",
-    "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 𝟙𝟚𝟛",  # mathematical letters and digits outside the BMP
+    'line one\nline two, with "quotes"',
+    # Fraktur letters and double-struck digits, outside the BMP
+    "\U0001d518\U0001d52b\U0001d526\U0001d520\U0001d52c\U0001d521"
+    "\U0001d522 \U0001d7d9\U0001d7da\U0001d7db",
 ]
 
 
@@ -172,8 +174,6 @@ async def test_unicode_round_trips_exactly(
     data, records = await _export_contacts(ctx, storage, sessions, user)
 
     assert data.startswith(b"id,email,")  # UTF-8 without a byte order mark
-    assert [
-        (r["email"], r["first_name"], r["city"], r["company"], r["tags"]) for r in records
-    ] == [
+    assert [(r["email"], r["first_name"], r["city"], r["company"], r["tags"]) for r in records] == [
         (f"u{i}@例え.jp", v, v, f"{v} {i}", f"{v};標籤") for i, v in enumerate(UNICODE)
     ]
