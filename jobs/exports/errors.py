@@ -1,4 +1,4 @@
-"""Errors of the raw asyncpg connection an export COPYs through, as Transient/PermanentError.
+"""Failures of an export's COPY connection and local files, as Transient/PermanentError.
 
 The job wrapper's policy (`worker.retry.classify`) knows SQLAlchemy's `DBAPIError`, but the
 COPY runs on the asyncpg connection underneath SQLAlchemy, whose errors arrive unwrapped:
@@ -33,3 +33,15 @@ def database_errors() -> Iterator[None]:
         if "closed" in str(exc):
             raise TransientError(f"database: {exc}") from exc
         raise
+
+
+@contextlib.contextmanager
+def file_errors(location: str) -> Iterator[None]:
+    """A local file-system failure (permissions, a file where a directory should be, a full
+    disk) as a PermanentError naming where the export was going; network errors pass."""
+    try:
+        yield
+    except (ConnectionError, TimeoutError):
+        raise  # sockets are OSErrors too: the retry policy treats these as transient
+    except OSError as exc:
+        raise PermanentError(f"could not write {location}: {type(exc).__name__}: {exc}") from exc
