@@ -4,6 +4,7 @@ The job wrapper's policy (`worker.retry.classify`) knows SQLAlchemy's `DBAPIErro
 COPY runs on the asyncpg connection underneath SQLAlchemy, whose errors arrive unwrapped:
 `asyncpg.PostgresError` subclasses carrying a SQLSTATE. They are sorted here with the same
 SQLSTATE list, so a server restart mid-export (57P01, 08006) retries and a broken query fails.
+Local file-system errors become a PermanentError that names the file the export was going to.
 """
 
 from __future__ import annotations

@@ -11,6 +11,10 @@ contact's `company_id` can only point at its owner's company today, but the expo
 depend on that). A selection (`exports.has_selection`) is a semi-join on `export_items`, so ids
 of another user or of deleted rows simply match nothing.
 
+No ORDER BY: rows come in the table's physical order (about insertion order). Sorting 10^6
+export rows spills to disk at the default work_mem and cost ~30% of the COPY's speed
+(bench/bench_export.py), for an order the contract does not ask for and a spreadsheet redoes.
+
 Parameters: `$1` the export's user id, `$2` the export id (only used with a selection).
 """
 
@@ -54,9 +58,6 @@ def contacts_query(*, has_selection: bool) -> str:
         "FROM contacts c "
         "LEFT JOIN companies co ON co.id = c.company_id AND co.user_id = $1 "
         f"WHERE c.user_id = $1 {selection}"
-        # Oldest first, id breaking ties: a re-run of an unchanged export gives identical
-        # bytes. The sort costs ~10% of the COPY at 10^6 rows (see bench/bench_export.py).
-        " ORDER BY c.created_at, c.id"
     )
 
 
@@ -82,7 +83,6 @@ def companies_query(*, has_selection: bool) -> str:
         "FROM companies co "
         f"LEFT JOIN ({counts}) n ON n.company_id = co.id "
         f"WHERE co.user_id = $1 {selection}"
-        " ORDER BY co.created_at, co.id"
     )
 
 

@@ -139,3 +139,19 @@ def make_ctx(
 
 def parse_csv(data: bytes) -> list[list[str]]:
     return list(csv.reader(io.StringIO(data.decode("utf-8"), newline="")))
+
+
+def same_rows(text: str) -> tuple[str, list[str]]:
+    """The header line and the sorted data lines, byte for byte: exports have no row order.
+
+    Only for files whose cells hold no newline (one record per line).
+    """
+    header, *lines = text.splitlines(keepends=True)
+    return header, sorted(lines)
+
+
+def sorted_records(data: bytes, column: str = "email") -> list[list[str]]:
+    """The parsed header, then the records sorted by `column`."""
+    header, *records = parse_csv(data)
+    index = header.index(column)
+    return [header, *sorted(records, key=lambda record: record[index])]
