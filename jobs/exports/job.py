@@ -1,0 +1,226 @@
+"""`generate_contact_export` and `generate_company_export`: one COPY streamed into storage.
+
+How an export stays correct when arq runs it more than once (at-least-once delivery):
+
+- One writer at a time. The run holds a transaction-scoped advisory lock keyed on the export
+  id (`pg_try_advisory_xact_lock`) on the connection that runs the COPY. A second delivery that
+  finds it taken raises `ExportBusy`, a TransientError, and comes back after the retry backoff,
+  by which time the holder has finished and the export reads `completed`. The lock dies with
+  the holder's transaction or connection, so a crashed worker never leaves it behind.
+- Whole or nothing. The file is written through `storage.writer(export_key(user, export))`:
+  the same key on every run, committed only when the COPY ends (an atomic rename, or
+  `complete_multipart_upload`), aborted on any error or cancellation. A re-run overwrites the
+  whole object; no reader ever sees a partial file.
+- Done is done. `completed` is written only after the file is committed; a delivery that reads
+  `completed` returns the stored summary and writes nothing.
+- Failures. Transient ones (connection lost, S3 5xx) propagate and the job wrapper retries the
+  export from the start; permanent ones, or the last transient one, reach `mark_failed`, which
+  records the error unless another worker holds the lock (its outcome will decide) or the
+  export has completed meanwhile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any, cast
+
+import asyncpg
+from sqlalchemy import select, text, update
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from db.models import Export
+from jobs.exports.errors import database_errors, file_errors
+from jobs.exports.progress import ProgressSink
+from jobs.exports.query import ExportKind, export_query
+from worker.context import Ctx
+from worker.errors import PermanentError, TransientError
+from worker.job import job
+from worker.storage import export_key
+
+log = logging.getLogger(__name__)
+
+# hashtextextended: a 64-bit key from a namespaced string, so other jobs that lock their own
+# ids ("import:<uuid>") never collide with exports.
+_TRY_LOCK = text("SELECT pg_try_advisory_xact_lock(hashtextextended('export:' || :id, 0))")
+
+
+class ExportBusy(TransientError):
+    """Another worker is writing this export right now; this delivery tries again later."""
+
+
+async def run_export(ctx: Ctx, export_id: str, kind: ExportKind) -> dict[str, Any]:
+    """Write export `export_id` (of `kind`) to storage; returns the export's summary."""
+    eid = parse_export_id(export_id)
+    sessions, storage = ctx["sessions"], ctx["storage"]
+    async with export_lock(ctx["engine"], eid) as pg:
+        row = await _start(ctx, eid, kind)
+        if row.status == "completed":
+            log.info("export %s is already completed; nothing to do", eid)
+            return summary(row, written=False)
+        key = export_key(row.user_id, row.id)
+        args: tuple[uuid.UUID, ...] = (row.user_id, row.id) if row.has_selection else (row.user_id,)
+
+        async def report(rows: int) -> None:
+            async with sessions.begin() as session:
+                await session.execute(
+                    update(Export)
+                    .where(Export.id == eid, Export.status == "processing")
+                    .values(row_count=rows)
+                )
+
+        with database_errors(), file_errors(storage.location(key)):
+            requested = (
+                await pg.fetchval("SELECT count(*) FROM export_items WHERE export_id = $1", eid)
+                if row.has_selection
+                else None
+            )
+            async with storage.writer(key) as out:
+                status = await pg.copy_from_query(
+                    export_query(kind, has_selection=row.has_selection),
+                    *args,
+                    output=ProgressSink(out, report).write,
+                    format="csv",
+                    header=True,
+                )
+        row_count = copy_row_count(status)
+        skipped = 0 if requested is None else requested - row_count
+        # Still under the lock: nobody starts a re-run between the commit and this update.
+        async with sessions.begin() as session:
+            done = await session.scalar(
+                update(Export)
+                .where(Export.id == eid)
+                .values(
+                    status="completed",
+                    row_count=row_count,
+                    file_path=storage.location(key),
+                    error=None,
+                    message=skipped_message(skipped),
+                    finished_at=text("now()"),
+                )
+                .returning(Export)
+            )
+    assert done is not None
+    log.info("export %s completed: %d rows to %s", eid, row_count, done.file_path)
+    return summary(done, written=True)
+
+
+async def _start(ctx: Ctx, eid: uuid.UUID, kind: ExportKind) -> Export:
+    """The export row, switched to `processing` unless it is already `completed`."""
+    async with ctx["sessions"].begin() as session:
+        row = await session.scalar(select(Export).where(Export.id == eid))
+        if row is None:
+            raise PermanentError(f"export {eid} does not exist (deleted before it ran?)")
+        if row.kind != kind:
+            raise PermanentError(
+                f"export {eid} is a {row.kind} export, but this job writes {kind} exports"
+            )
+        if row.status == "completed":
+            return row
+        started = await session.scalar(
+            update(Export)
+            .where(Export.id == eid)
+            .values(
+                status="processing",
+                # The first start: with retries, finished_at - started_at is the whole wait.
+                started_at=text("coalesce(started_at, now())"),
+                row_count=0,
+                error=None,
+                message=None,
+                finished_at=None,
+            )
+            .returning(Export)
+            .execution_options(populate_existing=True)
+        )
+    assert started is not None
+    return started
+
+
+async def mark_failed(ctx: Ctx, kwargs: dict[str, Any], message: str) -> None:
+    """`on_failure`: record `message` on the export, unless a live worker still owns it."""
+    try:
+        eid = parse_export_id(kwargs.get("export_id"))
+    except PermanentError:
+        return  # no row can be named by a bad id
+    async with ctx["sessions"].begin() as session:
+        if not await session.scalar(_TRY_LOCK, {"id": str(eid)}):
+            log.info("export %s is being written by another worker; not marking it failed", eid)
+            return
+        await session.execute(
+            update(Export)
+            .where(Export.id == eid, Export.status != "completed")
+            .values(status="failed", error=message, finished_at=text("now()"))
+        )
+
+
+def parse_export_id(value: object) -> uuid.UUID:
+    try:
+        return uuid.UUID(str(value))
+    except ValueError:
+        raise PermanentError(f"export_id {value!r} is not a UUID") from None
+
+
+def copy_row_count(status: str) -> int:
+    """The row count of a `COPY n` command status."""
+    verb, _, count = status.partition(" ")
+    if verb != "COPY" or not count.isdigit():
+        raise PermanentError(f"unexpected COPY status {status!r}")
+    return int(count)
+
+
+def skipped_message(skipped: int) -> str | None:
+    if skipped <= 0:
+        return None
+    if skipped == 1:
+        return "1 requested id was not found or belongs to another user and was skipped"
+    return f"{skipped} requested ids were not found or belong to another user and were skipped"
+
+
+def summary(row: Export, *, written: bool) -> dict[str, Any]:
+    """The job's result: small and JSON-able; `written` is False when a re-run did nothing."""
+    return {
+        "export_id": str(row.id),
+        "kind": row.kind,
+        "status": row.status,
+        "row_count": row.row_count,
+        "file_path": row.file_path,
+        "message": row.message,
+        "written": written,
+    }
+
+
+@contextlib.asynccontextmanager
+async def export_lock(engine: AsyncEngine, eid: uuid.UUID) -> AsyncIterator[asyncpg.Connection]:
+    """An asyncpg connection in a transaction that holds export `eid`'s advisory lock.
+
+    Raises `ExportBusy` when another transaction holds it. The lock is released when the
+    transaction ends, or when the connection dies with the worker.
+    """
+    async with engine.connect() as conn:
+        transaction = await conn.begin()
+        try:
+            if not await conn.scalar(_TRY_LOCK, {"id": str(eid)}):
+                raise ExportBusy(f"export {eid} is being written by another worker; will retry")
+            raw = await conn.get_raw_connection()
+            yield cast(asyncpg.Connection, raw.driver_connection)
+        except BaseException:
+            # Keep the error that stopped the export: after a lost connection the rollback
+            # fails too ("the underlying connection is closed") and would hide the cause.
+            with contextlib.suppress(Exception):
+                await transaction.rollback()
+            raise
+        await transaction.commit()
+
+
+@job(on_failure=mark_failed)
+async def generate_contact_export(ctx: Ctx, export_id: str) -> dict[str, Any]:
+    """Write the contacts export `export_id` (CONTRACT §9); a completed one is left as it is."""
+    return await run_export(ctx, export_id, "contacts")
+
+
+@job(on_failure=mark_failed)
+async def generate_company_export(ctx: Ctx, export_id: str) -> dict[str, Any]:
+    """Write the companies export `export_id` (CONTRACT §9); a completed one is left as it is."""
+    return await run_export(ctx, export_id, "companies")
