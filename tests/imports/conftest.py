@@ -65,7 +65,9 @@ def write_file(settings: Settings, data: bytes | str, name: str | None = None) -
 async def start_import(
     jobs_client: JobsClient, user_id: uuid.UUID, data: bytes | str, name: str | None = None
 ) -> uuid.UUID:
-    status = await jobs_client.import_contacts(user_id, write_file(jobs_client.settings, data, name))
+    status = await jobs_client.import_contacts(
+        user_id, write_file(jobs_client.settings, data, name)
+    )
     return status.id
 
 
