@@ -74,8 +74,11 @@ async def import_lock(engine: AsyncEngine, import_id: uuid.UUID) -> AsyncIterato
                 try:
                     await connection.scalar(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
                     await connection.commit()
+                except Exception as exc:
+                    # A dead connection has released the lock already; closing one does.
+                    log.warning("advisory unlock of import %s failed (%s): closing", import_id, exc)
+                    await connection.invalidate()
                 except BaseException:
-                    # Closing the connection releases the lock just as well.
                     await connection.invalidate()
                     raise
 
