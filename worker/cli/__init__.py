@@ -16,12 +16,12 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from worker.cli import maintenance, run
+from worker.cli import imports, maintenance, run
 from worker.logs import configure_logging
 from worker.settings import Settings
 
 Handler = Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]]
-COMMAND_MODULES = (run, maintenance)
+COMMAND_MODULES = (run, maintenance, imports)
 
 
 class UserError(Exception):
