@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from contextlib import AsyncExitStack
 from typing import Any, cast
@@ -38,6 +39,12 @@ async def startup(arq_ctx: dict[str, Any]) -> None:
     s3_session = aioboto3.Session()
     ctx["s3_session"] = s3_session
     ctx["storage"] = make_storage(settings, s3_client_factory(s3_session, settings))
+    # Imports allocate millions of short-lived rows: default thresholds ran ~10 full
+    # collections per 200k rows, each walking every object of the libraries loaded above
+    # (up to ~150 ms of blocked loop). Freezing those and collecting less often removed that
+    # (bench/bench_import.py: max loop block and rows/s, see README "Imports").
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
     log.info(
         "worker ready: queue=%s database=%s",
         ctx["queue_name"],

@@ -34,9 +34,11 @@ from jobs.imports.validate import ContactRow, RowError
 STAGING_TABLE = "import_staging"
 STAGING_COLUMNS = ContactRow._fields
 
-# ON COMMIT DELETE ROWS: the table outlives the batch (no catalog churn per batch) but never
+# Commits do not wait for the WAL flush (see the module docstring). ON COMMIT DELETE ROWS:
+# the table outlives the batch (no catalog churn per batch) but never
 # carries rows from one transaction into the next; it lives as long as the pooled connection.
 CREATE_STAGING = f"""
+SET LOCAL synchronous_commit = off;
 CREATE TEMPORARY TABLE IF NOT EXISTS {STAGING_TABLE} (
     row_number integer, email text, first_name text, last_name text, phone text,
     company text, job_title text, city text, country text, linkedin_url text, tags text[]
@@ -55,7 +57,7 @@ ORDER BY ord
 ON CONFLICT (user_id, lower(name)) DO NOTHING
 """
 
-_VALUE_COLUMNS = (
+VALUE_COLUMNS = (
     "first_name",
     "last_name",
     "phone",
@@ -66,10 +68,10 @@ _VALUE_COLUMNS = (
     "linkedin_url",
     "tags",
 )
-_SET = ",\n    ".join(f"{col} = COALESCE(EXCLUDED.{col}, c.{col})" for col in _VALUE_COLUMNS)
-_CHANGED = " OR ".join(
+SET_CLAUSE = ",\n    ".join(f"{col} = COALESCE(EXCLUDED.{col}, c.{col})" for col in VALUE_COLUMNS)
+CHANGED_CLAUSE = " OR ".join(
     f"(EXCLUDED.{col} IS NOT NULL AND EXCLUDED.{col} IS DISTINCT FROM c.{col})"
-    for col in _VALUE_COLUMNS
+    for col in VALUE_COLUMNS
 )
 MERGE_CONTACTS = f"""
 WITH merged AS (
@@ -80,9 +82,9 @@ WITH merged AS (
     FROM {STAGING_TABLE} AS s
     LEFT JOIN companies AS co ON co.user_id = $1 AND lower(co.name) = lower(s.company)
     ON CONFLICT (user_id, lower(email)) DO UPDATE SET
-    {_SET},
+    {SET_CLAUSE},
     updated_at = now()
-    WHERE {_CHANGED}
+    WHERE {CHANGED_CLAUSE}
     RETURNING (xmax = 0) AS inserted
 )
 SELECT count(*) FILTER (WHERE inserted) FROM merged
@@ -156,9 +158,9 @@ async def merge_batch(
     stored_errors_room: int,
 ) -> BatchCounts:
     """Apply `batch` on an asyncpg `connection` inside the caller's open transaction."""
-    await connection.execute("SET LOCAL synchronous_commit = off")
+    # Both statements in one round trip (simple query protocol, no parameters).
+    await connection.execute(CREATE_STAGING)
     if batch.contacts:
-        await connection.execute(CREATE_STAGING)
         await connection.copy_records_to_table(
             STAGING_TABLE, records=batch.contacts, columns=STAGING_COLUMNS
         )
