@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from contextlib import AsyncExitStack
 from typing import Any, cast
@@ -48,6 +49,12 @@ async def startup(arq_ctx: dict[str, Any]) -> None:
         max_jobs=settings.worker_max_jobs_per_process,
         max_memory_mb=settings.worker_max_memory_mb,
     )
+    # Imports allocate millions of short-lived rows: default thresholds ran ~10 full
+    # collections per 200k rows, each walking every object of the libraries loaded above
+    # (up to ~150 ms of blocked loop). Freezing those and collecting less often removed that
+    # (bench/bench_import.py: max loop block and rows/s, see README "Imports").
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
     log.info(
         "worker ready: queue=%s database=%s",
         ctx["queue_name"],

@@ -1,4 +1,11 @@
-"""Contact import (CONTRACT §8): `sources` -> `sniff` -> `reader` -> `headers`/`validate`.
+"""Contact import (CONTRACT §8): `sources` -> `sniff` -> `reader` -> `headers`/`validate`, then
+`merge` (the SQL) and `progress` (the job row) driven by `job.process_contacts_import`.
 
-The modules here are pure (no database): they turn an async byte stream into validated rows.
+The parsing modules are pure (no database): they turn an async byte stream into validated rows.
 """
+
+from jobs.imports.job import process_contacts_import
+
+JOBS = [process_contacts_import]
+
+__all__ = ["JOBS", "process_contacts_import"]

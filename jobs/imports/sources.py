@@ -1,4 +1,4 @@
-"""Byte sources for the CSV reader: a local file, bytes in memory, and re-chunking.
+"""Byte sources for the CSV reader: a local file, an S3 object, bytes in memory, re-chunking.
 
 A source is a *factory* returning a fresh async iterator of bytes, because the reader reads the
 file more than once (a counting pass, a resume, a restart as Windows-1252).
@@ -9,6 +9,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from pathlib import Path
+
+from worker.storage.s3 import S3ClientFactory
+from worker.storage.s3 import classify as classify_s3_error
 
 SourceFactory = Callable[[], AsyncIterator[bytes]]
 
@@ -73,3 +76,31 @@ async def close_iterator(chunks: AsyncIterator[bytes]) -> None:
     aclose = getattr(chunks, "aclose", None)
     if aclose is not None:
         await aclose()
+
+
+def s3_object_source(
+    client_factory: S3ClientFactory, bucket: str, key: str, chunk_size: int = DEFAULT_CHUNK_BYTES
+) -> SourceFactory:
+    """A source factory streaming `s3://bucket/key`: each pass is a new GET of the object."""
+    return lambda: s3_object_chunks(client_factory, bucket, key, chunk_size)
+
+
+async def s3_object_chunks(
+    client_factory: S3ClientFactory, bucket: str, key: str, chunk_size: int = DEFAULT_CHUNK_BYTES
+) -> AsyncIterator[bytes]:
+    """Yield the object's bytes as they arrive; S3 failures become Transient/PermanentError."""
+    location = f"s3://{bucket}/{key}"
+    try:
+        async with client_factory() as client:
+            response = await client.get_object(Bucket=bucket, Key=key)
+            body = response["Body"]
+            try:
+                while chunk := await body.read(chunk_size):
+                    yield chunk
+            finally:
+                body.close()
+    except Exception as exc:
+        mapped = classify_s3_error(exc, "GET", location)
+        if mapped is None:
+            raise
+        raise mapped from exc

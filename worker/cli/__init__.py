@@ -16,12 +16,12 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from worker.cli import exports, maintenance, run, status
+from worker.cli import exports, imports, maintenance, run, status
 from worker.logs import configure_logging
 from worker.settings import Settings
 
 Handler = Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]]
-COMMAND_MODULES = (run, maintenance, status, exports)
+COMMAND_MODULES = (run, maintenance, status, imports, exports)
 
 
 class UserError(Exception):

@@ -1,0 +1,149 @@
+"""Fixtures for the import job tests: a worker ctx, files in IMPORT_DIR, contacts as rows."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aioboto3
+import pytest
+from arq.connections import ArqRedis
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from jobs.imports import process_contacts_import
+from tests.support.s3_server import S3TestServer, fake_aws_credentials
+from worker.client import ImportStatus, JobsClient
+from worker.context import Ctx
+from worker.settings import Settings
+
+CONTACT_COLUMNS = (
+    "email, first_name, last_name, phone, co.name AS company, job_title, city, country, "
+    "linkedin_url, tags"
+)
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3TestServer]:
+    with fake_aws_credentials():
+        server = S3TestServer()
+        server.start()
+        try:
+            yield server
+        finally:
+            server.stop()
+
+
+@pytest.fixture
+def ctx(
+    settings: Settings,
+    engine: AsyncEngine,
+    sessions: async_sessionmaker[AsyncSession],
+    arq_redis: ArqRedis,
+) -> Ctx:
+    """What `lifecycle.startup` gives an imports worker, minus what imports do not use."""
+    return {
+        "settings": settings,
+        "queue_name": "imports",
+        "redis": arq_redis,
+        "engine": engine,
+        "sessions": sessions,
+        "s3_session": aioboto3.Session(),
+    }
+
+
+def write_file(settings: Settings, data: bytes | str, name: str | None = None) -> str:
+    """Write `data` into IMPORT_DIR (str as UTF-8); returns the file name."""
+    name = name or f"{uuid.uuid4().hex[:8]}.csv"
+    raw = data.encode() if isinstance(data, str) else data
+    (settings.import_dir / name).write_bytes(raw)
+    return name
+
+
+async def start_import(
+    jobs_client: JobsClient, user_id: uuid.UUID, data: bytes | str, name: str | None = None
+) -> uuid.UUID:
+    status = await jobs_client.import_contacts(
+        user_id, write_file(jobs_client.settings, data, name)
+    )
+    return status.id
+
+
+async def run_job(ctx: Ctx, import_id: uuid.UUID) -> Any:
+    """The job as arq runs it: through the wrapper (limits, retry policy, failure record)."""
+    return await process_contacts_import.run(ctx, job_id=str(import_id))
+
+
+async def import_bytes(
+    ctx: Ctx, jobs_client: JobsClient, user_id: uuid.UUID, data: bytes | str
+) -> ImportStatus:
+    """Create an import of `data`, run the job once, return the final status."""
+    import_id = await start_import(jobs_client, user_id, data)
+    await run_job(ctx, import_id)
+    return await jobs_client.import_status(import_id)
+
+
+def counts(status: ImportStatus) -> tuple[Any, ...]:
+    """(status, total, processed, created, updated, errors): the numbers a user sees."""
+    return (
+        status.status,
+        status.total_rows,
+        status.processed_rows,
+        status.created_count,
+        status.updated_count,
+        status.error_count,
+    )
+
+
+async def contacts(
+    sessions: async_sessionmaker[AsyncSession], user_id: uuid.UUID
+) -> list[dict[str, Any]]:
+    """The user's contacts by email, with the company's name instead of its id."""
+    async with sessions() as session:
+        rows = await session.execute(
+            text(
+                f"SELECT {CONTACT_COLUMNS} FROM contacts c "
+                "LEFT JOIN companies co ON co.id = c.company_id "
+                "WHERE c.user_id = :u ORDER BY email"
+            ),
+            {"u": user_id},
+        )
+        return [dict(row._mapping) for row in rows]
+
+
+async def companies(sessions: async_sessionmaker[AsyncSession], user_id: uuid.UUID) -> list[str]:
+    async with sessions() as session:
+        rows = await session.scalars(
+            text("SELECT name FROM companies WHERE user_id = :u ORDER BY lower(name)"),
+            {"u": user_id},
+        )
+        return list(rows)
+
+
+async def new_user(sessions: async_sessionmaker[AsyncSession]) -> uuid.UUID:
+    user = uuid.uuid4()
+    async with sessions.begin() as session:
+        await session.execute(
+            text("INSERT INTO users (id, email) VALUES (:id, :email)"),
+            {"id": user, "email": f"u-{user.hex[:8]}@example.com"},
+        )
+    return user
+
+
+def contact(email: str, **values: Any) -> dict[str, Any]:
+    """An expected contact row: every column None unless given."""
+    row: dict[str, Any] = dict.fromkeys(
+        ("first_name", "last_name", "phone", "company", "job_title", "city", "country"), None
+    )
+    row.update(linkedin_url=None, tags=None)
+    return {"email": email, **row, **values}
+
+
+@pytest.fixture(autouse=True)
+def _import_dir_clean(settings: Settings) -> Iterator[None]:
+    yield
+    for path in Path(settings.import_dir).iterdir():
+        if path.is_file() or path.is_symlink():
+            path.unlink()
