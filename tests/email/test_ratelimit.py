@@ -46,6 +46,9 @@ async def test_two_connections_share_one_rate(redis_url: str, ratelimit_prefix: 
     try:
         a = RateLimiter(redis_a, RATE_PER_S, key_prefix=ratelimit_prefix)
         b = RateLimiter(redis_b, RATE_PER_S, key_prefix=ratelimit_prefix)
+        # Connect and load the script on both first, so neither starts the window late.
+        await a.acquire()
+        await b.acquire()
         deadline = time.monotonic() + WINDOW_S
         granted_a, granted_b = await asyncio.gather(
             count_grants(a, deadline), count_grants(b, deadline)
