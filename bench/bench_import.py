@@ -70,16 +70,21 @@ def run_worker_child() -> None:
                 if in_job:
                     worst_in_job_s = max(worst_in_job_s, late_s)
 
+        kwargs = worker_settings("imports", Settings(), burst=True)
+        lease_start, lease_end = kwargs["on_job_start"], kwargs["on_job_end"]
+
         async def job_started(ctx: dict[str, Any]) -> None:
-            nonlocal in_job, worst_in_job_s
-            in_job, worst_in_job_s = True, max(worst_in_job_s, 0.0)
+            nonlocal in_job
+            in_job = True
+            await lease_start(ctx)
 
         async def job_ended(ctx: dict[str, Any]) -> None:
             nonlocal in_job
             in_job = False
+            await lease_end(ctx)
 
-        kwargs = worker_settings("imports", Settings(), burst=True)
-        worker = Worker(**kwargs, on_job_start=job_started, on_job_end=job_ended)
+        kwargs.update(on_job_start=job_started, on_job_end=job_ended)
+        worker = Worker(**kwargs)
         task = asyncio.create_task(probe())
         try:
             await worker.async_run()
