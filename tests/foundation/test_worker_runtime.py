@@ -93,3 +93,25 @@ async def test_job_logs_carry_job_id_name_and_try(arq_redis: ArqRedis, run_burst
     line = json.loads(captured.getvalue().strip().splitlines()[-1])
     assert line["msg"] == "working on it"
     assert (line["job_id"], line["job"], line["job_try"]) == ("chatty-1", "chatty", 1)
+
+
+def test_queues_register_the_contract_job_names() -> None:
+    """CONTRACT §5: the names arq knows, per queue, and the default queue's UTC crons."""
+    registered = {queue: main.queue_jobs(queue) for queue in main.QUEUES}
+    names = {queue: {d.name for d in jobs} for queue, (jobs, _) in registered.items()}
+    assert names["imports"] == {"process_contacts_import"}
+    assert names["exports"] == {"generate_contact_export", "generate_company_export"}
+    assert names["default"] >= {
+        "send_email",
+        "send_welcome_email",
+        "kickoff_waitlist_first_email",
+        "sync_contact",
+        "send_waitlist_campaign_hourly",
+        "check_trial_expirations",
+        "sync_all_contacts",
+    }
+    crons = {s.job.name: (s.hour, s.minute) for s in registered["default"][1]}
+    assert crons["send_waitlist_campaign_hourly"][0] is None  # every hour
+    assert crons["sync_all_contacts"][0] is not None  # once a day
+    assert "check_trial_expirations" in crons
+    assert registered["imports"][1] == registered["exports"][1] == []
