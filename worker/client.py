@@ -28,6 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from db.models import ContactImportError, ContactImportJob, Export, ExportItem, WaitlistEntry
 from db.session import create_engine, make_sessionmaker
 from worker.import_source import resolve_import_source
+from worker.job_ids import export_job_id, import_job_id
 from worker.serialization import deserialize, serialize
 from worker.settings import Settings
 from worker.storage import export_key, make_storage, s3_client_factory
@@ -157,7 +158,7 @@ class JobsClient:
             await session.flush()
             await session.refresh(row)
         await self._enqueue(
-            "process_contacts_import", "imports", f"import:{row.id}", job_id=str(row.id)
+            "process_contacts_import", "imports", import_job_id(row.id), job_id=str(row.id)
         )
         return ImportStatus.of(row)
 
@@ -228,7 +229,7 @@ class JobsClient:
             if ids:
                 await _copy_export_items(session, row.id, ids)
         function = "generate_contact_export" if kind == "contacts" else "generate_company_export"
-        await self._enqueue(function, "exports", f"export:{row.id}", export_id=str(row.id))
+        await self._enqueue(function, "exports", export_job_id(row.id), export_id=str(row.id))
         return ExportStatus.of(row)
 
     async def export_status(self, export_id: IdLike) -> ExportStatus:

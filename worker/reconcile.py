@@ -30,6 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from db.models import ContactImportJob, Export
 from worker.context import Ctx
 from worker.job import CronSchedule, job
+from worker.job_ids import export_job_id, import_continuation_pointer, import_job_id
 from worker.lease import RUNNING_KEY_PREFIX
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ async def expected_jobs(sessions: async_sessionmaker[AsyncSession]) -> list[Expe
             )
         )
         expected = [
-            Expected(f"import:{i}", "process_contacts_import", "imports", {"job_id": str(i)})
+            Expected(import_job_id(i), "process_contacts_import", "imports", {"job_id": str(i)})
             for i in imports
         ]
         exports = await session.execute(
@@ -68,29 +69,46 @@ async def expected_jobs(sessions: async_sessionmaker[AsyncSession]) -> list[Expe
             )
         )
         expected += [
-            Expected(f"export:{i}", EXPORT_FUNCTIONS[kind], "exports", {"export_id": str(i)})
+            Expected(export_job_id(i), EXPORT_FUNCTIONS[kind], "exports", {"export_id": str(i)})
             for i, kind in exports
         ]
     return expected
 
 
+_TRACE_PREFIXES = (job_key_prefix, in_progress_key_prefix, result_key_prefix)
+
+
 async def forgotten(redis: ArqRedis, expected: list[Expected]) -> list[Expected]:
-    """Those of `expected` that Redis has no trace of, checked in one round trip."""
+    """Those of `expected` that Redis has no trace of, in two round trips.
+
+    An import past its soft time limit goes on under a continuation id (jobs/imports/job.py):
+    a trace of that job counts as a trace of the import.
+    """
     if not expected:
         return []
+    pointers = await redis.mget(
+        [
+            import_continuation_pointer(item.kwargs["job_id"])
+            if item.queue == "imports"
+            else "c360:none"
+            for item in expected
+        ]
+    )
+    candidates = [
+        [item.arq_id, *([pointer.decode()] if pointer else [])]
+        for item, pointer in zip(expected, pointers, strict=True)
+    ]
     async with redis.pipeline(transaction=False) as pipe:
-        for item in expected:
-            pipe.exists(
-                job_key_prefix + item.arq_id,
-                in_progress_key_prefix + item.arq_id,
-                result_key_prefix + item.arq_id,
-            )
-            pipe.zscore(item.queue, item.arq_id)
-        replies = await pipe.execute()
+        for item, arq_ids in zip(expected, candidates, strict=True):
+            pipe.exists(*(prefix + arq_id for arq_id in arq_ids for prefix in _TRACE_PREFIXES))
+            for arq_id in arq_ids:
+                pipe.zscore(item.queue, arq_id)
+        replies = iter(await pipe.execute())
     lost = []
-    for index, item in enumerate(expected):
-        keys, score = replies[2 * index], replies[2 * index + 1]
-        if not keys and score is None:
+    for item, arq_ids in zip(expected, candidates, strict=True):
+        keys = next(replies)
+        scores = [next(replies) for _ in arq_ids]
+        if not keys and all(score is None for score in scores):
             lost.append(item)
     return lost
 
@@ -108,7 +126,7 @@ async def still_open(sessions: async_sessionmaker[AsyncSession], items: list[Exp
         open_exports = await session.scalars(
             select(Export.id).where(Export.id.in_(export_ids), Export.status.in_(OPEN_STATUSES))
         )
-        return {f"import:{i}" for i in open_imports} | {f"export:{i}" for i in open_exports}
+        return {import_job_id(i) for i in open_imports} | {export_job_id(i) for i in open_exports}
 
 
 async def prune_dead_leases(redis: ArqRedis) -> int:

@@ -37,6 +37,11 @@ from worker.context import Ctx
 from worker.errors import PermanentError
 from worker.import_source import resolve_import_source
 from worker.job import job
+from worker.job_ids import (
+    CONTINUATION_POINTER_TTL_S,
+    import_continuation_job_id,
+    import_continuation_pointer,
+)
 from worker.storage import s3_client_factory
 
 log = logging.getLogger(__name__)
@@ -47,6 +52,7 @@ VALIDATE_SLICE_ROWS = 1000  # the validator's own cache-friendly slice
 # answer database replies sooner. 64 KiB is ~500 rows, ~5 ms.
 PARSE_STEP_BYTES = 64 << 10
 JOB_NAME = "process_contacts_import"
+
 
 AfterBatch = Callable[[ImportRow], Awaitable[None]]
 
@@ -126,9 +132,13 @@ async def _run_locked(
         return _summary(last, ended.status)
     # After the lock is released, so the continuation does not find it taken. A crash before
     # this line leaves this arq job unfinished: arq runs it again and it resumes the same way.
-    continuation_id = f"import:{import_id}:from:{last.processed_rows}"
+    continuation_id = import_continuation_job_id(import_id, last.processed_rows)
     await ctx["redis"].enqueue_job(
         JOB_NAME, job_id=str(import_id), _job_id=continuation_id, _queue_name=ctx["queue_name"]
+    )
+    # The reconciler looks for the import under this id too, not just `import:<id>`.
+    await ctx["redis"].set(
+        import_continuation_pointer(import_id), continuation_id, ex=CONTINUATION_POINTER_TTL_S
     )
     log.info(
         "soft time limit reached at row %d; continues as %s", last.processed_rows, continuation_id

@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from tests.conftest import REDIS_OWNER_KEY, RunBurst
 from worker import reconcile
+from worker.job_ids import import_continuation_job_id, import_continuation_pointer
 from worker.lease import running_key
 from worker.main import QUEUES
 from worker.reconcile import reconcile_jobs
@@ -90,6 +91,38 @@ async def test_open_rows_that_redis_forgot_are_enqueued_once_under_their_ids(
         async for key in redis_raw.scan_iter(match="arq:result:*")
     ]
     assert sorted(r["enqueued"] for r in results) == [0, 4]
+
+
+async def test_an_import_carried_on_by_a_continuation_is_not_enqueued_again(
+    sessions: async_sessionmaker[AsyncSession],
+    user_id: uuid.UUID,
+    arq_redis: ArqRedis,
+    redis_raw: aioredis.Redis,
+) -> None:
+    """Past the soft limit an import runs as `import:<id>:from:<n>`; that counts as known."""
+    continued = await _insert(
+        sessions, "contact_import_jobs", user_id, file_path="a.csv", status="processing"
+    )
+    stale_pointer = await _insert(
+        sessions, "contact_import_jobs", user_id, file_path="b.csv", status="processing"
+    )
+    for import_id in (continued, stale_pointer):
+        await redis_raw.set(
+            import_continuation_pointer(import_id),
+            import_continuation_job_id(import_id, 5000),
+        )
+    # Only the first one's continuation is still queued; the second's was lost with Redis data.
+    await arq_redis.enqueue_job(
+        "process_contacts_import",
+        job_id=str(continued),
+        _job_id=import_continuation_job_id(continued, 5000),
+        _queue_name="imports",
+    )
+
+    expected = await reconcile.expected_jobs(sessions)
+    lost = await reconcile.forgotten(arq_redis, expected)
+
+    assert [item.arq_id for item in lost] == [f"import:{stale_pointer}"]
 
 
 async def test_dead_workers_lease_entries_are_pruned(
