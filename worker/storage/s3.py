@@ -7,7 +7,7 @@ client with `async with factory() as client:` and closes it when done, so a job 
 connection pool longer than it needs. To share one long-lived client instead, enter it in
 startup's `AsyncExitStack` and pass `lambda: contextlib.nullcontext(client)` as the factory.
 
-A writer buffers `part_size_bytes` (8 MiB by default; S3 refuses non-last parts under 5 MiB),
+A writer buffers `part_size_bytes` (5 MiB by default, the least S3 accepts for a non-last part),
 uploads full parts with `upload_part` and finishes with `complete_multipart_upload`. A file no
 larger than one part is sent with one `put_object` instead. Any exception or cancellation
 aborts the multipart upload, so no incomplete upload keeps costing storage.
@@ -47,8 +47,9 @@ log = logging.getLogger(__name__)
 
 #: S3's own floor for every part but the last (EntityTooSmall below it).
 S3_MIN_PART_SIZE_BYTES = 5 * 1024 * 1024
-#: boto3's own multipart chunk size: few requests, bounded memory (one part buffered).
-DEFAULT_PART_SIZE_BYTES = 8 * 1024 * 1024
+#: S3's floor: the upload path holds ~2.8 bytes per byte of part (botocore and aiohttp copies),
+#: so the smallest legal part keeps an S3 export's worker under 150 MB (bench/bench_export.py).
+DEFAULT_PART_SIZE_BYTES = S3_MIN_PART_SIZE_BYTES
 #: How long a cancelled writer keeps waiting for an in-flight request or the abort.
 DEFAULT_ABORT_TIMEOUT_S = 30.0
 CSV_CONTENT_TYPE = "text/csv; charset=utf-8"
