@@ -337,7 +337,9 @@ def test_retry_after_header_styles() -> None:
     assert wait({"X-RateLimit-Reset": "990"}) == 0.0  # already passed
     assert wait({"retry-after": "86400"}) == MAX_RETRY_AFTER_S
     assert wait({}) == DEFAULT_RETRY_AFTER_S
-    assert wait({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}) == DEFAULT_RETRY_AFTER_S
+    # An HTTP-date (RFC 9110 allows it): 1,010 s after the epoch is 10 s after now_s.
+    assert wait({"retry-after": "Thu, 01 Jan 1970 00:16:50 GMT"}) == 10.0
+    assert wait({"retry-after": "soon"}) == DEFAULT_RETRY_AFTER_S
     assert wait({"retry-after": "3", "X-RateLimit-Reset": "2000"}) == 3.0
 
 

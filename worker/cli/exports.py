@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import uuid
 from typing import Any
 
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-from sqlalchemy import func, select
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from db.models import User
+from worker.cli.users import resolve_user
 from worker.client import ExportStatus, JobsClient
 from worker.settings import Settings
 
@@ -54,23 +51,6 @@ async def run_export(args: argparse.Namespace, settings: Settings) -> int:
     print(f"export {final.id} completed: {final.row_count} rows")
     print(final.file_path)
     return 0
-
-
-async def resolve_user(sessions: async_sessionmaker[AsyncSession], user: str) -> uuid.UUID:
-    """The id of the user named by id or email; `LookupError` (one line, exit 2) if none."""
-    try:
-        wanted = uuid.UUID(user)
-    except ValueError:
-        query = select(User.id).where(func.lower(User.email) == user.strip().lower())
-        what = f"email {user.strip()}"
-    else:
-        query = select(User.id).where(User.id == wanted)
-        what = f"id {wanted}"
-    async with sessions() as session:
-        found = await session.scalar(query)
-    if found is None:
-        raise LookupError(f"no user with {what}")
-    return found
 
 
 async def follow(jobs: JobsClient, status: ExportStatus) -> ExportStatus:

@@ -16,10 +16,8 @@ from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from sqlalchemy import func, select
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from db.models import User
+from worker.cli.users import resolve_user
 from worker.client import ImportStatus, JobsClient
 from worker.settings import Settings
 
@@ -38,7 +36,7 @@ def register(subparsers: Any) -> None:
 
 async def run_import_command(args: argparse.Namespace, settings: Settings) -> int:
     async with JobsClient.from_settings(settings) as jobs:
-        user_id = await find_user(jobs.sessions, args.user)
+        user_id = await resolve_user(jobs.sessions, args.user)
         source = await _place_file(settings, args.file)
         status = await jobs.import_contacts(user_id, source)
         console = Console(soft_wrap=True, highlight=False)  # ids and paths stay on one line
@@ -47,21 +45,6 @@ async def run_import_command(args: argparse.Namespace, settings: Settings) -> in
             return 0
         final = await _follow(jobs, status, console)
         return await _report(jobs, final, console)
-
-
-async def find_user(sessions: async_sessionmaker[AsyncSession], user: str) -> uuid.UUID:
-    """The id of the user named by id or (case-insensitive) email; LookupError if none."""
-    try:
-        query = select(User.id).where(User.id == uuid.UUID(user))
-        what = "id"
-    except ValueError:
-        query = select(User.id).where(func.lower(User.email) == user.strip().lower())
-        what = "email"
-    async with sessions() as session:
-        found = await session.scalar(query)
-    if found is None:
-        raise LookupError(f"no user with {what} {user}")
-    return found
 
 
 async def _place_file(settings: Settings, file: str) -> str:

@@ -11,7 +11,6 @@ PermanentError                   other 4xx: record the provider's message, do no
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from email.utils import parseaddr
@@ -21,6 +20,7 @@ import httpx
 from pydantic import SecretStr
 
 from worker.errors import PermanentError, RateLimited, TransientError
+from worker.retry import retry_after_from_headers
 
 # A 429 without a usable wait header: wait this long. Resend's default limit is per second
 # (https://resend.com/docs/api-reference/rate-limit), so a short pause is the right guess.
@@ -89,24 +89,10 @@ def retry_after_s(response: httpx.Response, *, now_s: float | None = None) -> fl
     https://www.twilio.com/docs/sendgrid/api-reference/how-to-use-the-sendgrid-v3-api/rate-limits).
     Clamped to [0, MAX_RETRY_AFTER_S]; absent or unparsable: DEFAULT_RETRY_AFTER_S.
     """
-    now_s = time.time() if now_s is None else now_s
-    wait_s: float | None = None
-    header = response.headers.get("retry-after")
-    if header is not None:
-        try:
-            wait_s = float(header)
-        except ValueError:
-            wait_s = None  # an HTTP-date: rare from these providers; fall through
-    if wait_s is None:
-        reset = response.headers.get("x-ratelimit-reset")
-        if reset is not None:
-            try:
-                wait_s = float(reset) - now_s
-            except ValueError:
-                wait_s = None
+    wait_s = retry_after_from_headers(response.headers, now_s)
     if wait_s is None:
         return DEFAULT_RETRY_AFTER_S
-    return min(max(wait_s, 0.0), MAX_RETRY_AFTER_S)
+    return min(wait_s, MAX_RETRY_AFTER_S)
 
 
 def _json_or_none(response: httpx.Response) -> Any:
