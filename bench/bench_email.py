@@ -223,6 +223,9 @@ async def main() -> None:
         "EMAIL_API_KEY": "bench",
         "EMAIL_API_BASE_URL": base_url,
         "EMAIL_RATE_LIMIT_PER_S": "1000000",
+        # One process's throughput is measured: no recycling (at the default 1,000 jobs a
+        # worker sending 250/s would drain and exit every 4 s, and nothing restarts it here).
+        "WORKER_MAX_JOBS_PER_PROCESS": "1000000",
         "BENCH_BASE_URL": base_url,
         "PYTHONPATH": str(ROOT),
     }

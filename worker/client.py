@@ -128,7 +128,7 @@ class JobsClient:
             job_serializer=serialize,
             job_deserializer=deserialize,
         )
-        engine = create_engine(settings, pool_size=5)
+        engine = create_engine(settings, pool_size=5, pre_ping=True)
         try:
             yield cls(redis=redis, sessions=make_sessionmaker(engine), settings=settings)
         finally:
