@@ -5,7 +5,8 @@
                          │ ────429/5xx/refused──────────────────> pending (retried)
                          │ ────DeliveryUnknown, Resend──────────> pending (resent, same key)
                          │ ────DeliveryUnknown, SendGrid────────> review  (never resent)
-    sending, found by a later try after SEND_LEASE_S (we crashed mid-send):
+    sending, found by a later try after SEND_LEASE_S, or sooner when the claiming arq job is
+    known to have ended (this same job's earlier try, or a job Redis no longer shows running):
                            Resend: claimed again and resent with the same Idempotency-Key;
                            SendGrid: review.
 
@@ -22,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from arq.constants import in_progress_key_prefix
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -38,6 +40,9 @@ SEND_LEASE_S = 120.0
 # rather than burn a retry, but give up before the job's own time limit (SEND_JOB_CAP_S).
 ACQUIRE_TIMEOUT_S = 400.0
 SETTLED = ("sent", "failed", "review")
+# Which arq job holds a message's claim (set in the claiming transaction, kept as long as the
+# claim's lease): lets a later try tell a crashed claim from a live one without waiting it out.
+CLAIMER_KEY_PREFIX = "c360:outbox:claimer:"
 
 Status = Literal["sent", "failed", "review", "pending"]
 Sessions = async_sessionmaker[AsyncSession]
@@ -141,7 +146,7 @@ async def deliver(
         await ctx["email_rate_limiter"].acquire(timeout_s=ACQUIRE_TIMEOUT_S)
     except TimeoutError:
         raise TransientError(f"no send slot within {ACQUIRE_TIMEOUT_S:g} s") from None
-    claim_or_outcome = await _claim(sessions, draft, provider.name, resend_ok, after)
+    claim_or_outcome = await _claim(ctx, draft, provider.name, resend_ok, after)
     if isinstance(claim_or_outcome, Outcome):
         return claim_or_outcome
     claim = claim_or_outcome
@@ -171,14 +176,49 @@ async def deliver(
     return await _settle(sessions, claim, "sent", after, message_id=message_id)
 
 
+async def _claimer_ended(ctx: Ctx, key: str) -> bool:
+    """True when the arq job that claimed `key` is known to be over (crashed or cancelled).
+
+    Known when the claim was made by an earlier try of this very job (arq runs one try of a
+    job at a time), or by a job whose in-progress lease is gone (its worker died). Unknown
+    (no record, Redis unreachable) counts as still running.
+    """
+    redis, job_id = ctx.get("redis"), ctx.get("job_id")
+    if redis is None or job_id is None:
+        return False
+    try:
+        claimer = await redis.get(CLAIMER_KEY_PREFIX + key)
+        if claimer is None:
+            return False
+        if claimer.decode() == job_id:
+            return True
+        return not await redis.exists(in_progress_key_prefix + claimer.decode())
+    except Exception as exc:
+        log.warning("could not check who claimed email %s: %s", key, exc)
+        return False
+
+
+async def _record_claimer(ctx: Ctx, key: str) -> None:
+    redis, job_id = ctx.get("redis"), ctx.get("job_id")
+    if redis is None or job_id is None:
+        return
+    try:
+        await redis.set(CLAIMER_KEY_PREFIX + key, job_id, px=int(SEND_LEASE_S * 1000))
+    except Exception as exc:
+        # Without the record a crash of this try is recognised by the lease's age instead.
+        log.warning("could not record the claimer of email %s: %s", key, exc)
+
+
 async def _claim(
-    sessions: Sessions, draft: Draft, provider: str, resend_ok: bool, after: AfterSettled | None
+    ctx: Ctx, draft: Draft, provider: str, resend_ok: bool, after: AfterSettled | None
 ) -> _Claim | Outcome:
-    async with sessions.begin() as session:
+    async with ctx["sessions"].begin() as session:
         params: dict[str, Any] = {"key": draft.key, "to": draft.to, "subject": draft.subject}
         params |= {"html": draft.html, "text": draft.text, "provider": provider}
         inserted = (await session.execute(_INSERT_CLAIMED, params)).first()
         if inserted is not None:  # the common case: a new message, claimed in one statement
+            # Recorded under the new row's lock, before it commits: a later claimer waits.
+            await _record_claimer(ctx, draft.key)
             return _Claim(inserted.id, inserted.attempts, draft)
         row = (await session.execute(_LOCK_EXISTING, {"key": draft.key})).one()
         if row.status in SETTLED:
@@ -187,7 +227,11 @@ async def _claim(
                 await after(session, outcome)
             return outcome
         stored = Draft(draft.key, row.to_email, row.subject, row.html, row.text)
-        if row.status == "sending" and row.claim_age_s < SEND_LEASE_S:
+        if (
+            row.status == "sending"
+            and row.claim_age_s < SEND_LEASE_S
+            and not await _claimer_ended(ctx, draft.key)
+        ):
             raise TransientError(f"email {draft.key} is being sent by another try")
         if row.status == "sending" and not resend_ok:
             detail = (
@@ -203,6 +247,7 @@ async def _claim(
                 await after(session, outcome)
             return outcome
         attempts = (await session.execute(_RECLAIM, {"id": row.id, "provider": provider})).one()
+        await _record_claimer(ctx, draft.key)
         return _Claim(row.id, attempts.attempts, stored)
 
 

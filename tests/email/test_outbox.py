@@ -5,9 +5,11 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import pytest
+from arq.connections import ArqRedis
+from arq.constants import in_progress_key_prefix
 from arq.worker import Retry
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -103,6 +105,7 @@ async def test_sendgrid_crash_after_accept_goes_to_review_without_a_second_send(
 async def test_a_claim_inside_its_lease_is_not_sent_again(
     provider: str,
     job_ctx: BuildCtx,
+    arq_redis: ArqRedis,
     provider_server: ProviderServer,
     sessions: async_sessionmaker[AsyncSession],
 ) -> None:
@@ -111,9 +114,12 @@ async def test_a_claim_inside_its_lease_is_not_sent_again(
     with pytest.raises(WorkerKilled):
         await send_email.coroutine(ctx, **KWARGS)
 
-    # Another try finds the claim fresh: it may still be in flight, so it waits for a retry.
+    # Another job's try finds the claim fresh while the claiming job still holds its arq
+    # lease: it may still be in flight, so it waits for a retry.
+    await arq_redis.set(in_progress_key_prefix + ctx["job_id"], b"1", px=15_000)
+    other = cast(Ctx, {**ctx, "job_id": "another-job"})
     with pytest.raises(TransientError, match="being sent by another try"):
-        await send_email.coroutine(ctx, **KWARGS)
+        await send_email.coroutine(other, **KWARGS)
     assert len(provider_server.requests) == 1
     [row] = await outbox_rows(sessions)
     assert (row.status, row.attempts) == ("sending", 1)
@@ -138,3 +144,28 @@ async def test_rate_limited_try_pauses_the_shared_limiter_and_defers_the_retry(
     [row] = await outbox_rows(sessions)
     assert (row.status, row.attempts) == ("pending", 1)
     assert row.last_error is not None and "429" in row.last_error
+
+
+@pytest.mark.parametrize("provider", ["resend", "sendgrid"])
+async def test_a_claim_whose_job_ended_is_taken_over_inside_its_lease(
+    provider: str,
+    job_ctx: BuildCtx,
+    provider_server: ProviderServer,
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    ctx = await job_ctx(provider)
+    real = ctx["email_provider"]
+    ctx["email_provider"] = CrashAfterSend(real)
+    with pytest.raises(WorkerKilled):
+        await send_email.coroutine(ctx, **KWARGS)
+    ctx["email_provider"] = real
+
+    # The claiming job holds no arq lease any more (its worker died): no need to wait 120 s.
+    result = await send_email.coroutine(cast(Ctx, {**ctx, "job_id": "rerun"}), **KWARGS)
+    [row] = await outbox_rows(sessions)
+    if provider == "resend":  # resent under the same key: delivered once
+        assert (result["status"], row.status, row.attempts) == ("sent", "sent", 2)
+        assert len(provider_server.delivered) == 1 and len(provider_server.requests) == 2
+    else:  # SendGrid cannot deduplicate: held for review, never resent
+        assert (result["status"], row.status) == ("review", "review")
+        assert len(provider_server.requests) == 1
