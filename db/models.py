@@ -125,6 +125,11 @@ class ContactImportJob(Base):
     status: Mapped[str] = mapped_column(Text, server_default="pending")
     total_rows: Mapped[int | None] = mapped_column(Integer)
     processed_rows: Mapped[int] = _counter()
+    # The batch after `processed_rows` is merged in email-hash parts, one transaction each:
+    # `batch_rows` (that batch's data rows) and `batch_parts_done` (a bitmask of its committed
+    # parts) let a resumed run redo only the missing parts. Both reset when the batch is whole.
+    batch_rows: Mapped[int | None] = mapped_column(Integer)
+    batch_parts_done: Mapped[int] = _counter()
     error_count: Mapped[int] = _counter()
     created_count: Mapped[int] = _counter()
     updated_count: Mapped[int] = _counter()

@@ -159,7 +159,15 @@ async def _run_batches(
     settings = ctx["settings"]
     queue: asyncio.Queue[PreparedBatch | Exception | None] = asyncio.Queue(QUEUED_BATCHES)
     producer = asyncio.create_task(
-        _produce(reader, validator, cpu, row.processed_rows, settings.import_batch_rows, queue)
+        _produce(
+            reader,
+            validator,
+            cpu,
+            row.processed_rows,
+            settings.import_batch_rows,
+            row.batch_rows,  # a batch some of whose parts committed is read again whole
+            queue,
+        )
     )
     loop = asyncio.get_running_loop()
     soft_deadline = ctx.get("soft_deadline")
@@ -202,11 +210,14 @@ async def _produce(
     cpu: Executor,
     skip_rows: int,
     batch_rows: int,
+    first_batch_rows: int | None,
     queue: asyncio.Queue[PreparedBatch | Exception | None],
 ) -> None:
     """Parse, validate and prepare batches ahead of the merge; errors travel in the queue."""
     try:
-        async for numbered in reader.batches(max_rows=batch_rows, skip_rows=skip_rows):
+        async for numbered in reader.batches(
+            max_rows=batch_rows, skip_rows=skip_rows, first_rows=first_batch_rows
+        ):
             loop = asyncio.get_running_loop()
             prepared = await loop.run_in_executor(cpu, _prepare, validator, numbered)
             await queue.put(prepared)

@@ -5,28 +5,44 @@ Exactly-once effect rests on two guards:
 1. A session-level advisory lock keyed on the import id, held on a connection of its own for
    the whole run: a second runner (a duplicate delivery, a retry while the first still runs)
    does not get it and backs off.
-2. Each batch's transaction locks the job row (`FOR UPDATE`) and checks that `processed_rows`
-   is still what this runner resumed from. The rows, counters and checkpoint commit together,
-   so even if the lock's connection were lost, no batch can be applied twice.
+2. Each batch is merged as `PARTS` email-hash parts, each in a transaction of its own on its
+   own connection, concurrently (one PostgreSQL backend per part). A part's transaction commits
+   its contacts together with its counters and its bit in `batch_parts_done`, in an UPDATE of
+   the job row whose WHERE re-checks `processed_rows` and that bit: a part is applied at most
+   once even if the lock's connection were lost. The part that completes the batch advances
+   `processed_rows` and clears `batch_rows`/`batch_parts_done`, so `processed_rows` is always
+   the end of a fully committed batch, and a resumed run redoes only the missing parts of the
+   batch recorded in `batch_rows`. The job row is locked only briefly: by the batch's companies
+   transaction (which also checks the checkpoint and cancellation) and by each part's final
+   UPDATE, so the parts' merges do not wait for each other.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from jobs.imports.merge import BatchCounts, PreparedBatch, merge_batch
+from jobs.imports.merge import (
+    ALL_PARTS,
+    BatchCounts,
+    PreparedBatch,
+    merge_batch,
+    upsert_companies,
+)
 from worker.context import Ctx
 from worker.errors import TransientError
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 FINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
 
@@ -51,6 +67,8 @@ class ImportRow:
     created_count: int
     updated_count: int
     cancel_requested: bool
+    batch_rows: int | None  # data rows of the batch some of whose parts committed
+    batch_parts_done: int  # bitmask of that batch's committed parts
 
 
 def lock_key(import_id: uuid.UUID) -> int:
@@ -85,7 +103,7 @@ async def import_lock(engine: AsyncEngine, import_id: uuid.UUID) -> AsyncIterato
 
 _COLUMNS = (
     "id, user_id, file_path, status, total_rows, processed_rows, error_count, "
-    "created_count, updated_count, cancel_requested"
+    "created_count, updated_count, cancel_requested, batch_rows, batch_parts_done"
 )
 
 
@@ -131,7 +149,7 @@ async def apply_batch(
     max_stored_errors: int,
     cancel_message: str,
 ) -> BatchOutcome:
-    """One transaction: check ownership and cancellation, merge, advance the checkpoint."""
+    """Check ownership and cancellation, upsert companies, then merge the parts at once."""
     async with sessions.begin() as session:
         # Through SQLAlchemy first: this opens the transaction the raw asyncpg calls join.
         found = (
@@ -143,37 +161,118 @@ async def apply_batch(
         if found is None:
             raise ImportRunningElsewhere()  # deleted under us: the next try finds it gone
         row = ImportRow(*found)
-        if row.status != "processing" or row.processed_rows != expected_processed_rows:
+        if (
+            row.status != "processing"
+            or row.processed_rows != expected_processed_rows
+            or row.batch_rows not in (None, batch.data_rows)
+        ):
             raise ImportRunningElsewhere()
-        if row.cancel_requested:
+        # A batch some of whose parts committed is finished first: cancellation and the soft
+        # limit act only at batch boundaries.
+        if row.cancel_requested and not row.batch_parts_done:
             await _finish(session, import_id, "cancelled", cancel_message)
             return BatchOutcome(None, row)
+        # Its own short transaction (idempotent, redone with a resumed batch): the parts'
+        # transactions see the companies committed.
         connection = await (await session.connection()).get_raw_connection()
-        # Every batch stores its errors up to the cap in the transaction that counts them, so
-        # the rows stored so far are exactly min(error_count, cap): the first `cap` bad rows.
-        room = max(0, max_stored_errors - row.error_count)
+        await upsert_companies(connection.driver_connection, row.user_id, batch.company_names)
+    # Every batch stores its errors up to the cap in the transaction that counts them, so
+    # the rows stored so far are exactly min(error_count, cap): the first `cap` bad rows.
+    room = max(0, max_stored_errors - row.error_count)
+    applied = await _all(
+        [
+            _apply_part(sessions, row, index, part, batch.data_rows, room)
+            for index, part in enumerate(batch.parts())
+            if not row.batch_parts_done & (1 << index)
+        ]
+    )
+    counts = BatchCounts(
+        created=sum(c.created for c, _ in applied),
+        updated=sum(c.updated for c, _ in applied),
+        errors=sum(c.errors for c, _ in applied),
+    )
+    # The part whose UPDATE came last completed the batch and saw every part's counters.
+    return BatchOutcome(counts, max((after for _, after in applied), key=_progress))
+
+
+def _progress(row: ImportRow) -> tuple[int, int]:
+    return row.processed_rows, -row.batch_parts_done
+
+
+async def _apply_part(
+    sessions: async_sessionmaker[AsyncSession],
+    row: ImportRow,
+    index: int,
+    part: PreparedBatch,
+    data_rows: int,
+    stored_errors_room: int,
+) -> tuple[BatchCounts, ImportRow]:
+    """One part's transaction: merge its contacts (part 0: store the batch's row errors),
+    then add its counters and set its bit, advancing the checkpoint when it is the last."""
+    bit = 1 << index
+    async with sessions.begin() as session:
+        # No FOR UPDATE: the parts must not wait for each other; the UPDATE below re-checks.
+        current = (
+            await session.execute(
+                text(
+                    "SELECT processed_rows, batch_parts_done FROM contact_import_jobs "
+                    "WHERE id = :id"
+                ),
+                {"id": row.id},
+            )
+        ).one_or_none()
+        if current is None or current[0] != row.processed_rows or current[1] & bit:
+            raise ImportRunningElsewhere()
+        connection = await (await session.connection()).get_raw_connection()
         counts = await merge_batch(
-            connection.driver_connection, row.user_id, import_id, batch, room
+            connection.driver_connection, row.user_id, row.id, part, stored_errors_room
         )
+        # Waits only for the other part's commit if it got here first; its WHERE then sees
+        # the committed row (READ COMMITTED re-evaluates it).
         after = (
             await session.execute(
                 text(
-                    "UPDATE contact_import_jobs SET processed_rows = processed_rows + :rows, "
+                    "UPDATE contact_import_jobs SET "
+                    "processed_rows = processed_rows"
+                    " + CASE WHEN batch_parts_done | :bit = :all THEN :rows ELSE 0 END, "
+                    "batch_rows = CASE WHEN batch_parts_done | :bit = :all THEN NULL"
+                    " ELSE :rows END, "
+                    "batch_parts_done = CASE WHEN batch_parts_done | :bit = :all THEN 0"
+                    " ELSE batch_parts_done | :bit END, "
                     "created_count = created_count + :created, "
                     "updated_count = updated_count + :updated, "
                     "error_count = error_count + :errors "
-                    f"WHERE id = :id RETURNING {_COLUMNS}"
+                    "WHERE id = :id AND status = 'processing' AND processed_rows = :start "
+                    f"AND batch_parts_done & :bit = 0 RETURNING {_COLUMNS}"
                 ),
                 {
-                    "id": import_id,
-                    "rows": batch.data_rows,
+                    "id": row.id,
+                    "bit": bit,
+                    "all": ALL_PARTS,
+                    "rows": data_rows,
+                    "start": row.processed_rows,
                     "created": counts.created,
                     "updated": counts.updated,
                     "errors": counts.errors,
                 },
             )
-        ).one()
-    return BatchOutcome(counts, ImportRow(*after))
+        ).one_or_none()
+        if after is None:
+            raise ImportRunningElsewhere()  # rolls this part back
+    return counts, ImportRow(*after)
+
+
+async def _all(awaitables: list[Awaitable[_T]]) -> list[_T]:
+    """Run at once; if one fails (or this task is cancelled), cancel and await the rest, so no
+    part's transaction outlives the batch, then raise the first error as it is."""
+    tasks = [asyncio.ensure_future(awaitable) for awaitable in awaitables]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 async def finish(

@@ -196,13 +196,16 @@ class CsvReader:
         return total - 1  # the header
 
     async def batches(
-        self, max_rows: int = 5000, skip_rows: int = 0
+        self, max_rows: int = 5000, skip_rows: int = 0, first_rows: int | None = None
     ) -> AsyncIterator[list[NumberedRow]]:
         """Yield data rows as lists of at most `max_rows` `(row_number, fields)` pairs.
 
-        `skip_rows` drops the first data rows (resuming after the last committed batch). Awaits
-        between batches, so a consumer that does not await still lets the loop run.
+        `skip_rows` drops the first data rows (resuming after the last committed batch);
+        `first_rows` sizes the first batch instead of `max_rows` (resuming a batch some of whose
+        parts committed: it must cover the same rows). Awaits between batches, so a consumer
+        that does not await still lets the loop run.
         """
+        size = first_rows or max_rows
         pending: list[NumberedRow] = []
         to_skip = skip_rows + 1  # the header
         async with aclosing(self._records()) as steps:
@@ -214,9 +217,10 @@ class CsvReader:
                     step, to_skip = step[to_skip:], 0
                 pending += step
                 start = 0
-                while len(pending) - start >= max_rows:
-                    yield pending[start : start + max_rows]
-                    start += max_rows
+                while len(pending) - start >= size:
+                    yield pending[start : start + size]
+                    start += size
+                    size = max_rows
                     await asyncio.sleep(0)
                 del pending[:start]
         if pending:

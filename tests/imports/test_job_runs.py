@@ -9,6 +9,7 @@ from typing import Any
 import asyncpg
 import pytest
 from arq.worker import Retry
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 import jobs.imports.progress as progress
@@ -136,6 +137,51 @@ async def test_resume_after_interruption_ends_like_an_uninterrupted_run(
     halfway = await jobs_client.import_status(import_id)
     assert counts(halfway)[:3] == ("processing", 50, 21)
     await run_job(small, import_id)
+    assert await _result(sessions, jobs_client, user, import_id) == expected
+
+
+async def test_resume_after_one_part_committed_redoes_only_the_other(
+    ctx: Ctx,
+    jobs_client: JobsClient,
+    sessions: Sessions,
+    expected: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    user = await new_user(sessions)
+    import_id = await start_import(jobs_client, user, sample_csv())
+    real_merge = progress.merge_batch
+    victim: list[int] = []
+
+    async def one_part_dies(connection: Any, *args: Any, **kwargs: Any) -> Any:
+        # In batch 4, the first part to get here waits for the other to commit, then dies.
+        if await connection.fetchval("SELECT processed_rows FROM contact_import_jobs") != 21:
+            return await real_merge(connection, *args, **kwargs)
+        if victim:
+            return await real_merge(connection, *args, **kwargs)
+        victim.append(1)
+        for _ in range(500):
+            if await connection.fetchval("SELECT batch_parts_done FROM contact_import_jobs"):
+                raise Interrupted
+            await asyncio.sleep(0.01)
+        raise AssertionError("the other part never committed")
+
+    monkeypatch.setattr(progress, "merge_batch", one_part_dies)
+    with pytest.raises(Interrupted):
+        await run_import(_small_batches(ctx), import_id)
+    monkeypatch.undo()
+    async with sessions() as session:
+        state = (
+            await session.execute(
+                text(
+                    "SELECT processed_rows, batch_rows, batch_parts_done "
+                    "FROM contact_import_jobs WHERE id = :id"
+                ),
+                {"id": import_id},
+            )
+        ).one()
+    assert state[:2] == (21, 7) and state[2] in (1, 2)
+    # Resumed with another batch size: the half-done batch is still read as the same 7 rows.
+    await run_job(_small_batches(ctx, import_batch_rows=5), import_id)
     assert await _result(sessions, jobs_client, user, import_id) == expected
 
 

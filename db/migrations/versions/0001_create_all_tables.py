@@ -152,6 +152,8 @@ def upgrade() -> None:
         sa.Column("status", sa.Text(), server_default="pending", nullable=False),
         sa.Column("total_rows", sa.Integer(), nullable=True),
         sa.Column("processed_rows", sa.Integer(), server_default="0", nullable=False),
+        sa.Column("batch_rows", sa.Integer(), nullable=True),
+        sa.Column("batch_parts_done", sa.Integer(), server_default="0", nullable=False),
         sa.Column("error_count", sa.Integer(), server_default="0", nullable=False),
         sa.Column("created_count", sa.Integer(), server_default="0", nullable=False),
         sa.Column("updated_count", sa.Integer(), server_default="0", nullable=False),
