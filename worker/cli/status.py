@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -182,10 +183,12 @@ async def collect(settings: Settings) -> dict[str, Any]:
 
 def render(status: dict[str, Any], console: Console) -> None:
     queues = Table(title=f"Queues at {status['generated_at']}")
-    for column in ("queue", "queued", "deferred", "running", "workers"):
-        queues.add_column(column, justify="left" if column == "queue" else "right")
+    # no_wrap: counts and queue names must never be cut to "impor…" in a narrow terminal.
+    queues.add_column("queue", no_wrap=True)
+    for column in ("queued", "deferred", "running", "workers"):
+        queues.add_column(column, justify="right", no_wrap=True)
     for column in ("completed", "failed", "retried", "died"):
-        queues.add_column(column, justify="right")
+        queues.add_column(column, justify="right", no_wrap=True)
     for name, queue in status["queues"].items():
         counts = queue["counts"]
         queues.add_row(
@@ -233,5 +236,6 @@ async def run_status(args: argparse.Namespace, settings: Settings) -> int:
     if args.json:
         print(json.dumps(status, indent=2, sort_keys=True))
     else:
-        render(status, Console())
+        # Piped or over `kubectl exec` there is no terminal width: rich would assume 80 columns.
+        render(status, Console(width=None if sys.stdout.isatty() else 160))
     return 0
