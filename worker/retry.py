@@ -12,6 +12,7 @@ from collections.abc import Callable
 from email.utils import parsedate_to_datetime
 from time import time
 
+import asyncpg
 import httpx
 import redis.exceptions
 from sqlalchemy.exc import DBAPIError
@@ -105,6 +106,15 @@ def classify(exc: BaseException) -> WorkerError:
         if exc.connection_invalidated or _sqlstate(exc) in TRANSIENT_SQLSTATES:
             return TransientError(f"database: {type(exc.orig).__name__}: {exc.orig}")
         return PermanentError(f"database: {type(exc.orig).__name__}: {exc.orig}")
+    # Raw asyncpg errors: COPY and the import merge run on the driver connection under
+    # SQLAlchemy, whose errors then arrive unwrapped.
+    if isinstance(exc, asyncpg.PostgresError):
+        message = f"database: {type(exc).__name__}: {exc}"
+        if getattr(exc, "sqlstate", None) in TRANSIENT_SQLSTATES:
+            return TransientError(message)
+        return PermanentError(message)
+    if isinstance(exc, asyncpg.InterfaceError) and "closed" in str(exc):
+        return TransientError(f"database: {exc}")  # the connection died under us
     if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
         return TransientError(f"redis: {exc}")
     if isinstance(exc, ConnectionError | TimeoutError):

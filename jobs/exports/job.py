@@ -32,7 +32,7 @@ from sqlalchemy import select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from db.models import Export
-from jobs.exports.errors import database_errors, file_errors
+from jobs.exports.errors import file_errors
 from jobs.exports.progress import ProgressSink
 from jobs.exports.query import ExportKind, export_query
 from worker.context import Ctx
@@ -71,7 +71,7 @@ async def run_export(ctx: Ctx, export_id: str, kind: ExportKind) -> dict[str, An
                     .values(row_count=rows)
                 )
 
-        with database_errors(), file_errors(storage.location(key)):
+        with file_errors(storage.location(key)):
             requested = (
                 await pg.fetchval("SELECT count(*) FROM export_items WHERE export_id = $1", eid)
                 if row.has_selection

@@ -6,6 +6,7 @@ import asyncio
 import errno
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 import redis.exceptions
@@ -72,6 +73,22 @@ def test_classification_of_connection_and_bug_failures() -> None:
     assert type(classify(ValueError("bad"))) is PermanentError
     own = TransientError("mine")
     assert classify(own) is own
+
+
+def test_classification_of_raw_asyncpg_errors() -> None:
+    """COPY and the import merge use the driver connection: its errors arrive unwrapped."""
+    shutdown = classify(asyncpg.AdminShutdownError("terminating connection"))
+    assert type(shutdown) is TransientError
+    assert str(shutdown) == "database: AdminShutdownError: terminating connection"
+    assert type(classify(asyncpg.ConnectionDoesNotExistError("gone"))) is TransientError
+    assert type(classify(asyncpg.DeadlockDetectedError("deadlock"))) is TransientError
+    assert type(classify(asyncpg.InterfaceError("connection is closed"))) is TransientError
+    broken = classify(asyncpg.UndefinedTableError('relation "nope" does not exist'))
+    assert type(broken) is PermanentError
+    assert str(broken) == 'database: UndefinedTableError: relation "nope" does not exist'
+    assert type(classify(asyncpg.InterfaceError("another operation is in progress"))) is (
+        PermanentError
+    )
 
 
 async def test_terminated_database_connection_is_transient(
