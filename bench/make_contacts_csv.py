@@ -17,18 +17,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-HEADER = (
-    "email",
-    "first_name",
-    "last_name",
-    "phone",
-    "company",
-    "job_title",
-    "city",
-    "country",
-    "linkedin_url",
-    "tags",
-)
+from jobs.imports.headers import CANONICAL_COLUMNS
+
+HEADER = CANONICAL_COLUMNS  # the names the importer maps without aliases
 FIRST = [
     "Anna",
     "Ben",

@@ -147,7 +147,6 @@ def neutralize_function_sql(name: str = "csv_safe") -> str:
 
 #: For a migration (copy the text into it: migrations must not change when this module does).
 NEUTRALIZE_FUNCTION_SQL = neutralize_function_sql()
-DROP_NEUTRALIZE_FUNCTION_SQL = "DROP FUNCTION IF EXISTS csv_safe(text)"
 
 
 def tags_sql(column_sql: str) -> str:
