@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import aioboto3
 import asyncpg
 import pytest
 from aiobotocore.config import AioConfig
+from arq.connections import ArqRedis
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from jobs.exports.csv_format import neutralize_function_sql
+from tests.exports.factories import make_ctx
 from tests.support.s3_server import S3TestServer, fake_aws_credentials
+from worker.context import Ctx
 from worker.settings import Settings
-from worker.storage import S3ClientFactory, S3Storage, s3_client_factory
+from worker.storage import LocalStorage, S3ClientFactory, S3Storage, s3_client_factory
 
 #: Small parts so multipart is exercised with kilobytes, not megabytes. moto's minimum is
 #: lowered to the same value, so moto still rejects any non-last part smaller than ours.
@@ -92,3 +97,20 @@ async def pg() -> AsyncIterator[asyncpg.Connection]:
         yield conn
     finally:
         await conn.close()
+
+
+# Jobs called directly (not through a worker): a Ctx over local storage in the test's tmp dir.
+@pytest.fixture
+def storage(tmp_path: Path) -> LocalStorage:
+    return LocalStorage(tmp_path / "exports")
+
+
+@pytest.fixture
+def ctx(
+    settings: Settings,
+    engine: AsyncEngine,
+    sessions: async_sessionmaker[AsyncSession],
+    storage: LocalStorage,
+    arq_redis: ArqRedis,
+) -> Ctx:
+    return make_ctx(settings, engine, sessions, storage, arq_redis)

@@ -3,17 +3,12 @@ any Unicode round-tripped byte for byte."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import pytest
-from arq.connections import ArqRedis
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from jobs.exports.csv_format import CONTACT_COLUMNS
 from jobs.exports.job import generate_company_export, generate_contact_export
-from tests.exports.factories import Rows, make_ctx, new_export, parse_csv, sorted_records
+from tests.exports.factories import Rows, new_export, parse_csv, sorted_records
 from worker.context import Ctx
-from worker.settings import Settings
 from worker.storage import LocalStorage
 
 PHONE = "+1 (555) 010-0000"
@@ -45,22 +40,6 @@ KEPT = [
     ("a=b", "a=b"),
     ("me@example.com", "me@example.com"),
 ]
-
-
-@pytest.fixture
-def storage(tmp_path: Path) -> LocalStorage:
-    return LocalStorage(tmp_path / "exports")
-
-
-@pytest.fixture
-def ctx(
-    settings: Settings,
-    engine: AsyncEngine,
-    sessions: async_sessionmaker[AsyncSession],
-    storage: LocalStorage,
-    arq_redis: ArqRedis,
-) -> Ctx:
-    return make_ctx(settings, engine, sessions, storage, arq_redis)
 
 
 async def _export_contacts(

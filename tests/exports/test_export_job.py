@@ -6,9 +6,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-from arq.connections import ArqRedis
 from sqlalchemy import update
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from db.models import Contact, Export
 from jobs.exports.job import generate_company_export, generate_contact_export
@@ -19,31 +18,13 @@ from tests.exports.factories import (
     Rows,
     export_row,
     iso,
-    make_ctx,
     new_export,
     same_rows,
     sorted_records,
 )
 from worker.context import Ctx
 from worker.errors import PermanentError
-from worker.settings import Settings
 from worker.storage import LocalStorage
-
-
-@pytest.fixture
-def storage(tmp_path: Path) -> LocalStorage:
-    return LocalStorage(tmp_path / "exports")
-
-
-@pytest.fixture
-def ctx(
-    settings: Settings,
-    engine: AsyncEngine,
-    sessions: async_sessionmaker[AsyncSession],
-    storage: LocalStorage,
-    arq_redis: ArqRedis,
-) -> Ctx:
-    return make_ctx(settings, engine, sessions, storage, arq_redis)
 
 
 @pytest.fixture
