@@ -21,8 +21,9 @@ from jobs.imports.merge import (
     STAGING_COLUMNS,
     STAGING_TABLE,
     UPSERT_COMPANIES,
-    merge_batch,
+    merge_part,
     prepare,
+    upsert_companies,
 )
 from jobs.imports.reader import CsvReader
 from jobs.imports.sources import local_file_source
@@ -167,9 +168,12 @@ async def merge_variants(
         prepare_s += time.perf_counter() - started_s
         started_s = time.perf_counter()
         async with pg.transaction():
-            counts = await merge_batch(pg, user_id, uuid.uuid4(), prepared, 0)
+            await upsert_companies(pg, user_id, prepared.company_names)
+        for part in prepared.parts:  # one after the other here, each in its own transaction
+            async with pg.transaction():
+                counts = await merge_part(pg, user_id, uuid.uuid4(), part, 0)
+            created_python += counts.created
         python_s += time.perf_counter() - started_s
-        created_python += counts.created
     await pg.execute("TRUNCATE contacts, companies CASCADE")
     for _, rows in batches:
         started_s = time.perf_counter()

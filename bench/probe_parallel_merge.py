@@ -3,7 +3,7 @@ across N PostgreSQL connections make it faster?
 
     python bench/probe_parallel_merge.py [--rows 300000] [--parts 1,2,1,2]
 
-The job's own `prepare` + `merge_batch` on 5,000-row batches, no job row, no checkpoint:
+The job's own `collapse` + `merge_part` on 5,000-row batches, no job row, no checkpoint:
 companies first in one transaction, then each part in its own concurrent transaction. Prints
 wall time, the backends' CPU seconds (from /proc, so run it on the database host) and how much
 of the machine stayed idle: a second part only helps when there is an idle core to use.
@@ -28,7 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import make_contacts_csv
 from bench.import_baselines import valid_batches
 from db.migrate import upgrade
-from jobs.imports.merge import UPSERT_COMPANIES, PreparedBatch, merge_batch, prepare
+from jobs.imports.merge import PreparedPart, collapse, merge_part, upsert_companies
+from jobs.imports.staging_copy import copy_text
+from jobs.imports.validate import ContactRow
 from worker.settings import Settings
 
 PG_SERVER = os.environ.get("BENCH_PG_SERVER", "postgresql://postgres@127.0.0.1:5432")
@@ -36,27 +38,28 @@ DATABASE = "c360_parmerge_probe"
 TICK = os.sysconf("SC_CLK_TCK")
 
 
-def split(batch: PreparedBatch, parts: int) -> list[PreparedBatch]:
-    shares: list[list] = [[] for _ in range(parts)]  # type: ignore[type-arg]
-    for contact in batch.contacts:
+Batch = tuple[list[str], list[ContactRow]]  # companies, contacts with duplicates collapsed
+
+
+def split(contacts: list[ContactRow], parts: int) -> list[PreparedPart]:
+    shares: list[list[ContactRow]] = [[] for _ in range(parts)]
+    for contact in contacts:
         shares[zlib.crc32(contact.email.encode()) % parts].append(contact)
-    return [PreparedBatch(0, len(share), share, [], []) for share in shares]
+    return [PreparedPart(len(share), len(share), copy_text(share), []) for share in shares]
 
 
 async def merge_all(
-    conns: list[asyncpg.Connection], user: uuid.UUID, batches: list[PreparedBatch], parts: int
+    conns: list[asyncpg.Connection], user: uuid.UUID, batches: list[Batch], parts: int
 ) -> None:
-    async def one(connection: asyncpg.Connection, part: PreparedBatch) -> None:
+    async def one(connection: asyncpg.Connection, part: PreparedPart) -> None:
         async with connection.transaction():
-            await merge_batch(connection, user, uuid.uuid4(), part, 0)
+            await merge_part(connection, user, uuid.uuid4(), part, 0)
 
-    for batch in batches:
-        if parts == 1:
-            await one(conns[0], batch)
-            continue
+    for companies, contacts in batches:
         async with conns[0].transaction():
-            await conns[0].execute(UPSERT_COMPANIES, user, batch.company_names)
-        await asyncio.gather(*(one(c, p) for c, p in zip(conns, split(batch, parts), strict=False)))
+            await upsert_companies(conns[0], user, companies)
+        shares = split(contacts, parts)
+        await asyncio.gather(*(one(c, p) for c, p in zip(conns, shares, strict=False)))
 
 
 def backend_cpu_s(pids: list[int]) -> float:
@@ -79,7 +82,10 @@ async def main_async(path: Path, rows: int, plan: list[int]) -> None:
     try:
         user = uuid.uuid4()
         await conns[0].execute("INSERT INTO users (id, email) VALUES ($1, 'p@x.io')", user)
-        batches = [prepare(valid, [], n) async for n, valid in valid_batches(path, 5000)]
+        batches = [
+            (list(dict.fromkeys(r.company for r in valid if r.company)), collapse(valid))
+            async for _, valid in valid_batches(path, 5000)
+        ]
         pids = [await c.fetchval("SELECT pg_backend_pid()") for c in conns]
         for parts in plan:
             await conns[0].execute("TRUNCATE contacts, companies CASCADE")

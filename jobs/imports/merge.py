@@ -2,8 +2,9 @@
 
 Why the SQL is shaped this way (speed; figures from bench/bench_import.py on 2 cores):
 
-- Rows reach PostgreSQL by binary COPY into a temporary table (~350k rows/s), never as
-  parameters of one INSERT per row (the old ORM import: ~4k rows/s).
+- Rows reach PostgreSQL by COPY into a temporary table (~350k rows/s), never as parameters
+  of one INSERT per row (the old ORM import: ~4k rows/s). The COPY data is encoded on the
+  parsing thread (`staging_copy`), so the event loop only sends it.
 - Duplicate emails of a batch are collapsed in Python (`prepare`) while the previous batch's
   transaction runs, so the merge is one plain `INSERT ... SELECT ... ON CONFLICT DO UPDATE`
   whose every staging row hits a distinct contact. Collapsing in SQL instead
@@ -31,6 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from jobs.imports.staging_copy import copy_text
 from jobs.imports.validate import ContactRow, RowError
 
 STAGING_TABLE = "import_staging"
@@ -100,36 +102,22 @@ ON CONFLICT (job_id, row_number) DO NOTHING
 
 
 @dataclass(frozen=True)
+class PreparedPart:
+    """One email-hash part of a batch, ready for its own connection (see `PARTS`)."""
+
+    valid_rows: int  # the valid rows it counts (part 0 also counts the batch's repeated rows)
+    contacts: int  # distinct emails, one staging row each
+    staging_copy: bytes  # those contacts as COPY text (`staging_copy.copy_text`)
+    errors: list[RowError]  # part 0: all the batch's invalid rows, file order; others: none
+
+
+@dataclass(frozen=True)
 class PreparedBatch:
     """A validated batch made ready for the database (built off the transaction's clock)."""
 
     data_rows: int  # data rows of the file this batch covers (valid + invalid)
-    valid_rows: int
-    contacts: list[ContactRow]  # one per distinct email, in order of first appearance
     company_names: list[str]  # every non-empty company of a valid row, file order
-    errors: list[RowError]  # all invalid rows, file order
-
-    def parts(self) -> list[PreparedBatch]:
-        """The batch as `PARTS` batches that share no email, merged concurrently.
-
-        Part 0 carries the row errors and counts the batch's repeated rows (they update the
-        contact their first row created or found), so the parts' counts add up to the batch's.
-        Companies are left out: they are upserted for the whole batch first.
-        """
-        shares: list[list[ContactRow]] = [[] for _ in range(PARTS)]
-        for contact in self.contacts:
-            shares[part_of(contact.email)].append(contact)
-        repeated = self.valid_rows - len(self.contacts)
-        return [
-            PreparedBatch(
-                data_rows=self.data_rows,
-                valid_rows=len(share) + (repeated if index == 0 else 0),
-                contacts=share,
-                company_names=[],
-                errors=self.errors if index == 0 else [],
-            )
-            for index, share in enumerate(shares)
-        ]
+    parts: list[PreparedPart]
 
 
 # Each batch is merged as PARTS transactions on as many connections at once: one PostgreSQL
@@ -160,7 +148,33 @@ class BatchCounts:
 
 
 def prepare(rows: Sequence[ContactRow], errors: list[RowError], data_rows: int) -> PreparedBatch:
-    """Collapse duplicate emails as if the rows were applied one after the other.
+    """Collapse duplicate emails (`collapse`), split the contacts into parts and encode each
+    part's COPY data.
+
+    Part 0 carries the row errors and counts the batch's repeated rows (they update the
+    contact their first row created or found), so the parts' counts add up to the batch's.
+    """
+    contacts = collapse(rows)
+    shares: list[list[ContactRow]] = [[] for _ in range(PARTS)]
+    for contact in contacts:
+        shares[part_of(contact.email)].append(contact)
+    repeated = len(rows) - len(contacts)
+    parts = [
+        PreparedPart(
+            valid_rows=len(share) + (repeated if index == 0 else 0),
+            contacts=len(share),
+            staging_copy=copy_text(share),
+            errors=errors if index == 0 else [],
+        )
+        for index, share in enumerate(shares)
+    ]
+    companies = list(dict.fromkeys(row.company for row in rows if row.company is not None))
+    return PreparedBatch(data_rows=data_rows, company_names=companies, parts=parts)
+
+
+def collapse(rows: Sequence[ContactRow]) -> list[ContactRow]:
+    """One row per email, in order of first appearance, as if the rows were applied one after
+    the other.
 
     Per column the last non-empty value wins. Applying that to a stored contact with
     COALESCE gives the same result as applying the rows one by one, which is also why batch
@@ -175,14 +189,7 @@ def prepare(rows: Sequence[ContactRow], errors: list[RowError], data_rows: int) 
                 by_email[row.email] = row
             else:  # keeps the first row's number: the row where the contact first appears
                 by_email[row.email] = _overlay(before, row)
-    companies = list(dict.fromkeys(row.company for row in rows if row.company is not None))
-    return PreparedBatch(
-        data_rows=data_rows,
-        valid_rows=len(rows),
-        contacts=list(by_email.values()),
-        company_names=companies,
-        errors=errors,
-    )
+    return list(by_email.values())
 
 
 def _overlay(before: ContactRow, after: ContactRow) -> ContactRow:
@@ -191,26 +198,29 @@ def _overlay(before: ContactRow, after: ContactRow) -> ContactRow:
     return ContactRow._make((before.row_number, before.email, *values))
 
 
-async def merge_batch(
+async def merge_part(
     connection: Any,
     user_id: uuid.UUID,
     import_id: uuid.UUID,
-    batch: PreparedBatch,
+    part: PreparedPart,
     stored_errors_room: int,
 ) -> BatchCounts:
-    """Apply `batch` on an asyncpg `connection` inside the caller's open transaction."""
+    """Apply `part` on an asyncpg `connection` inside the caller's open transaction; the
+    batch's companies are already committed (`upsert_companies`)."""
     # Both statements in one round trip (simple query protocol, no parameters).
     await connection.execute(CREATE_STAGING)
-    if batch.contacts:
-        await connection.copy_records_to_table(
-            STAGING_TABLE, records=batch.contacts, columns=STAGING_COLUMNS
+    if part.contacts:
+        # A memoryview, not bytes: asyncpg would take bytes for a file name.
+        await connection.copy_to_table(
+            STAGING_TABLE,
+            source=memoryview(part.staging_copy),
+            columns=STAGING_COLUMNS,
+            format="text",
         )
-        if batch.company_names:
-            await connection.execute(UPSERT_COMPANIES, user_id, batch.company_names)
         created = int(await connection.fetchval(MERGE_CONTACTS, user_id))
     else:
         created = 0
-    stored = batch.errors[: max(0, stored_errors_room)]
+    stored = part.errors[: max(0, stored_errors_room)]
     if stored:
         await connection.execute(
             INSERT_ERRORS,
@@ -219,6 +229,4 @@ async def merge_batch(
             [error.message for error in stored],
             [json.dumps(error.payload, ensure_ascii=False) for error in stored],
         )
-    return BatchCounts(
-        created=created, updated=batch.valid_rows - created, errors=len(batch.errors)
-    )
+    return BatchCounts(created=created, updated=part.valid_rows - created, errors=len(part.errors))

@@ -34,7 +34,8 @@ from jobs.imports.merge import (
     ALL_PARTS,
     BatchCounts,
     PreparedBatch,
-    merge_batch,
+    PreparedPart,
+    merge_part,
     upsert_companies,
 )
 from worker.context import Ctx
@@ -182,7 +183,7 @@ async def apply_batch(
     applied = await _all(
         [
             _apply_part(sessions, row, index, part, batch.data_rows, room)
-            for index, part in enumerate(batch.parts())
+            for index, part in enumerate(batch.parts)
             if not row.batch_parts_done & (1 << index)
         ]
     )
@@ -203,7 +204,7 @@ async def _apply_part(
     sessions: async_sessionmaker[AsyncSession],
     row: ImportRow,
     index: int,
-    part: PreparedBatch,
+    part: PreparedPart,
     data_rows: int,
     stored_errors_room: int,
 ) -> tuple[BatchCounts, ImportRow]:
@@ -224,7 +225,7 @@ async def _apply_part(
         if current is None or current[0] != row.processed_rows or current[1] & bit:
             raise ImportRunningElsewhere()
         connection = await (await session.connection()).get_raw_connection()
-        counts = await merge_batch(
+        counts = await merge_part(
             connection.driver_connection, row.user_id, row.id, part, stored_errors_room
         )
         # Waits only for the other part's commit if it got here first; its WHERE then sees
