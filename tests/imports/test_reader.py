@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.imports.reader import CsvReader, FileFormatError, NumberedRow
+from jobs.imports.reader import CsvReader, FileFormatError, NumberedRow, RecordCounter
 from jobs.imports.sources import bytes_source, local_file_source, rechunk
 
 
@@ -270,3 +270,54 @@ async def test_rows_stream_before_the_file_is_read_even_with_a_stray_quote() -> 
         first = await anext(batches)
     assert first[0] == (2, ["a@x.com", '5" screen'])
     assert len(consumed) <= 2
+
+
+def messy_lines(rng: random.Random, delimiter: str, newline: str, quotes: bool) -> str:
+    """A header and records of every kind the counter must tell apart: blank lines, lines of
+    delimiters only, whitespace-only cells, lone CRs inside a file of LFs, and, when `quotes`,
+    quoted cells holding line breaks, delimiters and doubled quotes, and stray quotes."""
+    cells = ["a@x.com", "Zoë", "李", " ", "", "5 in", "x\\y"]
+    if quotes:
+        cells += ['"q\r\nr"', '"a' + delimiter + 'b"', '"say ""hi"""', '5" screen', '""']
+    lines = [""] * rng.choice([0, 0, 1, 2]) + [delimiter.join(["email", "name", "note"])]
+    for _ in range(rng.randrange(1, 40)):
+        kind = rng.random()
+        if kind < 0.1:
+            lines.append("")
+        elif kind < 0.2:
+            lines.append(delimiter * rng.randrange(1, 4))
+        elif kind < 0.25:
+            lines.append(rng.choice(cells) + "\r" + rng.choice(cells))  # a CR ends a record
+        else:
+            lines.append(delimiter.join(rng.choice(cells) for _ in range(3)))
+    text = newline.join(lines)
+    return text + newline if rng.random() < 0.5 else text
+
+
+@pytest.mark.parametrize("quotes", [False, True], ids=["no quotes", "quotes"])
+async def test_counting_pass_agrees_with_the_rows_read(quotes: bool) -> None:
+    rng = random.Random(11 if quotes else 12)
+    for case in range(300):
+        delimiter = rng.choice([",", ";", "\t"])
+        newline = rng.choice(["\n", "\r\n", "\r"])
+        text = messy_lines(rng, delimiter, newline, quotes)
+        data = (codecs.BOM_UTF8 if case % 7 == 0 else b"") + text.encode()
+        size = rng.choice([1, 2, 3, 5, 16, 1 << 20])
+        reader = await CsvReader.open(bytes_source(data, size), step_bytes=size)
+        rows = [row async for batch in reader.batches() for row in batch]
+        assert await reader.count_rows() == len(rows), (case, data, size)
+
+
+@pytest.mark.parametrize(
+    "data, records",
+    [
+        (b"email\na@x.com\n,,", 2),  # the last line, blank, has no line break
+        (b"email\r\na@x.com\r\n\r\n;", 2),
+        (b"email\ra@x.com\r,b\r", 3),
+        (b"\xef\xbb\xbf\n\nemail\na@x.com", 2),  # blank lines between the BOM and the header
+    ],
+)
+def test_record_counter_fed_everything_at_once(data: bytes, records: int) -> None:
+    counter = RecordCounter(",;"[b";" in data], skip_bom=data.startswith(codecs.BOM_UTF8))
+    counter.feed(data, final=True)
+    assert counter.records == records
