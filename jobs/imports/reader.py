@@ -41,6 +41,9 @@ NumberedRow = tuple[int, list[str]]
 _T = TypeVar("_T")
 
 DEFAULT_STEP_BYTES = 256 << 10  # ~2,000 rows, ~5-20 ms of parsing (1 MiB: 20-45 ms)
+# The counting pass on a thread: mostly C-speed byte counts, so bigger steps save thread hops
+# (64 KiB steps: 0.95 s per 1M rows, 1 MiB: 0.62 s).
+COUNT_STEP_BYTES = 1 << 20
 # One record longer than this is refused: it is almost always an unclosed quote swallowing the
 # rest of the file, and carrying it on would grow memory with the file's size.
 MAX_RECORD_CHARS = 16 << 20
@@ -149,9 +152,11 @@ class RecordCounter:
         self._delimiter = delimiter
         self._delimiter_byte = delimiter.encode()
         # A line break and, after it, a blank line (one that ends with a break of its own).
-        self._blank_line_after_break = re.compile(
-            rb"(?:\r\n|\r(?!\n)|\n)(?=" + re.escape(self._delimiter_byte) + rb"*[\r\n])"
-        )
+        # One pattern per break, each starting with a literal byte: `re` then jumps from one
+        # candidate to the next at C speed (an alternation first is ~10x slower).
+        blank_line = rb"(?=" + re.escape(self._delimiter_byte) + rb"*[\r\n])"
+        self._blank_line_after_lf = re.compile(rb"\n" + blank_line)
+        self._blank_line_after_cr = re.compile(rb"\r(?!\n)" + blank_line)  # not CRLF's CR
         self._carry = b""
         self._skip_bom = skip_bom
         # Whether the bytes are UTF-8 after all: a decode that keeps nothing, ~GB/s.
@@ -197,8 +202,11 @@ class RecordCounter:
         except, at the end of the file, the last."""
         if not head:
             return 0, 0
-        lines = head.count(b"\n") + head.count(b"\r") - head.count(b"\r\n")
-        blank = len(self._blank_line_after_break.findall(head))
+        lines = head.count(b"\n")
+        blank = len(self._blank_line_after_lf.findall(head))
+        if b"\r" in head:
+            lines += head.count(b"\r") - head.count(b"\r\n")
+            blank += len(self._blank_line_after_cr.findall(head))
         first_end = min(_find(head, b"\n"), _find(head, b"\r"))
         if not head[:first_end].strip(self._delimiter_byte):
             blank += 1
@@ -308,7 +316,8 @@ class CsvReader:
             check_utf8=self._encoding.may_fall_back,
         )
         chunks = self._source()
-        steps = rechunk(chunks, self._step_bytes)
+        step_bytes = max(self._step_bytes, COUNT_STEP_BYTES if self._parse_in_thread else 0)
+        steps = rechunk(chunks, step_bytes)
         try:
             async for data in steps:
                 await self._run(counter.feed, data, False)
