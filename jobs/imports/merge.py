@@ -5,7 +5,7 @@ Why the SQL is shaped this way (speed; figures from bench/bench_import.py on 2 c
 - Rows reach PostgreSQL by COPY into a temporary table (~350k rows/s), never as parameters
   of one INSERT per row (the old ORM import: ~4k rows/s). The COPY data is encoded on the
   parsing thread (`staging_copy`), so the event loop only sends it.
-- Duplicate emails of a batch are collapsed in Python (`prepare`) while the previous batch's
+- Duplicate emails of a batch are collapsed in Python (`collapse`) while the previous batch's
   transaction runs, so the merge is one plain `INSERT ... SELECT ... ON CONFLICT DO UPDATE`
   whose every staging row hits a distinct contact. Collapsing in SQL instead
   (`array_agg(col ORDER BY row_number DESC) FILTER (WHERE col IS NOT NULL)` per column,
@@ -106,7 +106,7 @@ class PreparedPart:
     """One email-hash part of a batch, ready for its own connection (see `PARTS`)."""
 
     valid_rows: int  # the valid rows it counts (part 0 also counts the batch's repeated rows)
-    contacts: int  # distinct emails, one staging row each
+    staging_rows: int  # its distinct emails, one staging row each
     staging_copy: bytes  # those contacts as COPY text (`staging_copy.copy_text`)
     errors: list[RowError]  # part 0: all the batch's invalid rows, file order; others: none
 
@@ -162,7 +162,7 @@ def prepare(rows: Sequence[ContactRow], errors: list[RowError], data_rows: int) 
     parts = [
         PreparedPart(
             valid_rows=len(share) + (repeated if index == 0 else 0),
-            contacts=len(share),
+            staging_rows=len(share),
             staging_copy=copy_text(share),
             errors=errors if index == 0 else [],
         )
@@ -209,7 +209,7 @@ async def merge_part(
     batch's companies are already committed (`upsert_companies`)."""
     # Both statements in one round trip (simple query protocol, no parameters).
     await connection.execute(CREATE_STAGING)
-    if part.contacts:
+    if part.staging_rows:
         # A memoryview, not bytes: asyncpg would take bytes for a file name.
         await connection.copy_to_table(
             STAGING_TABLE,
