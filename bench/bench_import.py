@@ -2,6 +2,12 @@
 the old row-by-row ORM import, on one generated file (`make bench-import`).
 
     python bench/bench_import.py [--rows 1000000] [--small-rows 100000] [--orm-rows 50000]
+                                 [--pairs 3]
+
+The bare merge into an empty table and the job into an empty table run in `--pairs`
+interleaved pairs (bare, then job, on the same staged rows): this machine's speed drifts by
+±15% within minutes, and a pair shares its minute. The table shows medians and each pair's
+ratio.
 
 Uses a database of its own (`c360_bench_import`, dropped at the end) on the DATABASE server
 given by BENCH_PG_SERVER, and BENCH_REDIS_URL (default db 10, whose keys it removes again).
@@ -17,6 +23,7 @@ import asyncio
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,7 +38,13 @@ import redis.asyncio as aioredis
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import make_contacts_csv
-from bench.import_baselines import bare_merge, merge_variants, naive_orm
+from bench.import_baselines import (
+    bare_merge_s,
+    drop_bare_staging,
+    merge_variants,
+    naive_orm,
+    stage_for_bare_merge,
+)
 from db.migrate import upgrade
 from worker.client import JobsClient
 from worker.settings import Settings
@@ -179,17 +192,28 @@ async def main_async(args: argparse.Namespace) -> None:
     try:
         user_id = uuid.uuid4()
         await pg.execute("INSERT INTO users (id, email) VALUES ($1, 'bench@x.io')", user_id)
+        print("bare SQL merge: staging the rows ...", file=sys.stderr)
+        results["copy_s"] = await stage_for_bare_merge(pg, big)
         async with JobsClient.from_settings(settings) as jobs:
-            print("job: 1M rows into an empty table ...", file=sys.stderr)
-            results["job_new"] = await run_job(jobs, user_id, big)
+            pairs = []
+            for pair in range(1, args.pairs + 1):
+                print(
+                    f"pair {pair}: bare merge, then the job, into an empty table", file=sys.stderr
+                )
+                await _truncate(pg)
+                bare_s = await bare_merge_s(pg, user_id)
+                await _truncate(pg)
+                pairs.append((bare_s, await run_job(jobs, user_id, big)))
+            results["pairs"] = pairs
             print("job: the same file again (every valid row updates) ...", file=sys.stderr)
             results["job_again"] = await run_job(jobs, user_id, big)
+            print("bare SQL merge: all updates, plain and guarded ...", file=sys.stderr)
+            results["bare_update_s"] = await bare_merge_s(pg, user_id)
+            results["bare_guarded_s"] = await bare_merge_s(pg, user_id, guarded=True)
             await _truncate(pg)
             print("job: small file into an empty table ...", file=sys.stderr)
             results["job_small"] = await run_job(jobs, user_id, small)
-        await _truncate(pg)
-        print("bare SQL merge ...", file=sys.stderr)
-        results["bare"] = await bare_merge(pg, user_id, big)
+        await drop_bare_staging(pg)
         await _truncate(pg)
         print("naive ORM ...", file=sys.stderr)
         results["orm"] = await naive_orm(settings, user_id, big, args.orm_rows)
@@ -206,17 +230,27 @@ async def main_async(args: argparse.Namespace) -> None:
 
 def print_table(r: dict[str, Any], args: argparse.Namespace) -> None:
     rows = args.rows
-    new, again, small, bare, orm = r["job_new"], r["job_again"], r["job_small"], r["bare"], r["orm"]
-    bare_new = rows / bare["merge_new_s"]
-    bare_upd = rows / bare["merge_update_s"]
-    staged = rows / (bare["copy_s"] + bare["merge_new_s"])
-    guarded = rows / bare["merge_update_guarded_s"]
-    job_new, job_again = rows / new["job_s"], rows / again["job_s"]
+    again, small, orm = r["job_again"], r["job_small"], r["orm"]
+    pairs: list[tuple[float, dict[str, Any]]] = r["pairs"]
+    bare_new = rows / statistics.median(bare_s for bare_s, _ in pairs)
+    job_new = rows / statistics.median(job["job_s"] for _, job in pairs)
+    ratios = [bare_s / job["job_s"] for bare_s, job in pairs]
+    worst = {
+        "rss_mb": max(job["rss_mb"] for _, job in pairs),
+        "job_block_ms": max(job["job_block_ms"] for _, job in pairs),
+        "block_ms": max(job["block_ms"] for _, job in pairs),
+    }
+    bare_upd = rows / r["bare_update_s"]
+    staged = rows / (r["copy_s"] + statistics.median(bare_s for bare_s, _ in pairs))
+    guarded = rows / r["bare_guarded_s"]
+    job_again = rows / again["job_s"]
     orm_rate = orm["rows"] / orm["seconds"]
+    each = ", ".join(f"{ratio:.2f}x" for ratio in ratios)
     table = [
-        ("bare SQL merge, empty table (merge only)", bare_new, 1.0, None),
+        ("bare SQL merge, empty table (merge only; median)", bare_new, 1.0, None),
         ("bare SQL: parse+validate+COPY, then merge", staged, staged / bare_new, None),
-        ("**job**, empty table (incl. counting pass)", job_new, job_new / bare_new, new),
+        (f"**job**, empty table (incl. counting pass; median; pairs: {each})", job_new,
+         statistics.median(ratios), worst),
         ("bare SQL merge, all updates (plain DO UPDATE)", bare_upd, 1.0, None),
         ("bare SQL merge, all updates, job's no-op guard", guarded, guarded / bare_upd, None),
         ("**job**, re-import over existing contacts", job_again, job_again / bare_upd, again),
@@ -240,10 +274,10 @@ def print_table(r: dict[str, Any], args: argparse.Namespace) -> None:
         )
         print(f"| {name} | {rate:,.0f} | {shown} | {extra} |")
     v = r["variants"]
+    counts = [job["counts"] for _, job in pairs]
     print(
-        f"\njob counts (created, updated, errors): first run {new['counts']}, re-import "
-        f"{again['counts']}; wall time incl. worker start {new['wall_s']:.1f} s / "
-        f"{again['wall_s']:.1f} s.\nMerge of {args.small_rows:,} rows in "
+        f"\njob counts (created, updated, errors): first runs {counts}, re-import "
+        f"{again['counts']}.\nMerge of {args.small_rows:,} rows in "
         f"{args.batch_rows:,}-row batches, database time: duplicates collapsed in Python "
         f"{v['python_s']:.2f} s (+ {v['prepare_s']:.2f} s of Python, overlapped in the job), "
         f"collapsed in SQL with array_agg {v['sql_s']:.2f} s."
@@ -256,6 +290,7 @@ def main() -> None:
     parser.add_argument("--small-rows", type=int, default=100_000)
     parser.add_argument("--orm-rows", type=int, default=50_000)
     parser.add_argument("--batch-rows", type=int, default=5000)
+    parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--worker-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker_child:

@@ -56,8 +56,9 @@ async def valid_batches(path: Path, batch_rows: int) -> AsyncIterator[tuple[int,
         yield len(batch), validator.validate(batch).rows
 
 
-async def bare_merge(pg: asyncpg.Connection, user_id: uuid.UUID, path: Path) -> dict[str, float]:
-    """Stage every valid row, then time one merge into an empty table and two over it."""
+async def stage_for_bare_merge(pg: asyncpg.Connection, path: Path) -> float:
+    """COPY every valid row into `bench_staging` (parsed and validated as the job does);
+    returns the seconds that took. `drop_bare_staging` removes the table again."""
     await pg.execute(
         f"CREATE UNLOGGED TABLE bench_staging AS SELECT * FROM (VALUES {_null_row()}) AS v"
         f"({', '.join(STAGING_COLUMNS)}) WHERE false"
@@ -67,20 +68,24 @@ async def bare_merge(pg: asyncpg.Connection, user_id: uuid.UUID, path: Path) -> 
         await pg.copy_records_to_table("bench_staging", records=rows, columns=STAGING_COLUMNS)
     copy_s = time.perf_counter() - started_s
     await pg.execute("ANALYZE bench_staging")
-    timings = {"copy_s": copy_s}
-    guarded = _BARE_CONTACTS + f" WHERE {CHANGED_CLAUSE}"
-    for name, sql in (
-        ("merge_new_s", _BARE_CONTACTS),
-        ("merge_update_s", _BARE_CONTACTS),
-        ("merge_update_guarded_s", guarded),
-    ):
-        started_s = time.perf_counter()
-        async with pg.transaction():
-            await pg.execute(_BARE_COMPANIES, user_id)
-            await pg.execute(sql, user_id)
-        timings[name] = time.perf_counter() - started_s
-    await pg.execute("DROP TABLE bench_staging")
-    return timings
+    return copy_s
+
+
+async def bare_merge_s(
+    pg: asyncpg.Connection, user_id: uuid.UUID, *, guarded: bool = False
+) -> float:
+    """Seconds of one bare merge of the staged rows (companies first, in one transaction);
+    `guarded` adds the job's WHERE that skips updates changing nothing."""
+    sql = _BARE_CONTACTS + (f" WHERE {CHANGED_CLAUSE}" if guarded else "")
+    started_s = time.perf_counter()
+    async with pg.transaction():
+        await pg.execute(_BARE_COMPANIES, user_id)
+        await pg.execute(sql, user_id)
+    return time.perf_counter() - started_s
+
+
+async def drop_bare_staging(pg: asyncpg.Connection) -> None:
+    await pg.execute("DROP TABLE IF EXISTS bench_staging")
 
 
 def _null_row() -> str:
