@@ -77,6 +77,9 @@ CHANGED_CLAUSE = " OR ".join(
     f"(EXCLUDED.{col} IS NOT NULL AND EXCLUDED.{col} IS DISTINCT FROM c.{col})"
     for col in VALUE_COLUMNS
 )
+# $1 user id; $2 import id and $3-$5 the row errors to store (row numbers, messages, JSON
+# payloads; empty arrays when none). One statement, so one round trip: the errors' INSERT is a
+# data-modifying CTE, which PostgreSQL runs whether or not the query reads it.
 MERGE_CONTACTS = f"""
 WITH merged AS (
     INSERT INTO contacts AS c (user_id, email, first_name, last_name, phone, company_id,
@@ -90,14 +93,12 @@ WITH merged AS (
     updated_at = now()
     WHERE {CHANGED_CLAUSE}
     RETURNING (xmax = 0) AS inserted
+), stored_errors AS (
+    INSERT INTO contact_import_errors (job_id, row_number, message, payload)
+    SELECT $2, r, m, p::jsonb FROM unnest($3::integer[], $4::text[], $5::text[]) AS t(r, m, p)
+    ON CONFLICT (job_id, row_number) DO NOTHING
 )
 SELECT count(*) FILTER (WHERE inserted) FROM merged
-"""
-
-INSERT_ERRORS = """
-INSERT INTO contact_import_errors (job_id, row_number, message, payload)
-SELECT $1, r, m, p::jsonb FROM unnest($2::integer[], $3::text[], $4::text[]) AS t(r, m, p)
-ON CONFLICT (job_id, row_number) DO NOTHING
 """
 
 
@@ -217,16 +218,15 @@ async def merge_part(
             columns=STAGING_COLUMNS,
             format="text",
         )
-        created = int(await connection.fetchval(MERGE_CONTACTS, user_id))
-    else:
-        created = 0
     stored = part.errors[: max(0, stored_errors_room)]
-    if stored:
-        await connection.execute(
-            INSERT_ERRORS,
-            import_id,
-            [error.row_number for error in stored],
-            [error.message for error in stored],
-            [json.dumps(error.payload, ensure_ascii=False) for error in stored],
-        )
+    if not part.staging_rows and not stored:
+        return BatchCounts(created=0, updated=part.valid_rows, errors=len(part.errors))
+    created = await connection.fetchval(
+        MERGE_CONTACTS,
+        user_id,
+        import_id,
+        [error.row_number for error in stored],
+        [error.message for error in stored],
+        [json.dumps(error.payload, ensure_ascii=False) for error in stored],
+    )
     return BatchCounts(created=created, updated=part.valid_rows - created, errors=len(part.errors))

@@ -25,8 +25,9 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
+import asyncpg
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -200,6 +201,21 @@ def _progress(row: ImportRow) -> tuple[int, int]:
     return row.processed_rows, -row.batch_parts_done
 
 
+# $1 import id, $2 the part's bit, $3 ALL_PARTS, $4 the batch's data rows, $5 the checkpoint
+# the batch starts at, $6-$8 the part's created, updated and error counts.
+_COMMIT_PART = f"""
+UPDATE contact_import_jobs SET
+    processed_rows = processed_rows + CASE WHEN batch_parts_done | $2 = $3 THEN $4 ELSE 0 END,
+    batch_rows = CASE WHEN batch_parts_done | $2 = $3 THEN NULL ELSE $4 END,
+    batch_parts_done = CASE WHEN batch_parts_done | $2 = $3 THEN 0 ELSE batch_parts_done | $2 END,
+    created_count = created_count + $6,
+    updated_count = updated_count + $7,
+    error_count = error_count + $8
+WHERE id = $1 AND status = 'processing' AND processed_rows = $5 AND batch_parts_done & $2 = 0
+RETURNING {_COLUMNS}
+"""
+
+
 async def _apply_part(
     sessions: async_sessionmaker[AsyncSession],
     row: ImportRow,
@@ -209,57 +225,41 @@ async def _apply_part(
     stored_errors_room: int,
 ) -> tuple[BatchCounts, ImportRow]:
     """One part's transaction: merge its contacts (part 0: store the batch's row errors),
-    then add its counters and set its bit, advancing the checkpoint when it is the last."""
+    then add its counters and set its bit, advancing the checkpoint when it is the last.
+
+    Plain asyncpg on a pooled connection: each round trip leaves the part's backend idle,
+    and this makes 7 (BEGIN, staging table, COPY, the merge with the row errors, the job
+    row's UPDATE, COMMIT). The job row is not read first: the UPDATE's WHERE is the check (a
+    part some other runner already committed is merged again, then rolled back), and the
+    parts never wait for each other's locks before it.
+    """
     bit = 1 << index
-    async with sessions.begin() as session:
-        # No FOR UPDATE: the parts must not wait for each other; the UPDATE below re-checks.
-        current = (
-            await session.execute(
-                text(
-                    "SELECT processed_rows, batch_parts_done FROM contact_import_jobs "
-                    "WHERE id = :id"
-                ),
-                {"id": row.id},
-            )
-        ).one_or_none()
-        if current is None or current[0] != row.processed_rows or current[1] & bit:
-            raise ImportRunningElsewhere()
-        connection = await (await session.connection()).get_raw_connection()
-        counts = await merge_part(
-            connection.driver_connection, row.user_id, row.id, part, stored_errors_room
-        )
-        # Waits only for the other part's commit if it got here first; its WHERE then sees
-        # the committed row (READ COMMITTED re-evaluates it).
-        after = (
-            await session.execute(
-                text(
-                    "UPDATE contact_import_jobs SET "
-                    "processed_rows = processed_rows"
-                    " + CASE WHEN batch_parts_done | :bit = :all THEN :rows ELSE 0 END, "
-                    "batch_rows = CASE WHEN batch_parts_done | :bit = :all THEN NULL"
-                    " ELSE :rows END, "
-                    "batch_parts_done = CASE WHEN batch_parts_done | :bit = :all THEN 0"
-                    " ELSE batch_parts_done | :bit END, "
-                    "created_count = created_count + :created, "
-                    "updated_count = updated_count + :updated, "
-                    "error_count = error_count + :errors "
-                    "WHERE id = :id AND status = 'processing' AND processed_rows = :start "
-                    f"AND batch_parts_done & :bit = 0 RETURNING {_COLUMNS}"
-                ),
-                {
-                    "id": row.id,
-                    "bit": bit,
-                    "all": ALL_PARTS,
-                    "rows": data_rows,
-                    "start": row.processed_rows,
-                    "created": counts.created,
-                    "updated": counts.updated,
-                    "errors": counts.errors,
-                },
-            )
-        ).one_or_none()
-        if after is None:
-            raise ImportRunningElsewhere()  # rolls this part back
+    async with sessions() as session:
+        pooled = await session.connection()
+        connection = cast(asyncpg.Connection, (await pooled.get_raw_connection()).driver_connection)
+        try:
+            async with connection.transaction():
+                counts = await merge_part(connection, row.user_id, row.id, part, stored_errors_room)
+                # Waits only for the other part's commit if it got here first; its WHERE then
+                # sees the committed row (READ COMMITTED re-evaluates it).
+                after = await connection.fetchrow(
+                    _COMMIT_PART,
+                    row.id,
+                    bit,
+                    ALL_PARTS,
+                    data_rows,
+                    row.processed_rows,
+                    counts.created,
+                    counts.updated,
+                    counts.errors,
+                )
+                if after is None:
+                    raise ImportRunningElsewhere()  # rolls this part back
+        finally:
+            if connection.is_in_transaction():
+                # The rollback did not finish (cancelled again while rolling back, or the
+                # connection broke): never give the pool a connection inside a transaction.
+                await pooled.invalidate()
     return counts, ImportRow(*after)
 
 
