@@ -127,7 +127,11 @@ def jobs_client(
 
 @pytest.fixture
 async def run_burst(settings: Settings) -> AsyncIterator[RunBurst]:
-    """`await run_burst("imports")` runs that queue until it is empty; returns the worker."""
+    """`await run_burst("imports")` runs that queue until it is empty; returns the worker.
+
+    No cron jobs unless `crons=` names them: a burst that crossed a minute boundary would
+    also run the minutely reconciler (a flaky extra job in the worker's counts).
+    """
     workers: list[Worker] = []
 
     async def run(
@@ -138,7 +142,9 @@ async def run_burst(settings: Settings) -> AsyncIterator[RunBurst]:
         settings_: Settings | None = None,
         **overrides: Any,
     ) -> Worker:
-        kwargs = worker_settings(queue, settings_ or settings, burst=True, jobs=jobs, crons=crons)
+        kwargs = worker_settings(
+            queue, settings_ or settings, burst=True, jobs=jobs, crons=crons or []
+        )
         kwargs.update(poll_delay=0, handle_signals=False, **overrides)
         worker = Worker(**kwargs)
         workers.append(worker)
