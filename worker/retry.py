@@ -1,13 +1,17 @@
 """The one retry policy: which failures are transient, and how long to wait before the next try.
 
 Transient: connection errors and timeouts (HTTP, Redis, PostgreSQL), HTTP 429 and 5xx, a
-PostgreSQL connection terminated by the server, serialization failures and deadlocks.
-Everything else is permanent and fails the job at once with a message a person can act on.
+PostgreSQL connection terminated by the server, serialization failures and deadlocks, a DNS
+lookup that failed, a pool with no free connection, a connection refused or reset (also when
+SQLAlchemy wraps the driver's error). Everything else is permanent and fails the job at once
+with a message a person can act on.
 """
 
 from __future__ import annotations
 
+import errno
 import random
+import socket
 from collections.abc import Callable
 from email.utils import parsedate_to_datetime
 from time import time
@@ -16,6 +20,7 @@ import asyncpg
 import httpx
 import redis.exceptions
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from worker.errors import PermanentError, RateLimited, TransientError, WorkerError
 
@@ -35,6 +40,22 @@ TRANSIENT_SQLSTATES = frozenset(
         "08004",
         "08006",
         "53300",
+    }
+)
+# A connection that could not be made or broke under us: a restarting server, a failover, a
+# peer that reset. asyncpg raises these as plain OSErrors, not all of them ConnectionErrors.
+TRANSIENT_ERRNOS = frozenset(
+    {
+        errno.ECONNRESET,
+        errno.ECONNREFUSED,
+        errno.ECONNABORTED,
+        errno.EPIPE,
+        errno.ETIMEDOUT,
+        errno.EHOSTUNREACH,
+        errno.EHOSTDOWN,
+        errno.ENETUNREACH,
+        errno.ENETDOWN,
+        errno.ENETRESET,
     }
 )
 
@@ -87,6 +108,26 @@ def _sqlstate(exc: DBAPIError) -> str | None:
     return None
 
 
+def _network_failure(exc: BaseException) -> BaseException | None:
+    """The DNS or socket failure `exc` is, or wraps (a DBAPIError's `orig`, explicit causes)."""
+    current: BaseException | None = exc
+    for _ in range(5):  # SQLAlchemy -> its asyncpg adapter -> the driver: a short chain
+        if current is None:
+            return None
+        # gaierror: DNS during a failover or pod restart; asyncpg raises it raw under SQLAlchemy.
+        if isinstance(current, socket.gaierror | ConnectionError):
+            return current
+        if isinstance(current, OSError) and current.errno in TRANSIENT_ERRNOS:
+            return current
+        orig = getattr(current, "orig", None)
+        current = orig if isinstance(orig, BaseException) else current.__cause__
+    return None
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
 def classify(exc: BaseException) -> WorkerError:
     """The failure as a `TransientError` or a `PermanentError`, with a readable message."""
     if isinstance(exc, WorkerError):
@@ -102,6 +143,15 @@ def classify(exc: BaseException) -> WorkerError:
         return PermanentError(f"{where}: {response.status_code} {response.reason_phrase}")
     if isinstance(exc, httpx.TransportError):
         return TransientError(f"HTTP {type(exc).__name__}: {exc}")
+    if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
+        return TransientError(f"redis: {exc}")
+    if isinstance(exc, PoolTimeoutError):
+        # Every pooled connection is busy (many jobs, a slow database): not a builtin
+        # TimeoutError, but just as likely to pass.
+        return TransientError(f"database: no free connection in the pool ({exc})")
+    if (network := _network_failure(exc)) is not None:
+        what = "DNS lookup failed" if isinstance(network, socket.gaierror) else "connection failed"
+        return TransientError(f"{what}: {_describe(network)}")
     if isinstance(exc, DBAPIError):
         if exc.connection_invalidated or _sqlstate(exc) in TRANSIENT_SQLSTATES:
             return TransientError(f"database: {type(exc.orig).__name__}: {exc.orig}")
@@ -115,11 +165,9 @@ def classify(exc: BaseException) -> WorkerError:
         return PermanentError(message)
     if isinstance(exc, asyncpg.InterfaceError) and "closed" in str(exc):
         return TransientError(f"database: {exc}")  # the connection died under us
-    if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
-        return TransientError(f"redis: {exc}")
-    if isinstance(exc, ConnectionError | TimeoutError):
-        return TransientError(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+    if isinstance(exc, TimeoutError):
+        return TransientError(_describe(exc))
     if isinstance(exc, OSError) and exc.errno is None and "connect" in str(exc).lower():
         # asyncpg raises bare OSError("Multiple exceptions: ...") when every address refuses.
         return TransientError(f"connection failed: {exc}")
-    return PermanentError(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+    return PermanentError(_describe(exc))

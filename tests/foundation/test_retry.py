@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import socket
+from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -12,8 +14,14 @@ import pytest
 import redis.exceptions
 from arq.connections import ArqRedis
 from sqlalchemy import text
-from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.exc import DBAPIError, InterfaceError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
 
 from tests.conftest import RunBurst
 from worker.context import Ctx
@@ -21,6 +29,7 @@ from worker.errors import PermanentError, RateLimited, TransientError
 from worker.job import job
 from worker.retry import classify, retry_after_from_headers, retry_delay_s
 from worker.serialization import RemoteJobError
+from worker.settings import Settings
 
 
 @pytest.mark.parametrize(
@@ -73,6 +82,29 @@ def test_classification_of_connection_and_bug_failures() -> None:
     assert type(classify(ValueError("bad"))) is PermanentError
     own = TransientError("mine")
     assert classify(own) is own
+
+
+def test_dns_pool_and_socket_failures_are_transient() -> None:
+    """A failover's DNS blip, a pool wait past its timeout, a reset: the next try may pass."""
+    dns = classify(socket.gaierror(-3, "Temporary failure in name resolution"))
+    assert type(dns) is TransientError
+    assert (
+        str(dns) == "DNS lookup failed: gaierror: [Errno -3] Temporary failure in name resolution"
+    )
+    pool = PoolTimeoutError("QueuePool limit of size 10 overflow 10 reached")
+    assert type(classify(pool)) is TransientError
+    for code in (errno.ECONNRESET, errno.ECONNREFUSED, errno.EPIPE, errno.EHOSTUNREACH):
+        assert type(classify(OSError(code, "socket trouble"))) is TransientError
+    # The same, wrapped by SQLAlchemy (its asyncpg adapter chains the driver's error as cause).
+    adapted = RuntimeError("adapted driver error")
+    adapted.__cause__ = ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
+    wrapped = InterfaceError("SELECT 1", None, adapted)
+    assert type(classify(wrapped)) is TransientError
+    assert type(classify(DBAPIError("SELECT 1", None, socket.gaierror(-2, "unknown")))) is (
+        TransientError
+    )
+    # Other OS errors stay permanent: a missing file will still be missing.
+    assert type(classify(FileNotFoundError(errno.ENOENT, "no such file"))) is PermanentError
 
 
 def test_classification_of_raw_asyncpg_errors() -> None:
@@ -139,6 +171,41 @@ async def endless(ctx: Ctx) -> None:
     await asyncio.sleep(30)
 
 
+@job(on_failure=remember_failure)
+async def query_database(ctx: Ctx) -> int:
+    """One query through the worker's own engine (whose host the test chooses)."""
+    tries.append(ctx["job_try"])
+    async with ctx["sessions"]() as session:
+        return int(await session.scalar(text("SELECT 1")) or 0)
+
+
+starved: list[AsyncEngine] = []
+
+
+@job(on_failure=remember_failure)
+async def query_while_pool_is_taken(ctx: Ctx) -> str:
+    """The first try finds the only pooled connection taken; the next one gets it."""
+    tries.append(ctx["job_try"])
+    [engine] = starved
+    if ctx["job_try"] == 1:
+        async with engine.connect() as held:
+            await held.execute(text("SELECT 1"))
+            async with engine.connect() as second:  # waits pool_timeout, then gives up
+                await second.execute(text("SELECT 1"))
+    async with engine.connect() as connection:
+        await connection.execute(text("SELECT 1"))
+    return "done"
+
+
+@pytest.fixture
+async def one_connection_pool(settings: Settings) -> AsyncIterator[AsyncEngine]:
+    engine = create_async_engine(settings.database, pool_size=1, max_overflow=0, pool_timeout=0.2)
+    starved.append(engine)
+    yield engine
+    starved.clear()
+    await engine.dispose()
+
+
 @pytest.fixture(autouse=True)
 def _reset() -> None:
     tries.clear()
@@ -198,3 +265,31 @@ async def test_hard_time_limit_stops_the_job_records_it_and_does_not_retry(
     with pytest.raises(RemoteJobError, match=r"hard time limit of 0\.3 s"):
         await queued.result(timeout=1)
     assert failures == [({}, "stopped: ran past the hard time limit of 0.3 s (JOB_TIMEOUT_S)")]
+
+
+async def test_a_database_host_that_does_not_resolve_is_retried_not_failed(
+    arq_redis: ArqRedis, run_burst: RunBurst, settings: Settings
+) -> None:
+    """DNS is down (or the name is gone for a while): every try is retried with backoff."""
+    unresolvable = settings.model_copy(
+        update={"database_url": "postgresql+asyncpg://postgres@db.contact360.invalid:5432/x"}
+    )
+    queued = await arq_redis.enqueue_job("query_database", _queue_name="default")
+    assert queued is not None
+    worker = await run_burst("default", jobs=[query_database], settings_=unresolvable)
+    assert tries == [1, 2, 3, 4]
+    assert worker.jobs_retried == 3
+    [(_, message)] = failures
+    assert message.startswith("gave up after 4 tries; last error: DNS lookup failed: gaierror")
+
+
+async def test_an_exhausted_pool_is_retried_not_failed(
+    arq_redis: ArqRedis, run_burst: RunBurst, one_connection_pool: AsyncEngine
+) -> None:
+    queued = await arq_redis.enqueue_job("query_while_pool_is_taken", _queue_name="default")
+    assert queued is not None
+    worker = await run_burst("default", jobs=[query_while_pool_is_taken])
+    assert tries == [1, 2]
+    assert (worker.jobs_retried, worker.jobs_complete, worker.jobs_failed) == (1, 1, 0)
+    assert await queued.result(timeout=1) == "done"
+    assert failures == []
