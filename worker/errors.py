@@ -1,9 +1,11 @@
 """The errors that decide what happens to a failed job.
 
     WorkerError
-    ├── TransientError   retried with exponential backoff (connection lost, timeout, 429, 5xx)
-    │   └── RateLimited  the provider told us how long to wait: we wait at least that long
-    └── PermanentError   fails the job now; the message is recorded for a person to act on
+    ├── TransientError    retried with exponential backoff (connection lost, timeout, 429, 5xx)
+    │   ├── RateLimited   the provider told us how long to wait: we wait at least that long
+    │   └── ProviderFault the provider refuses our account (API key, sending domain): nothing
+    │                     is wrong with the job, so it waits for the fix without using a try
+    └── PermanentError    fails the job now; the message is recorded for a person to act on
 
 Jobs raise these (or let library errors through: `worker.retry` classifies those) and
 never call arq's `Retry` themselves, so the retry policy lives in one place.
@@ -30,3 +32,16 @@ class RateLimited(TransientError):
 
 class PermanentError(WorkerError):
     """A failure that will not go away by retrying (bad input, a 4xx, a missing row)."""
+
+
+class ProviderFault(TransientError):
+    """The provider refused the account, not the message (a missing or revoked API key, an
+    unverified sending domain): every send would fail the same way until an operator fixes it.
+
+    Sending pauses for `retry_after_s` on every worker; messages stay pending, and jobs wait
+    without using up a try (worker.job), so nothing is failed for a fault that is not theirs.
+    """
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

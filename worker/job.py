@@ -12,7 +12,8 @@ arq, so every job gets the same behaviour without repeating it:
   reason on the job's own row (import, export, email) so users see it, not just Redis;
 - a job whose worker died on every allowed try (a poison pill) is failed, with that reason, on
   the one extra try arq is given for it, instead of arq dropping it without calling our code;
-- a try cancelled by a shutdown goes back to the queue without using up a try;
+- a try cancelled by a shutdown goes back to the queue without using up a try, and so does
+  one that met a `ProviderFault` (the provider refused our account): it waits for the fix;
 - outcomes are counted in Redis for `python -m worker status` (worker/stats.py).
 """
 
@@ -31,7 +32,7 @@ from arq.worker import Function, Retry
 
 from worker import stats
 from worker.context import Ctx
-from worker.errors import PermanentError, RateLimited, TransientError
+from worker.errors import PermanentError, ProviderFault, RateLimited, TransientError
 from worker.logs import job_log_context
 from worker.retry import classify, retry_delay_s
 from worker.settings import Settings
@@ -161,6 +162,15 @@ class JobDefinition:
                 )
             else:
                 failure = classify(exc)
+            if isinstance(failure, ProviderFault):
+                # Not this job's fault and not one more tries would fix: wait for the operator
+                # (one probe per pause, worker.ratelimit) without using up a try.
+                await _give_try_back(ctx)
+                defer_s = retry_delay_s(
+                    1, settings.retry_base_delay_s, retry_after_s=failure.retry_after_s
+                )
+                log.warning("provider refused the account, retry in %.1f s: %s", defer_s, failure)
+                raise Retry(defer=defer_s) from exc
             if isinstance(failure, TransientError):
                 if job_try <= settings.max_retries:
                     wait_s = failure.retry_after_s if isinstance(failure, RateLimited) else None

@@ -9,9 +9,16 @@ wait and sleeps that long (no polling loop against Redis).
 A provider's 429 stores a pause deadline next to the TAT: until it passes, every `acquire`
 everywhere waits, which is how "one worker was told to slow down" slows all of them.
 
+A provider that refuses the account (401/403: a bad key, an unverified domain) halts the
+limiter: the same pause, plus the reason next to it. While a halt holds, `acquire` raises
+`ProviderFault` at once instead of waiting, so a cron stops its tick and a send job retries
+later, and no message is claimed only to be refused the same way.
+
     limiter = RateLimiter(redis, rate_per_s=settings.email_rate_limit_per_s)
     await limiter.acquire()                          # before every send
     await limiter.pause_for(exc.retry_after_s)       # after RateLimited
+    await limiter.halt(exc.retry_after_s, str(exc))  # after ProviderFault
+    await limiter.resume()                           # an operator fixed the key: go on now
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ import time
 from typing import Any
 
 from redis.asyncio import Redis
+
+from worker.errors import ProviderFault
 
 DEFAULT_KEY_PREFIX = "c360:ratelimit:email"
 
@@ -91,6 +100,7 @@ class RateLimiter:
         self._interval_us = max(1, round(1_000_000 / rate_per_s))
         self._tat_key = f"{key_prefix}:tat"
         self._pause_key = f"{key_prefix}:paused_until"
+        self._halt_key = f"{key_prefix}:halted"
         self._redis = redis
         self._acquire = redis.register_script(_ACQUIRE_LUA)
         self._pause = redis.register_script(_PAUSE_LUA)
@@ -111,13 +121,17 @@ class RateLimiter:
     async def acquire(self, *, timeout_s: float | None = None) -> float:
         """Wait until a send is allowed and take the slot; returns the seconds waited.
 
-        Raises `TimeoutError` if no slot came within `timeout_s` (nothing is taken then).
+        Raises `TimeoutError` if no slot came within `timeout_s`, and `ProviderFault` while
+        the limiter is halted (nothing is taken then).
         """
         start = time.monotonic()
         while True:
             wait_s = await self.try_acquire()
             if wait_s <= 0:
                 return time.monotonic() - start
+            # Only a denied caller asks: the common, granted case stays one round trip.
+            if (reason := await self.halted()) is not None:
+                raise ProviderFault(f"sending is halted: {reason}", wait_s)
             if timeout_s is not None and time.monotonic() - start + wait_s > timeout_s:
                 raise TimeoutError(f"no send slot within {timeout_s:g} s")
             await asyncio.sleep(min(wait_s, MAX_SLEEP_S))
@@ -129,6 +143,30 @@ class RateLimiter:
     async def pause_for(self, seconds: float) -> None:
         """Hold every `acquire` for `seconds` from now, measured on Redis's clock."""
         await self._pause(keys=[self._pause_key], args=[-1, math.ceil(seconds * 1_000_000)])
+
+    async def halt(self, seconds: float, reason: str) -> bool:
+        """Pause every `acquire` for `seconds` and make it raise `ProviderFault(reason)`.
+
+        True when this call started the halt (so exactly one caller logs it); False when one
+        already holds, which this call does not extend: one probe per pause is the point.
+        """
+        started = await self._redis.set(
+            self._halt_key, reason, nx=True, px=max(1, math.ceil(seconds * 1000))
+        )
+        if started:
+            await self.pause_for(seconds)
+        return bool(started)
+
+    async def halted(self) -> str | None:
+        """The reason sending is halted, or None."""
+        raw = await self._redis.get(self._halt_key)
+        if raw is None:
+            return None
+        return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+    async def resume(self) -> None:
+        """Lift a halt and any pause now (an operator fixed the key or the domain)."""
+        await self._redis.delete(self._halt_key, self._pause_key)
 
     async def paused_for_s(self) -> float:
         """Seconds the pause still holds (0.0 if none): for status output and tests."""

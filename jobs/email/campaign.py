@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from db.models import WaitlistEntry
 from jobs.email import drafts
-from jobs.email.fanout import send_page
+from jobs.email.fanout import halted, send_page
 from jobs.email.outbox import AfterSettled, Outcome, deliver, fail_message
 from worker.context import Ctx
 from worker.errors import PermanentError
@@ -136,6 +136,8 @@ async def send_waitlist_campaign_hourly(ctx: Ctx) -> dict[str, Any]:
     Twice in one hour sends nothing new: a sent step has moved its entry's `next_email_at`
     into the future, and its outbox key would settle a re-send anyway. A step that fails
     transiently stays due (and `pending`) for the next tick, up to MAX_RETRIES + 1 attempts.
+    When the provider refuses the account (a bad key, an unverified domain) the tick stops:
+    every step not sent stays due, unskipped and with no attempt counted, for a later tick.
     """
     now = datetime.now(UTC)
     max_attempts = ctx["settings"].max_retries + 1
@@ -154,6 +156,11 @@ async def send_waitlist_campaign_hourly(ctx: Ctx) -> dict[str, Any]:
             lambda entry: _send_step(ctx, entry, entry.campaign_step + 1, max_attempts),
             concurrency=SEND_CONCURRENCY,
         )
+        if halted(counts):
+            # The outbox logged why, once; sending another page would be refused the same way.
+            log.warning("waitlist campaign: stopped, the email provider refused the account")
+            counts["stopped_early"] = 1
+            break
         if len(page) < PAGE_ROWS:
             break
         if asyncio.get_running_loop().time() > ctx.get("soft_deadline", float("inf")):

@@ -4,7 +4,9 @@ A cron that sends a page of 1,000 emails starts them all as tasks but lets at mo
 `concurrency` talk to the provider at once: the provider's rate limit (a shared Redis limiter)
 is the bound, not the worker. Each message keeps the outbox's guarantees on its own; one that
 fails transiently stays `pending` for the next run, and a bug or a database outage in one is
-raised once the page has finished, so no claimed message is abandoned mid-send.
+raised once the page has finished, so no claimed message is abandoned mid-send. Once the
+provider refuses the account (`ProviderFault`), no further message of the page is started:
+they all stay due for the next run, and `halted(counts)` tells the caller to stop too.
 """
 
 from __future__ import annotations
@@ -15,10 +17,15 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
 from jobs.email.outbox import Outcome
-from worker.errors import TransientError
+from worker.errors import ProviderFault, TransientError
 
 T = TypeVar("T")
 DEFAULT_CONCURRENCY = 50
+
+
+def halted(counts: Counter[str]) -> bool:
+    """Whether `send_page` stopped because the provider refused the account."""
+    return counts["provider_refused"] > 0
 
 
 def count(outcome: Outcome, counts: Counter[str]) -> None:
@@ -32,14 +39,22 @@ async def send_page(
     *,
     concurrency: int = DEFAULT_CONCURRENCY,
 ) -> Counter[str]:
-    """Run `send_one` over `items`, `concurrency` at a time; counts, with `retry` for the rest."""
+    """Run `send_one` over `items`, `concurrency` at a time; counts, with `retry` for the rest.
+
+    After a `ProviderFault` the items not yet started are counted `not_tried` and left alone.
+    """
     semaphore = asyncio.Semaphore(concurrency)
     counts: Counter[str] = Counter()
 
     async def one(item: T) -> None:
         async with semaphore:
+            if halted(counts):
+                counts["not_tried"] += 1
+                return
             try:
                 count(await send_one(item), counts)
+            except ProviderFault:
+                counts["provider_refused"] += 1  # the row is pending, its attempt not counted
             except TransientError:
                 counts["retry"] += 1  # recorded on its row; the next run picks it up
 

@@ -3,6 +3,8 @@
     pending ──claim──> sending ──2xx──────────────────────────────> sent
                          │ ────4xx──────────────────────────────> failed (provider's message)
                          │ ────429/5xx/refused──────────────────> pending (retried)
+                         │ ────401/403/sending domain───────────> pending, attempt not counted;
+                         │                                        sending halts everywhere
                          │ ────DeliveryUnknown, Resend──────────> pending (resent, same key)
                          │ ────DeliveryUnknown, SendGrid────────> review  (never resent)
     sending, found by a later try after SEND_LEASE_S, or sooner when the claiming arq job is
@@ -29,7 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from worker.context import Ctx
 from worker.email_providers import DeliveryUnknown, OutgoingEmail, safe_to_resend
-from worker.errors import PermanentError, RateLimited, TransientError
+from worker.errors import PermanentError, ProviderFault, RateLimited, TransientError
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +113,13 @@ _SETTLE = text("""
         sent_at = CASE WHEN :status = 'sent' THEN now() ELSE sent_at END
     WHERE id = :id AND (status <> 'sent' OR :status = 'sent')
 """)
+# The account was refused, not the message: back to pending as if this try never claimed it.
+_RELEASE = text("""
+    UPDATE email_messages
+    SET status = 'pending', attempts = greatest(attempts - 1, 0), last_error = :error,
+        updated_at = now()
+    WHERE id = :id AND status = 'sending'
+""")
 _FAIL_BY_KEY = text("""
     UPDATE email_messages
     SET status = CASE WHEN status = 'sending' THEN 'review' ELSE 'failed' END,
@@ -138,6 +147,8 @@ async def deliver(
     Transient failures are recorded (`pending`, `last_error`) and raised for a retry, unless
     `max_attempts` is given and reached: then the row fails (a cron has no arq retry per
     message). `after` runs in the transaction that settles the row, also for duplicates.
+    A `ProviderFault` (the account refused, or sending halted because of one) is raised with
+    the row `pending` and its attempt not counted: no number of them ever fails a message.
     """
     sessions, provider = ctx["sessions"], ctx["email_provider"]
     resend_ok = safe_to_resend(provider)
@@ -160,6 +171,9 @@ async def deliver(
             text=stored.text,
         )
         message_id = await provider.send(email, stored.key)
+    except ProviderFault as exc:
+        await _release(ctx, claim, exc)
+        raise
     except PermanentError as exc:
         return await _settle(sessions, claim, "failed", after, detail=str(exc))
     except DeliveryUnknown as exc:
@@ -267,6 +281,21 @@ async def _settle(
         if after is not None and outcome.settled:
             await after(session, outcome)
     return outcome
+
+
+async def _release(ctx: Ctx, claim: _Claim, exc: ProviderFault) -> None:
+    async with ctx["sessions"].begin() as session:
+        await session.execute(_RELEASE, {"id": claim.id, "error": str(exc)})
+    # Every worker stops sending, not just this try: the next message would be refused too.
+    if await ctx["email_rate_limiter"].halt(exc.retry_after_s, str(exc)):
+        # Once per halt, cluster-wide. The text is the provider's (API key redacted).
+        log.error(
+            "email provider refused the account, not the message: %s. Sending is halted on "
+            "every worker for %g s and due emails stay pending; check EMAIL_API_KEY and that "
+            "EMAIL_FROM's domain is verified with the provider",
+            exc,
+            exc.retry_after_s,
+        )
 
 
 async def _retry_or_fail(

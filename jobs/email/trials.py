@@ -5,6 +5,7 @@ it has ended, and the plan moved from `trial` to `expired` with that notice.
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections import Counter
 from collections.abc import Callable
@@ -17,10 +18,12 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from db.models import EmailMessage, User
 from jobs.email import drafts
 from jobs.email.campaign import CRON_TIME_CAP_S, PAGE_ROWS, SEND_CONCURRENCY
-from jobs.email.fanout import send_page
+from jobs.email.fanout import halted, send_page
 from jobs.email.outbox import SETTLED, Outcome, deliver
 from worker.context import Ctx
 from worker.job import job
+
+log = logging.getLogger(__name__)
 
 REMIND_BEFORE = timedelta(days=3)
 
@@ -66,6 +69,9 @@ async def _pages(ctx: Ctx, query: Select[Any], send_one: Callable[[Row[Any]], An
             return counts
         after = page[-1].id
         counts += await send_page(page, send_one, concurrency=SEND_CONCURRENCY)
+        if halted(counts):
+            counts["stopped_early"] = 1  # the account was refused: the rest waits for a fix
+            return counts
         if len(page) < PAGE_ROWS:
             return counts
         if asyncio.get_running_loop().time() > ctx.get("soft_deadline", float("inf")):
@@ -81,7 +87,8 @@ async def check_trial_expirations(ctx: Ctx) -> dict[str, Any]:
     plan is not selected again, and the outbox keys (`trial-reminder/<id>`,
     `trial-expired/<id>`) settle any re-send. The plan changes in the transaction that settles
     the notice, so a crash cannot expire a plan without its notice (or notify twice); a notice
-    failing transiently keeps the plan `trial` until a later tick settles it.
+    failing transiently keeps the plan `trial` until a later tick settles it. When the provider
+    refuses the account the tick stops, and no plan expires without its notice.
     """
     now = datetime.now(UTC)
     max_attempts = ctx["settings"].max_retries + 1
@@ -100,5 +107,9 @@ async def check_trial_expirations(ctx: Ctx) -> dict[str, Any]:
         return await deliver(ctx, draft, after=after, max_attempts=max_attempts)
 
     reminders = await _pages(ctx, _reminders_due(now), remind)
-    expiries = await _pages(ctx, _expiries_due(now), expire)
+    expiries: Counter[str] = Counter()
+    if not halted(reminders):
+        expiries = await _pages(ctx, _expiries_due(now), expire)
+    if halted(reminders) or halted(expiries):
+        log.warning("trial notices: stopped, the email provider refused the account")
     return {"reminders": dict(reminders), "expiries": dict(expiries)}

@@ -106,7 +106,8 @@ async def test_secrets_stay_out_of_logs_and_stored_errors(
     provider_server.script(
         RESEND_EMAILS,
         Answer(status=500, body={"name": "internal", "message": echo}),
-        Answer(status=401, body={"name": "invalid_api_key", "message": echo}),
+        # A refusal of this message (a 401 halts sending instead: test_provider_faults.py).
+        Answer(status=422, body={"name": "validation_error", "message": echo}),
     )
     provider_server.script(SENDGRID_MAIL, Answer(hang=True))
     await jobs_client.send_email(RECIPIENT, "s", "<p>h</p>", idempotency_key="secret-1")
@@ -117,9 +118,9 @@ async def test_secrets_stay_out_of_logs_and_stored_errors(
     rows = await outbox_rows(sessions)
     assert sorted(row.status for row in rows) == ["failed", "review"]
     errors = " ".join(row.last_error or "" for row in rows)
-    assert "invalid_api_key" in errors  # the provider's message is kept...
+    assert "validation_error" in errors  # the provider's message is kept...
     assert API_KEY not in errors  # ...without the key
-    assert "invalid_api_key" in caplog.text
+    assert "validation_error" in caplog.text
     assert API_KEY not in caplog.text
     stored = [await redis.get(key) async for key in redis.scan_iter(match="arq:result:*")]
     assert stored

@@ -6,6 +6,7 @@ test process and worker subprocesses reach it over real sockets. Usage::
     with ProviderServer(default_delay_s=0.2) as server:
         server.script("/emails", Answer(status=429, headers={"retry-after": "2"}))
         server.script("/v3/mail/send", Answer(hang=True))
+        server.always("/emails", Answer(status=401))   # every request, until server.fix("/emails")
         ...  # point EMAIL_API_BASE_URL at server.base_url
         server.requests            # every request: RecordedRequest(method, path, headers, json)
         server.delivered           # what a real provider would have delivered
@@ -94,6 +95,7 @@ class ProviderServer:
         self._record = record
         self._lock = threading.Lock()
         self._scripts: dict[str, deque[Answer]] = defaultdict(deque)
+        self._always: dict[str, Answer] = {}
         self._requests: list[RecordedRequest] = []
         self._delivered: list[Delivery] = []
         self._idempotency: dict[str, tuple[bytes, str]] = {}
@@ -115,6 +117,16 @@ class ProviderServer:
         """Queue answers for `path`; each request pops one, then the default success resumes."""
         with self._lock:
             self._scripts[path].extend(answers)
+
+    def always(self, path: str, answer: Answer) -> None:
+        """Answer every request to `path` with `answer` (a revoked key) until `fix(path)`."""
+        with self._lock:
+            self._always[path] = answer
+
+    def fix(self, path: str) -> None:
+        """Stop `always` for `path`: the provider's default answers resume."""
+        with self._lock:
+            self._always.pop(path, None)
 
     @property
     def requests(self) -> list[RecordedRequest]:
@@ -138,6 +150,7 @@ class ProviderServer:
     def reset(self) -> None:
         with self._lock:
             self._scripts.clear()
+            self._always.clear()
             self._requests.clear()
             self._delivered.clear()
             self._idempotency.clear()
@@ -222,7 +235,7 @@ class ProviderServer:
                     )
                 )
             scripted = self._scripts[request.path]
-            answer = scripted.popleft() if scripted else None
+            answer = scripted.popleft() if scripted else self._always.get(request.path)
 
         delay_s = self.default_delay_s
         if answer is not None and answer.delay_s is not None:

@@ -5,7 +5,9 @@ TransientError                   retry with backoff
 │                                connection dropped after sending): resend only where the
 │                                provider deduplicates (Resend's Idempotency-Key); with
 │                                SendGrid mark the message for review instead
-└── RateLimited(retry_after_s)   429: every process waits (see worker.ratelimit)
+├── RateLimited(retry_after_s)   429: every process waits (see worker.ratelimit)
+└── ProviderFault(retry_after_s) 401/403 and sending-domain refusals: the account is at fault,
+                                 not the message; sending halts everywhere, rows stay pending
 PermanentError                   other 4xx: record the provider's message, do not retry
 """
 
@@ -19,7 +21,7 @@ from typing import Any, Protocol
 import httpx
 from pydantic import SecretStr
 
-from worker.errors import PermanentError, RateLimited, TransientError
+from worker.errors import PermanentError, ProviderFault, RateLimited, TransientError
 from worker.retry import retry_after_from_headers
 
 # A 429 without a usable wait header: wait this long. Resend's default limit is per second
@@ -30,6 +32,10 @@ DEFAULT_RETRY_AFTER_S = 1.0
 MAX_RETRY_AFTER_S = 300.0
 # Provider messages are stored in the outbox and shown to people: keep them short.
 MAX_ERROR_MESSAGE_CHARS = 500
+# How long every sender stops after the provider refused the account. A key or a domain is
+# fixed by a person, not by the next second: one probe per pause is enough, and a deploy with
+# the fixed key needs about this long (or `RateLimiter.resume()`) to send again.
+PROVIDER_FAULT_PAUSE_S = 300.0
 
 
 class DeliveryUnknown(TransientError):
@@ -111,6 +117,18 @@ def resend_error_message(body: Any) -> str | None:
     return None
 
 
+def resend_account_refused(status: int, body: Any) -> bool:
+    """Resend refuses the account with 401 `missing_api_key` / `restricted_api_key`, 403
+    `invalid_api_key` and 403 `validation_error` (a domain not verified, or test mode sending
+    to others), and the sender with 422 `invalid_from_address`: EMAIL_FROM comes from our
+    settings, so no message can fix it (https://resend.com/docs/api-reference/errors,
+    https://resend.com/docs/knowledge-base/403-error-domain-mismatch).
+    """
+    if account_refused(status, body):
+        return True
+    return status == 422 and isinstance(body, dict) and body.get("name") == "invalid_from_address"
+
+
 def sendgrid_error_message(body: Any) -> str | None:
     """SendGrid: `{"errors": [{"message": "...", "field": "..."}, ...]}`."""
     if not isinstance(body, dict) or not isinstance(body.get("errors"), list):
@@ -123,6 +141,17 @@ def sendgrid_error_message(body: Any) -> str | None:
     return "; ".join(parts) or None
 
 
+def account_refused(status: int, body: Any) -> bool:
+    """Whether an answer refuses the account rather than the message: 401 and 403.
+
+    SendGrid: 401 "The provided authorization grant is invalid, expired, or revoked", 403
+    "The from address does not match a verified Sender Identity" (Twilio errors 60604, 60222;
+    support.sendgrid.com "4XX API Errors and Troubleshooting Suggestions"). Resend: see
+    `resend_account_refused`.
+    """
+    return status in (401, 403)
+
+
 def raise_for_response(
     response: httpx.Response,
     *,
@@ -130,16 +159,20 @@ def raise_for_response(
     secret: SecretStr | None,
     error_message: Callable[[Any], str | None],
     transient_statuses: frozenset[int] = frozenset(),
+    is_account_fault: Callable[[int, Any], bool] = account_refused,
 ) -> None:
     """Raise the worker error a non-2xx answer means; return for 2xx."""
     status = response.status_code
     if 200 <= status < 300:
         return
-    detail = error_message(_json_or_none(response)) or response.reason_phrase or "no detail"
+    body = _json_or_none(response)
+    detail = error_message(body) or response.reason_phrase or "no detail"
     detail = redact(" ".join(detail.split()), secret)[:MAX_ERROR_MESSAGE_CHARS]
     message = f"{provider} answered {status}: {detail}"
     if status == 429:
         raise RateLimited(message, retry_after_s(response))
+    if is_account_fault(status, body):
+        raise ProviderFault(message, PROVIDER_FAULT_PAUSE_S)
     if status >= 500 or status in transient_statuses:
         raise TransientError(message)
     raise PermanentError(message)

@@ -17,6 +17,7 @@ from worker.email_providers.base import (
     DeliveryUnknown,
     OutgoingEmail,
     raise_for_response,
+    resend_account_refused,
     resend_error_message,
     transport_error,
 )
@@ -67,7 +68,11 @@ class ResendProvider:
             # The first attempt is still in flight at Resend: asking again later is safe.
             raise TransientError("resend answered 409: the same idempotency key is in flight")
         raise_for_response(
-            response, provider=self.name, secret=self.api_key, error_message=resend_error_message
+            response,
+            provider=self.name,
+            secret=self.api_key,
+            error_message=resend_error_message,
+            is_account_fault=resend_account_refused,
         )
         try:
             message_id = response.json()["id"]
