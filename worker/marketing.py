@@ -4,6 +4,15 @@ https://www.twilio.com/docs/sendgrid/api-reference/contacts/add-or-update-a-cont
 30,000 contacts a call; SendGrid answers 202 with a `job_id` and imports asynchronously. The
 upsert is idempotent, so every transient failure (including `DeliveryUnknown`) may be retried.
 
+Removal (someone unsubscribed) is two calls, both idempotent: `POST .../contacts/search/emails`
+`{"emails": [...]}` (at most 100; 200 with `{"result": {email: {"contact": {"id": ...}} or
+{"error": ...}}}`, 404 when none is known) finds the contact ids, and
+`DELETE .../contacts?ids=a,b` deletes them (202 with a `job_id`, processed asynchronously):
+https://www.twilio.com/docs/sendgrid/api-reference/contacts/get-contacts-by-emails and
+.../contacts/delete-contacts. Deleting the contact, not a global suppression
+(`/v3/asm/suppressions/global`), is deliberate: a global suppression would also stop the
+welcome and trial mail a SendGrid mail provider sends to the same address.
+
 The job drives `upsert_batch` over `batches(...)` and checkpoints after each, so a daily sync
 resumes from the last synced batch; `upsert_contacts` is the one-shot convenience.
 """
@@ -25,6 +34,8 @@ from worker.settings import Settings
 log = logging.getLogger("worker.marketing")
 
 MAX_CONTACTS_PER_CALL = 30_000
+# The search-by-emails limit; the delete call takes the ids one search found.
+MAX_EMAILS_PER_SEARCH = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +76,10 @@ class MarketingProvider(Protocol):
         """Upsert any number, split into calls; the job ids, one per call."""
         ...
 
+    async def remove_batch(self, emails: Sequence[str]) -> int:
+        """Delete at most MAX_EMAILS_PER_SEARCH addresses' contacts; how many were found."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class NoMarketing:
@@ -79,6 +94,10 @@ class NoMarketing:
     async def upsert_contacts(self, contacts: Sequence[MarketingContact]) -> list[str]:
         await self.upsert_batch(contacts)
         return []
+
+    async def remove_batch(self, emails: Sequence[str]) -> int:
+        log.info("marketing provider is none: %d contact(s) not removed", len(emails))
+        return 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,35 +115,79 @@ class SendGridMarketing:
             )
         payload: dict[str, Any] = {"contacts": [c.as_json() for c in contacts]}
         body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
-        headers = {
-            "Authorization": f"Bearer {self.api_key.get_secret_value()}",
-            "Content-Type": "application/json",
+        response = await self._request(
+            "PUT",
+            "/v3/marketing/contacts",
             # With a length given, httpx sends the streamed body as-is rather than chunked.
-            "Content-Length": str(len(body)),
-        }
+            content=_chunks(body),
+            headers={"Content-Type": "application/json", "Content-Length": str(len(body))},
+        )
+        return _job_id(response)
+
+    async def remove_batch(self, emails: Sequence[str]) -> int:
+        if not 1 <= len(emails) <= MAX_EMAILS_PER_SEARCH:
+            raise ValueError(f"a removal holds 1-{MAX_EMAILS_PER_SEARCH} emails, got {len(emails)}")
+        found = await self._request(
+            "POST",
+            "/v3/marketing/contacts/search/emails",
+            json={"emails": list(emails)},
+            not_found_ok=True,
+        )
+        ids = _found_ids(found) if found.status_code == 200 else []
+        if ids:
+            await self._request("DELETE", "/v3/marketing/contacts", params={"ids": ",".join(ids)})
+        return len(ids)
+
+    async def _request(
+        self, method: str, path: str, *, not_found_ok: bool = False, **kwargs: Any
+    ) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {self.api_key.get_secret_value()}"}
+        headers |= kwargs.pop("headers", {})
         try:
-            response = await self.http.put(
-                f"{self.base_url}/v3/marketing/contacts", content=_chunks(body), headers=headers
+            response = await self.http.request(
+                method, f"{self.base_url}{path}", headers=headers, **kwargs
             )
         except httpx.TransportError as exc:
             raise transport_error(exc, provider="sendgrid marketing", secret=self.api_key) from None
-        raise_for_response(
-            response,
-            provider="sendgrid marketing",
-            secret=self.api_key,
-            error_message=sendgrid_error_message,
-        )
-        try:
-            job_id = response.json().get("job_id")
-        except (ValueError, AttributeError):
-            job_id = None
-        return job_id if isinstance(job_id, str) else ""
+        if not (not_found_ok and response.status_code == 404):
+            raise_for_response(
+                response,
+                provider="sendgrid marketing",
+                secret=self.api_key,
+                error_message=sendgrid_error_message,
+            )
+        return response
 
     async def upsert_contacts(self, contacts: Sequence[MarketingContact]) -> list[str]:
         return [
             await self.upsert_batch(batch)
             for batch in batches(contacts, self.max_contacts_per_call)
         ]
+
+
+def _job_id(response: httpx.Response) -> str:
+    try:
+        job_id = response.json().get("job_id")
+    except (ValueError, AttributeError):
+        job_id = None
+    return job_id if isinstance(job_id, str) else ""
+
+
+def _found_ids(response: httpx.Response) -> list[str]:
+    """The contact ids of a search-by-emails answer (addresses not found carry an `error`)."""
+    try:
+        result = response.json().get("result")
+    except (ValueError, AttributeError):
+        return []
+    if not isinstance(result, dict):
+        return []
+    ids = []
+    for match in result.values():
+        contact = match.get("contact") if isinstance(match, dict) else None
+        contact_id = contact.get("id") if isinstance(contact, dict) else None
+        if isinstance(contact_id, str) and contact_id:
+            ids.append(contact_id)
+    return ids
 
 
 async def _chunks(body: bytes, size: int = 64 * 1024) -> AsyncIterator[bytes]:

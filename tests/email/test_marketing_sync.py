@@ -15,7 +15,13 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from db.models import JobCheckpoint
 from jobs.marketing.sync import sync_all_contacts, sync_contact
 from tests.conftest import RunBurst
-from tests.support.provider_server import SENDGRID_CONTACTS, Answer, ProviderServer
+from tests.support.provider_server import (
+    SENDGRID_CONTACTS,
+    SENDGRID_CONTACTS_SEARCH,
+    Answer,
+    ProviderServer,
+    RecordedRequest,
+)
 from worker.context import Ctx
 from worker.errors import TransientError
 from worker.marketing import MAX_CONTACTS_PER_CALL, SendGridMarketing
@@ -148,3 +154,97 @@ async def test_marketing_none_logs_and_does_nothing(
     assert caplog.text.count("MARKETING_PROVIDER=none") == 2
     async with sessions() as session:
         assert (await session.execute(select(JobCheckpoint))).first() is None
+
+
+async def unsubscribe(sessions: async_sessionmaker[AsyncSession], email: str) -> None:
+    """What the campaign's unsubscribe link does to the entry."""
+    async with sessions.begin() as session:
+        await session.execute(
+            text("UPDATE waitlist_entries SET unsubscribed_at = now() WHERE lower(email) = :e"),
+            {"e": email},
+        )
+
+
+def pushed(requests: list[RecordedRequest]) -> set[str]:
+    """Every address the PUTs among `requests` carried."""
+    return {c["email"] for r in requests if r.method == "PUT" for c in r.json["contacts"]}
+
+
+def deleted_ids(server: ProviderServer) -> list[str]:
+    deletes = [r for r in server.requests_to(SENDGRID_CONTACTS) if r.method == "DELETE"]
+    return [i for r in deletes for i in r.query["ids"].split(",")]
+
+
+async def test_unsubscribed_entries_are_never_pushed_and_earlier_pushes_are_removed(
+    job_ctx: BuildCtx,
+    provider_server: ProviderServer,
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    async with sessions.begin() as session:
+        await session.execute(
+            text(
+                "INSERT INTO waitlist_entries (email, name, unsubscribed_at) VALUES "
+                "('stay@example.com', 'Stay', NULL), ('leave@example.com', 'Leave', NULL), "
+                "('Gone@Example.com', 'Gone', now() - interval '30 days')"
+            )
+        )
+        # The same address signed up as a user later: its unsubscribe still holds.
+        await session.execute(
+            text("INSERT INTO users (id, email) VALUES (gen_random_uuid(), 'gone@example.com')")
+        )
+    ctx = await job_ctx("console", marketing_provider="sendgrid")
+
+    await sync_all_contacts.coroutine(ctx)  # day 1
+    day_1 = provider_server.requests_to(SENDGRID_CONTACTS)
+    assert pushed(day_1) == {"stay@example.com", "leave@example.com"}
+    leave_id = provider_server.marketing_contacts["leave@example.com"]
+
+    await unsubscribe(sessions, "leave@example.com")  # clicks the link in step 2
+    day_2 = await sync_all_contacts.coroutine(ctx)
+
+    assert pushed(provider_server.requests_to(SENDGRID_CONTACTS)[len(day_1) :]) == {
+        "stay@example.com"
+    }
+    assert deleted_ids(provider_server) == [leave_id]
+    assert set(provider_server.marketing_contacts) == {"stay@example.com"}
+    assert day_2["removed"] == 1
+    # Every search asked only about addresses that unsubscribed, never about the others.
+    searched = {
+        e for r in provider_server.requests_to(SENDGRID_CONTACTS_SEARCH) for e in r.json["emails"]
+    }
+    assert searched == {"gone@example.com", "leave@example.com"}
+
+    after_day_2 = len(provider_server.requests_to(SENDGRID_CONTACTS))
+    await sync_all_contacts.coroutine(ctx)  # day 3: nothing new to remove, nothing re-pushed
+    day_3 = provider_server.requests_to(SENDGRID_CONTACTS)[after_day_2:]
+    assert pushed(day_3) == {"stay@example.com"}
+    assert deleted_ids(provider_server) == [leave_id]
+
+
+async def test_sync_contact_of_an_unsubscribed_address_removes_it_at_once(
+    job_ctx: BuildCtx,
+    arq_redis: ArqRedis,
+    run_burst: RunBurst,
+    job_settings: Callable[..., Settings],
+    provider_server: ProviderServer,
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    async with sessions.begin() as session:
+        await session.execute(
+            text(
+                "INSERT INTO waitlist_entries (email, name) VALUES ('stay@example.com', 'Stay'), "
+                "('quick@example.com', 'Quick')"
+            )
+        )
+    await sync_all_contacts.coroutine(await job_ctx("console", marketing_provider="sendgrid"))
+    quick_id = provider_server.marketing_contacts["quick@example.com"]
+    puts = len(provider_server.requests_to(SENDGRID_CONTACTS))
+
+    # The web app records the unsubscribe, then asks for a sync of that address.
+    await unsubscribe(sessions, "quick@example.com")
+    await arq_redis.enqueue_job("sync_contact", _queue_name="default", email="Quick@Example.com")
+    await run_burst("default", settings_=marketing(job_settings))
+
+    assert set(provider_server.marketing_contacts) == {"stay@example.com"}
+    assert deleted_ids(provider_server) == [quick_id]
+    assert pushed(provider_server.requests_to(SENDGRID_CONTACTS)[puts:]) == set()

@@ -13,7 +13,13 @@ test process and worker subprocesses reach it over real sockets. Usage::
 
 Without a scripted answer each path gives the provider's success answer: Resend `POST /emails`
 -> 200 `{"id": ...}`; SendGrid `POST /v3/mail/send` -> 202 with `X-Message-Id`; SendGrid
-`PUT /v3/marketing/contacts` -> 202 `{"job_id": ...}`. Resend idempotency is modelled after
+`PUT /v3/marketing/contacts` -> 202 `{"job_id": ...}`. The fake keeps SendGrid's marketing
+contacts (`server.marketing_contacts`, email -> contact id): `POST
+/v3/marketing/contacts/search/emails` `{"emails": [...]}` answers 200 `{"result": {email:
+{"contact": {...}} | {"error": "..."}}}`, or 404 when none is known, and
+`DELETE /v3/marketing/contacts?ids=a,b` deletes them (202 `{"job_id": ...}`), as documented at
+https://www.twilio.com/docs/sendgrid/api-reference/contacts/get-contacts-by-emails and
+.../delete-contacts. Resend idempotency is modelled after
 https://resend.com/docs/dashboard/emails/idempotency-keys: a repeated `Idempotency-Key` with the
 same body answers the first id and delivers nothing new; with another body, 409
 `invalid_idempotent_request`.
@@ -44,6 +50,7 @@ from multidict import CIMultiDict
 RESEND_EMAILS = "/emails"
 SENDGRID_MAIL = "/v3/mail/send"
 SENDGRID_CONTACTS = "/v3/marketing/contacts"
+SENDGRID_CONTACTS_SEARCH = "/v3/marketing/contacts/search/emails"
 
 # A hanging handler gives up after this long even if the client never does, so a forgotten
 # hang cannot keep a test run alive.
@@ -76,6 +83,7 @@ class RecordedRequest:
     headers: Mapping[str, str]
     json: Any
     raw_body: bytes
+    query: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -99,6 +107,7 @@ class ProviderServer:
         self._requests: list[RecordedRequest] = []
         self._delivered: list[Delivery] = []
         self._idempotency: dict[str, tuple[bytes, str]] = {}
+        self._contacts: dict[str, str] = {}
         self._request_count = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -147,6 +156,12 @@ class ProviderServer:
         with self._lock:
             return list(self._delivered)
 
+    @property
+    def marketing_contacts(self) -> dict[str, str]:
+        """SendGrid's marketing contacts now: lower-cased email -> contact id."""
+        with self._lock:
+            return dict(self._contacts)
+
     def reset(self) -> None:
         with self._lock:
             self._scripts.clear()
@@ -154,6 +169,7 @@ class ProviderServer:
             self._requests.clear()
             self._delivered.clear()
             self._idempotency.clear()
+            self._contacts.clear()
             self._request_count = 0
 
     # ---- lifecycle ---------------------------------------------------------------------------
@@ -231,7 +247,12 @@ class ProviderServer:
             if self._record:
                 self._requests.append(
                     RecordedRequest(
-                        request.method, request.path, CIMultiDict(request.headers), payload, raw
+                        request.method,
+                        request.path,
+                        CIMultiDict(request.headers),
+                        payload,
+                        raw,
+                        dict(request.query),
                     )
                 )
             scripted = self._scripts[request.path]
@@ -289,7 +310,28 @@ class ProviderServer:
             job_id = str(uuid.uuid4())
             with self._lock:
                 self._delivered.append(Delivery(path, job_id, payload))
+                for contact in payload["contacts"]:
+                    email = contact["email"].lower()
+                    self._contacts.setdefault(email, str(uuid.uuid4()))
             return web.json_response({"job_id": job_id}, status=202)
+        if path == SENDGRID_CONTACTS_SEARCH and request.method == "POST":
+            with self._lock:
+                result: dict[str, Any] = {}
+                for email in payload["emails"]:
+                    contact_id = self._contacts.get(email.lower())
+                    result[email.lower()] = (
+                        {"contact": {"id": contact_id, "email": email.lower()}}
+                        if contact_id is not None
+                        else {"error": "contact not found"}
+                    )
+            if not any("contact" in match for match in result.values()):
+                return web.json_response({"errors": [{"message": "No contacts found"}]}, status=404)
+            return web.json_response({"result": result})
+        if path == SENDGRID_CONTACTS and request.method == "DELETE":
+            ids = set(request.query.get("ids", "").split(","))
+            with self._lock:
+                self._contacts = {e: i for e, i in self._contacts.items() if i not in ids}
+            return web.json_response({"job_id": str(uuid.uuid4())}, status=202)
         return web.json_response({"message": f"no route {request.method} {path}"}, status=404)
 
 
