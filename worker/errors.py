@@ -9,6 +9,12 @@
 
 Jobs raise these (or let library errors through: `worker.retry` classifies those) and
 never call arq's `Retry` themselves, so the retry policy lives in one place.
+
+Every error has two texts. `str(error)` is the operator's: it goes to the logs and may name
+hosts, buckets, paths or the driver's detail (SQL values). `error.public_message` is what a
+user sees on the job's own row (an import's `message`, an export's `error`): plain words saying
+what to do. It defaults to `str(error)`, since errors raised on purpose are written for users
+("the file is empty"); whoever wraps infrastructure text passes `public=` as well.
 """
 
 from __future__ import annotations
@@ -16,6 +22,15 @@ from __future__ import annotations
 
 class WorkerError(Exception):
     """Base of every error this project raises on purpose."""
+
+    def __init__(self, message: str, *, public: str | None = None) -> None:
+        super().__init__(message)
+        self._public = public
+
+    @property
+    def public_message(self) -> str:
+        """The text for users: no hosts, buckets, paths or SQL detail."""
+        return self._public if self._public is not None else str(self)
 
 
 class TransientError(WorkerError):
@@ -25,8 +40,8 @@ class TransientError(WorkerError):
 class RateLimited(TransientError):
     """The remote side asked us to wait `retry_after_s` seconds before trying again."""
 
-    def __init__(self, message: str, retry_after_s: float) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, retry_after_s: float, *, public: str | None = None) -> None:
+        super().__init__(message, public=public)
         self.retry_after_s = retry_after_s
 
 

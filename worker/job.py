@@ -8,8 +8,9 @@ arq, so every job gets the same behaviour without repeating it:
 - past the hard limit the job is stopped and recorded as failed. It is not retried: a job that
   ran that long will run that long again (imports avoid it with the soft limit);
 - a transient failure becomes arq's `Retry` with exponential backoff, at most `MAX_RETRIES`
-  times; a permanent one (or the last transient one) fails now, and `on_failure` records the
-  reason on the job's own row (import, export, email) so users see it, not just Redis;
+  times; a permanent one (or the last transient one) fails now: the log line gets the whole
+  detail, and `on_failure` records the error's `public_message` on the job's own row (import,
+  export, email), plain words without hosts, buckets, paths or SQL values;
 - a job whose worker died on every allowed try (a poison pill) is failed, with that reason, on
   the one extra try arq is given for it, instead of arq dropping it without calling our code;
 - a try cancelled by a shutdown goes back to the queue without using up a try, and so does
@@ -32,9 +33,9 @@ from arq.worker import Function, Retry
 
 from worker import stats
 from worker.context import Ctx
-from worker.errors import PermanentError, ProviderFault, RateLimited, TransientError
+from worker.errors import PermanentError, ProviderFault, RateLimited, TransientError, WorkerError
 from worker.logs import job_log_context
-from worker.retry import classify, retry_delay_s
+from worker.retry import PUBLIC_INTERNAL_ERROR, classify, retry_delay_s
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -125,7 +126,8 @@ class JobDefinition:
             except Exception as exc:
                 error = str(exc)
                 log.error("job failed: %s", error)
-                await self._record_failure(ctx, kwargs, error)
+                public = exc.public_message if isinstance(exc, WorkerError) else None
+                await self._record_failure(ctx, kwargs, public or PUBLIC_INTERNAL_ERROR)
                 raise
             finally:
                 redis = ctx.get("redis")
@@ -179,7 +181,11 @@ class JobDefinition:
                     )
                     log.warning("transient failure, retry in %.1f s: %s", defer_s, failure)
                     raise Retry(defer=defer_s) from exc
-                failure = PermanentError(f"gave up after {job_try} tries; last error: {failure}")
+                failure = PermanentError(
+                    f"gave up after {job_try} tries; last error: {failure}",
+                    public=f"gave up after {job_try} tries: {failure.public_message}; "
+                    "try again later",
+                )
             raise failure from exc
 
     async def _record_failure(self, ctx: Ctx, kwargs: dict[str, Any], message: str) -> None:

@@ -25,6 +25,17 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from worker.errors import PermanentError, RateLimited, TransientError, WorkerError
 
 MAX_RETRY_DELAY_S = 3600.0
+# What users read on the job's row when a library failure stopped it; the driver's or the
+# library's own text (SQL values, hosts) goes to the logs only (worker.errors).
+PUBLIC_DATABASE_ERROR = (
+    "the database refused to store this data (an internal error on our side, logged for the "
+    "operators); try again later, or contact support if it keeps happening"
+)
+PUBLIC_UNREACHABLE = "a service this job needs was unreachable"
+PUBLIC_INTERNAL_ERROR = (
+    "an internal error stopped this job (logged for the operators); try again later, or "
+    "contact support if it keeps happening"
+)
 # PostgreSQL SQLSTATEs worth another try: serialization failure, deadlock, admin/crash
 # shutdown, cannot connect now, connection exceptions, too many connections.
 TRANSIENT_SQLSTATES = frozenset(
@@ -137,37 +148,51 @@ def classify(exc: BaseException) -> WorkerError:
         where = f"{exc.request.method} {exc.request.url.copy_with(query=None)}"
         if response.status_code == 429:
             wait_s = retry_after_from_headers(response.headers)
-            return RateLimited(f"{where}: 429 Too Many Requests", wait_s or 0.0)
+            return RateLimited(
+                f"{where}: 429 Too Many Requests", wait_s or 0.0, public=PUBLIC_UNREACHABLE
+            )
         if response.status_code >= 500:
-            return TransientError(f"{where}: server error {response.status_code}")
-        return PermanentError(f"{where}: {response.status_code} {response.reason_phrase}")
+            return TransientError(
+                f"{where}: server error {response.status_code}", public=PUBLIC_UNREACHABLE
+            )
+        return PermanentError(
+            f"{where}: {response.status_code} {response.reason_phrase}",
+            public=PUBLIC_INTERNAL_ERROR,
+        )
     if isinstance(exc, httpx.TransportError):
-        return TransientError(f"HTTP {type(exc).__name__}: {exc}")
+        return TransientError(f"HTTP {type(exc).__name__}: {exc}", public=PUBLIC_UNREACHABLE)
     if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
-        return TransientError(f"redis: {exc}")
+        return TransientError(f"redis: {exc}", public=PUBLIC_UNREACHABLE)
     if isinstance(exc, PoolTimeoutError):
         # Every pooled connection is busy (many jobs, a slow database): not a builtin
         # TimeoutError, but just as likely to pass.
-        return TransientError(f"database: no free connection in the pool ({exc})")
+        return TransientError(
+            f"database: no free connection in the pool ({exc})", public=PUBLIC_UNREACHABLE
+        )
     if (network := _network_failure(exc)) is not None:
         what = "DNS lookup failed" if isinstance(network, socket.gaierror) else "connection failed"
-        return TransientError(f"{what}: {_describe(network)}")
+        return TransientError(f"{what}: {_describe(network)}", public=PUBLIC_UNREACHABLE)
     if isinstance(exc, DBAPIError):
         if exc.connection_invalidated or _sqlstate(exc) in TRANSIENT_SQLSTATES:
-            return TransientError(f"database: {type(exc.orig).__name__}: {exc.orig}")
-        return PermanentError(f"database: {type(exc.orig).__name__}: {exc.orig}")
+            return TransientError(
+                f"database: {type(exc.orig).__name__}: {exc.orig}", public=PUBLIC_UNREACHABLE
+            )
+        return PermanentError(
+            f"database: {type(exc.orig).__name__}: {exc.orig}", public=PUBLIC_DATABASE_ERROR
+        )
     # Raw asyncpg errors: COPY and the import merge run on the driver connection under
     # SQLAlchemy, whose errors then arrive unwrapped.
     if isinstance(exc, asyncpg.PostgresError):
         message = f"database: {type(exc).__name__}: {exc}"
         if getattr(exc, "sqlstate", None) in TRANSIENT_SQLSTATES:
-            return TransientError(message)
-        return PermanentError(message)
+            return TransientError(message, public=PUBLIC_UNREACHABLE)
+        return PermanentError(message, public=PUBLIC_DATABASE_ERROR)
     if isinstance(exc, asyncpg.InterfaceError) and "closed" in str(exc):
-        return TransientError(f"database: {exc}")  # the connection died under us
+        # The connection died under us.
+        return TransientError(f"database: {exc}", public=PUBLIC_UNREACHABLE)
     if isinstance(exc, TimeoutError):
-        return TransientError(_describe(exc))
+        return TransientError(_describe(exc), public=PUBLIC_UNREACHABLE)
     if isinstance(exc, OSError) and exc.errno is None and "connect" in str(exc).lower():
         # asyncpg raises bare OSError("Multiple exceptions: ...") when every address refuses.
-        return TransientError(f"connection failed: {exc}")
-    return PermanentError(_describe(exc))
+        return TransientError(f"connection failed: {exc}", public=PUBLIC_UNREACHABLE)
+    return PermanentError(_describe(exc), public=PUBLIC_INTERNAL_ERROR)

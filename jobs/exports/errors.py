@@ -21,4 +21,11 @@ def file_errors(location: str) -> Iterator[None]:
     except (ConnectionError, TimeoutError):
         raise  # sockets are OSErrors too: the retry policy treats these as transient
     except OSError as exc:
-        raise PermanentError(f"could not write {location}: {type(exc).__name__}: {exc}") from exc
+        raise PermanentError(
+            f"could not write {location}: {type(exc).__name__}: {exc}",
+            # The path and the OS's words are for the operators' log, not for the user.
+            public=(
+                "the export file could not be written (a storage problem on our side, logged "
+                "for the operators); try again later, or contact support if it keeps happening"
+            ),
+        ) from exc

@@ -243,7 +243,12 @@ def _source(ctx: Ctx, file_path: str) -> SourceFactory:
     try:
         resolved = resolve_import_source(settings, file_path)
     except ValueError as exc:
-        raise PermanentError(str(exc)) from None
+        # The reason names server paths (IMPORT_DIR, where a symlink led): logs only.
+        raise PermanentError(
+            str(exc),
+            public="the import file is no longer where it was uploaded (moved, replaced or "
+            "deleted); upload it again and start a new import",
+        ) from None
     if not resolved.startswith("s3://"):
         return local_file_source(resolved)
     bucket, _, key = resolved.removeprefix("s3://").partition("/")

@@ -168,3 +168,27 @@ def test_rejects_nonsense(redis: Redis) -> None:
         RateLimiter(redis, 0)
     with pytest.raises(ValueError, match="burst must be at least 1"):
         RateLimiter(redis, 1, burst=0)
+
+
+async def test_a_halt_stops_every_limiter_at_once_and_is_started_once(
+    redis_url: str, ratelimit_prefix: str
+) -> None:
+    """Two processes' limiters: the halt one sets is seen by the other, which does not wait."""
+    from worker.errors import ProviderFault
+
+    first = Redis.from_url(redis_url)
+    second = Redis.from_url(redis_url)
+    try:
+        here = RateLimiter(first, RATE_PER_S, key_prefix=ratelimit_prefix)
+        there = RateLimiter(second, RATE_PER_S, key_prefix=ratelimit_prefix)
+        assert await here.halt(300, "resend answered 401: missing_api_key") is True
+        assert await there.halt(300, "resend answered 401: missing_api_key") is False
+        with pytest.raises(ProviderFault, match="missing_api_key") as info:
+            await there.acquire(timeout_s=600)  # raises now instead of waiting 300 s
+        assert 0 < info.value.retry_after_s <= 300
+        await there.resume()
+        assert await here.halted() is None
+        assert await here.acquire(timeout_s=5) >= 0
+    finally:
+        await first.aclose()
+        await second.aclose()

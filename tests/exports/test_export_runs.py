@@ -42,6 +42,7 @@ from worker.serialization import deserialize
 from worker.settings import Settings
 from worker.storage import LocalStorage, S3ClientFactory, S3Storage, Storage
 from worker.storage.local import LocalWriter
+from worker.storage.s3 import PUBLIC_STORAGE_ERROR
 
 ROWS = 8_000  # ~1.1 MB of CSV: five 256 KiB parts
 #: Enough CSV (~8 MB) that the COPY is still streaming when its backend is killed, rather
@@ -180,6 +181,7 @@ async def test_transient_s3_failure_mid_upload_aborts_it_and_the_retry_completes
 
 
 async def test_permanent_s3_failure_mid_upload_fails_the_export_and_leaves_nothing(
+    caplog: pytest.LogCaptureFixture,
     sessions: async_sessionmaker[AsyncSession],
     jobs_client: JobsClient,
     arq_redis: ArqRedis,
@@ -203,10 +205,12 @@ async def test_permanent_s3_failure_mid_upload_fails_the_export_and_leaves_nothi
     row = await export_row(sessions, status.id)
     location = f"s3://{s3_bucket}/exports/{user}/{status.id}.csv"
     assert (row.status, row.row_count, row.file_path) == ("failed", 0, None)
-    assert row.error == (
+    # The user reads plain words; the bucket, the key and the hint are for the operators' log.
+    assert row.error == PUBLIC_STORAGE_ERROR
+    assert (
         f"S3 upload_part for {location} failed: AccessDenied (injected): "
         "the credentials may not write this bucket or key"
-    )
+    ) in caplog.text
     assert_no_upload_left(s3, s3_bucket)
     assert s3.list_objects_v2(Bucket=s3_bucket)["KeyCount"] == 0
 
@@ -506,3 +510,38 @@ async def test_end_to_end_to_s3_with_the_workers_own_storage(
     url = await client.export_url(status.id, expires_s=120)
     assert url.startswith(f"{s3_settings.s3_endpoint_url}/{s3_bucket}/{key}?")
     assert "X-Amz-Expires=120" in url
+
+
+async def test_a_missing_bucket_fails_the_export_in_plain_words_and_logs_the_detail(
+    caplog: pytest.LogCaptureFixture,
+    settings: Settings,
+    sessions: async_sessionmaker[AsyncSession],
+    jobs_client: JobsClient,
+    run_burst: RunBurst,
+    s3_settings: Settings,
+) -> None:
+    """What a web app shows from `export_status` names no bucket, key or server detail."""
+    rows = Rows(sessions)
+    user = await rows.user()
+    await rows.contact(user, "a@example.com")
+    bucket = f"c360-gone-{uuid.uuid4().hex[:8]}"  # deleted, or a typo in S3_BUCKET
+    worker_settings = settings.model_copy(
+        update={
+            "storage_backend": "s3",
+            "s3_bucket": bucket,
+            "s3_endpoint_url": s3_settings.s3_endpoint_url,
+            "s3_region": s3_settings.s3_region,
+        }
+    )
+    client = JobsClient(redis=jobs_client.redis, sessions=sessions, settings=worker_settings)
+    status = await client.export_contacts(user)
+    await run_burst("exports", settings_=worker_settings)
+
+    after = await client.export_status(status.id)
+    assert after.status == "failed"
+    assert after.error == PUBLIC_STORAGE_ERROR
+    for secret in (bucket, "s3://", "NoSuchBucket", "S3_BUCKET", str(user)):
+        assert secret not in (after.error or "")
+    failure_lines = [r.getMessage() for r in caplog.records if "job failed" in r.getMessage()]
+    assert any(f"s3://{bucket}/exports/{user}/{status.id}.csv" in line for line in failure_lines)
+    assert any("NoSuchBucket" in line for line in failure_lines)

@@ -27,7 +27,13 @@ from tests.conftest import RunBurst
 from worker.context import Ctx
 from worker.errors import PermanentError, RateLimited, TransientError
 from worker.job import job
-from worker.retry import classify, retry_after_from_headers, retry_delay_s
+from worker.retry import (
+    PUBLIC_DATABASE_ERROR,
+    PUBLIC_INTERNAL_ERROR,
+    classify,
+    retry_after_from_headers,
+    retry_delay_s,
+)
 from worker.serialization import RemoteJobError
 from worker.settings import Settings
 
@@ -105,6 +111,18 @@ def test_dns_pool_and_socket_failures_are_transient() -> None:
     )
     # Other OS errors stay permanent: a missing file will still be missing.
     assert type(classify(FileNotFoundError(errno.ENOENT, "no such file"))) is PermanentError
+
+
+def test_library_failures_tell_users_plain_words_and_keep_the_detail_for_the_log() -> None:
+    violation = asyncpg.CheckViolationError(
+        'new row violates check constraint "ck_city"\nDETAIL: Failing row contains (a@x.io)'
+    )
+    failure = classify(violation)
+    assert "ck_city" in str(failure) and "a@x.io" in str(failure)
+    assert failure.public_message == PUBLIC_DATABASE_ERROR
+    assert classify(KeyError("email")).public_message == PUBLIC_INTERNAL_ERROR
+    # Our own errors are written for users already (a CSV problem, a missing row).
+    assert PermanentError("the file is empty").public_message == "the file is empty"
 
 
 def test_classification_of_raw_asyncpg_errors() -> None:
@@ -235,10 +253,11 @@ async def test_transient_failures_give_up_after_max_retries(
         RemoteJobError, match="gave up after 4 tries; last error: HTTP ConnectError"
     ):
         await queued.result(timeout=1)
+    # The job's own row gets plain words; the result and the log keep the detail.
     assert failures == [
         (
             {"fail_times": 99},
-            "gave up after 4 tries; last error: HTTP ConnectError: provider unreachable",
+            "gave up after 4 tries: a service this job needs was unreachable; try again later",
         )
     ]
 
@@ -279,8 +298,10 @@ async def test_a_database_host_that_does_not_resolve_is_retried_not_failed(
     worker = await run_burst("default", jobs=[query_database], settings_=unresolvable)
     assert tries == [1, 2, 3, 4]
     assert worker.jobs_retried == 3
+    with pytest.raises(RemoteJobError, match="last error: DNS lookup failed: gaierror"):
+        await queued.result(timeout=1)
     [(_, message)] = failures
-    assert message.startswith("gave up after 4 tries; last error: DNS lookup failed: gaierror")
+    assert message.startswith("gave up after 4 tries: a service this job needs was unreachable")
 
 
 async def test_an_exhausted_pool_is_retried_not_failed(

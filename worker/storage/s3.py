@@ -34,6 +34,7 @@ from botocore.exceptions import (
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from worker.errors import PermanentError, TransientError, WorkerError
+from worker.retry import PUBLIC_UNREACHABLE
 from worker.storage.base import check_key, run_to_completion
 
 if TYPE_CHECKING:
@@ -270,8 +271,34 @@ _PERMANENT_HINTS = {
 }
 
 
+# Users see this, not the bucket, the key or the hint for the operator (worker.errors).
+PUBLIC_STORAGE_ERROR = (
+    "the file storage refused the request (a configuration problem on our side, logged for "
+    "the operators); try again later, or contact support if it keeps happening"
+)
+
+
 def classify(exc: BaseException, operation: str, location: str) -> WorkerError | None:
     """The TransientError/PermanentError for an S3 client failure, or None if not one."""
+    mapped = _classify(exc, operation, location)
+    if mapped is None:
+        return None
+    if isinstance(mapped, TransientError):
+        public = PUBLIC_UNREACHABLE
+    elif _error_code(exc) in ("NoSuchKey", "NotFound"):
+        public = "the file is not in storage (deleted, or never uploaded); upload it again"
+    else:
+        public = PUBLIC_STORAGE_ERROR
+    return type(mapped)(str(mapped), public=public)
+
+
+def _error_code(exc: BaseException) -> str | None:
+    if not isinstance(exc, ClientError):
+        return None
+    return str(exc.response.get("Error", {}).get("Code", "")) or None
+
+
+def _classify(exc: BaseException, operation: str, location: str) -> WorkerError | None:
     if isinstance(exc, ClientError):
         error = exc.response.get("Error", {})
         code = str(error.get("Code", "Unknown"))
