@@ -1,7 +1,7 @@
 """`JobsClient`: what an async web app calls to start background work and read its progress.
 
     async with JobsClient.from_settings(Settings()) as jobs:     # owns a Redis pool and engine
-        status = await jobs.import_contacts(user_id, "contacts.csv")
+        status = await jobs.import_contacts(user_id, "contacts.csv")  # IMPORT_DIR/<user_id>/
     jobs = JobsClient(redis=arq_redis, sessions=async_sessionmaker)  # or borrows the app's
 
 PostgreSQL holds the state users see (import and export rows, the outbox); Redis only carries
@@ -11,6 +11,7 @@ row that does not exist yet, and the reconciler can re-enqueue from PostgreSQL a
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -148,12 +149,15 @@ class JobsClient:
     async def import_contacts(self, user_id: IdLike, file_path: str) -> ImportStatus:
         """Validate the source, create the import row (`pending`) and enqueue it.
 
-        `file_path` is a file inside `IMPORT_DIR` or `s3://S3_BUCKET/key`; anything else
-        raises `ValueError` and creates nothing.
+        `file_path` is a file inside `IMPORT_DIR/<user_id>/` (a relative path is relative to
+        it) or `s3://S3_BUCKET/uploads/<user_id>/...`; anything else, another user's file
+        included, raises `ValueError` and creates nothing.
         """
-        source = resolve_import_source(self.settings, file_path)
+        owner = _uuid(user_id)
+        # resolve() and stat() are filesystem calls: keep them off the app's event loop.
+        source = await asyncio.to_thread(resolve_import_source, self.settings, owner, file_path)
         async with self.sessions.begin() as session:
-            row = ContactImportJob(user_id=_uuid(user_id), file_path=source)
+            row = ContactImportJob(user_id=owner, file_path=source)
             session.add(row)
             await session.flush()
             await session.refresh(row)
