@@ -106,10 +106,10 @@ async def _run_locked(
         if row.cancel_requested:
             await finish(sessions, import_id, "cancelled", "cancelled before it started")
             return _summary(row, "cancelled")
+        source = await _open_source(ctx, row, opened)
         # Parsing runs in a thread: the loop thread then wakes for each database reply within
         # one GIL switch interval (5 ms), not after a whole parse step (~20 ms). An import
         # makes ~10 round trips per batch, so this is most of the overlap's gain.
-        source = await _open_source(ctx, row, opened)
         reader = await CsvReader.open(
             source.source(),
             encoding=row.source_encoding,  # a resume reads as the first run decided

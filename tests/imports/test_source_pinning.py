@@ -84,10 +84,10 @@ def victim_dir(jobs_client: JobsClient, tmp_path: Path) -> Path:
     return user_dir(jobs_client.settings, victim)
 
 
-def _swap_for_link(directory: Path, target: Path) -> None:
-    """Move `directory` away and put a symlink to `target` in its place."""
-    directory.rename(directory.with_name(directory.name + "-old"))
-    directory.symlink_to(target)
+def _swap_for_link(path: Path, target: Path) -> None:
+    """Move `path` away and put a symlink to `target` in its place."""
+    path.rename(path.with_name(path.name + "-old"))
+    path.symlink_to(target)
 
 
 async def test_a_component_swapped_for_a_link_between_passes_is_not_followed(
@@ -114,12 +114,14 @@ async def test_a_component_swapped_for_a_link_between_passes_is_not_followed(
     assert await _emails(sessions, user) == sorted(f"mine{i}@x.io" for i in range(10))
 
 
+@pytest.mark.parametrize("component", ["directory", "file"])
 async def test_a_component_swapped_for_a_link_after_the_check_fails_the_open(
     ctx: Ctx,
     jobs_client: JobsClient,
     sessions: Sessions,
     victim_dir: Path,
     monkeypatch: pytest.MonkeyPatch,
+    component: str,
 ) -> None:
     user = await new_user(sessions)
     import_id = await start_import(jobs_client, user, people("mine"), name="sub/people.csv")
@@ -128,7 +130,10 @@ async def test_a_component_swapped_for_a_link_after_the_check_fails_the_open(
 
     def check_then_swap(*args: Any) -> str:
         checked = real_check(*args)
-        _swap_for_link(sub, victim_dir)
+        if component == "directory":
+            _swap_for_link(sub, victim_dir)
+        else:
+            _swap_for_link(sub / "people.csv", victim_dir / "people.csv")
         return checked
 
     monkeypatch.setattr(import_job, "resolve_import_source", check_then_swap)
