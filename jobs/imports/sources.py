@@ -74,7 +74,7 @@ class LocalFile:
         location = str(directory / relative)
         if not relative.parts:
             raise ValueError(f"{location}: not a file below {directory}")
-        fd = _open_below(directory, relative.parts, location)
+        fd = _open_below(directory, relative.parts)
         try:
             pin = _local_pin(os.fstat(fd), location)
             if expected_pin is not None and pin != expected_pin:
@@ -107,7 +107,7 @@ class LocalFile:
             self._fd = -1
 
 
-def _open_below(directory: Path, parts: tuple[str, ...], location: str) -> int:
+def _open_below(directory: Path, parts: tuple[str, ...]) -> int:
     """An fd for `directory/parts...` that followed no symlink at or below `directory`."""
     flags = os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
     try:
@@ -122,9 +122,9 @@ def _open_below(directory: Path, parts: tuple[str, ...], location: str) -> int:
         finally:
             os.close(fd)
     except OSError as exc:
-        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):  # a link (or a file) where we checked
             raise PermanentError(
-                "the import file was replaced by a link while the import started; "
+                "the import file was moved or replaced by a link while the import started; "
                 "upload it again as a new import"
             ) from None
         raise PermanentError(f"the import file cannot be opened: {exc.strerror}") from None

@@ -137,12 +137,12 @@ async def test_a_component_swapped_for_a_link_after_the_check_fails_the_open(
         return checked
 
     monkeypatch.setattr(import_job, "resolve_import_source", check_then_swap)
-    with pytest.raises(PermanentError, match="replaced by a link"):
+    with pytest.raises(PermanentError, match="moved or replaced by a link"):
         await run_job(_batches(ctx), import_id)
     status = await jobs_client.import_status(import_id)
     assert counts(status) == ("failed", None, 0, 0, 0, 0)
     assert status.message == (
-        "the import file was replaced by a link while the import started; "
+        "the import file was moved or replaced by a link while the import started; "
         "upload it again as a new import"
     )
     assert await contacts(sessions, user) == []
