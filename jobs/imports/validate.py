@@ -2,9 +2,9 @@
 
 Speed: pydantic with EmailStr manages ~12k rows/s; this is plain Python with one precompiled
 regex. Most rows take a fast path (right width, every field <= 255 characters, no NUL in the
-batch) where only email, phone and tags can break a rule; a row that breaks one, or is off the
-fast path, goes through `_check_row`, which applies every rule and writes every message, so the
-two paths cannot disagree about what is wrong.
+batch) where only email, phone, linkedin_url and tags can break a rule; a row that breaks one,
+or is off the fast path, goes through `_check_row`, which applies every rule and writes every
+message, so the two paths cannot disagree about what is wrong.
 """
 
 from __future__ import annotations
@@ -51,6 +51,12 @@ _EMAIL = re.compile(
     r"(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?)*"
 )
 _is_email = _EMAIL.fullmatch
+# An http(s) URL with a host (RFC 3986 authority: optional userinfo@, then a host that starts
+# with a character no delimiter or blank can be). Anything else (`javascript:`, `data:`, no
+# scheme) would reach a web app's `<a href>` as it is. Empty matches too: an empty cell is fine.
+_HTTP_URL_OR_EMPTY = re.compile(r"\Z|https?://(?:[^/?#\\]*@)?[^/?#\\@:\x00-\x20]", re.IGNORECASE)
+_is_http_url_or_empty = _HTTP_URL_OR_EMPTY.match
+LINKEDIN_URL_PROBLEM = "linkedin_url: not an http(s) URL"
 
 
 class ContactRow(NamedTuple):
@@ -190,6 +196,9 @@ class Validator:
         phones = stripped.get("phone")
         if phones and max(map(len, phones)) > MAX_CHARS["phone"]:
             bad.update(i for i, phone in enumerate(phones) if len(phone) > MAX_CHARS["phone"])
+        if "linkedin_url" in stripped:
+            urls = stripped["linkedin_url"]
+            bad.update(compress(count(), map(not_, map(_is_http_url_or_empty, urls))))
         output: list[Iterable[object]] = [numbers, map(str.lower, emails)]
         for name in CANONICAL_COLUMNS[1:-1]:
             values = stripped.get(name)
@@ -241,6 +250,8 @@ class Validator:
         for name, cleaned in zip(CANONICAL_COLUMNS, values, strict=True):
             if cleaned is not None and len(cleaned) > MAX_CHARS[name] and name != "email":
                 problems.add(f"{name}: longer than {MAX_CHARS[name]} characters")
+        if not _is_http_url_or_empty(values[8] or ""):
+            problems.add(LINKEDIN_URL_PROBLEM)
         tags, problem = split_tags(values[9])
         if problem:
             problems.add(problem)

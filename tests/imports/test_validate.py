@@ -172,11 +172,48 @@ def test_a_200_kb_field_is_a_row_error_with_a_clipped_payload() -> None:
 
 
 def test_column_length_limits() -> None:
-    ok = check(row(first_name="n" * 255, phone="1" * 64, linkedin_url="u" * 2048))
+    url = "https://linkedin.com/in/"
+    ok = check(row(first_name="n" * 255, phone="1" * 64, linkedin_url=url.ljust(2048, "u")))
     assert len(ok.rows) == 1
     for column, limit in [("first_name", 255), ("phone", 64), ("linkedin_url", 2048)]:
-        error = only_error(row(**{column: "v" * (limit + 1)}))
+        error = only_error(row(**{column: url.ljust(limit + 1, "v")}))
         assert error.message == f"{column}: longer than {limit} characters"
+
+
+GOOD_URLS = [
+    "https://www.linkedin.com/in/ada",
+    "http://linkedin.com/in/ada?trk=x#top",
+    "HTTPS://LinkedIn.com/in/ADA",
+    "https://user@linkedin.com:443/in/ada",
+]
+BAD_URLS = [
+    "javascript:alert(document.cookie)",
+    "JavaScript://linkedin.com/%0aalert(1)",
+    "data:text/html,<script>alert(1)</script>",
+    "ftp://linkedin.com/in/ada",
+    "linkedin.com/in/ada",
+    "//linkedin.com/in/ada",
+    "https://",
+    "https:///in/ada",
+    "http:/linkedin.com",
+    "https:\\\\linkedin.com",
+    "https:// linkedin.com",
+]
+
+
+@pytest.mark.parametrize("url", GOOD_URLS)
+def test_http_and_https_linkedin_urls_are_kept(url: str) -> None:
+    # A trailing empty field takes the row off the fast path: both paths must accept it.
+    for fields in (row(linkedin_url=f" {url} "), [*row(linkedin_url=url), ""]):
+        assert [contact.linkedin_url for contact in check(fields).rows] == [url]
+
+
+@pytest.mark.parametrize("url", BAD_URLS)
+def test_any_other_linkedin_url_is_a_row_error(url: str) -> None:
+    assert only_error(row(linkedin_url=url)).message == "linkedin_url: not an http(s) URL"
+    slow = only_error(row(linkedin_url=url, city="c" * 300))
+    assert slow.message == "city: longer than 255 characters; linkedin_url: not an http(s) URL"
+    assert payload(slow)["linkedin_url"] == url
 
 
 def test_a_row_lists_ten_problems_and_counts_the_rest() -> None:
