@@ -252,14 +252,19 @@ async def test_last_transient_failure_marks_the_row_failed_with_the_reason(
 
 async def test_missing_user_fails_without_sending(
     jobs_client: JobsClient,
+    arq_redis: ArqRedis,
     run_burst: RunBurst,
     job_settings: Callable[..., Settings],
     provider_server: ProviderServer,
     sessions: async_sessionmaker[AsyncSession],
 ) -> None:
-    await jobs_client.send_welcome_email(uuid.uuid4())
+    missing = uuid.uuid4()
+    with pytest.raises(LookupError, match=f"no user {missing}"):
+        await jobs_client.send_welcome_email(missing)  # the client renders it: nothing queued
+    # A job enqueued some other way for a user who is gone fails the same, sending nothing.
+    await arq_redis.enqueue_job("send_welcome_email", _queue_name="default", user_id=str(missing))
     worker = await run_burst("default", settings_=job_settings("resend"))
-    assert worker.jobs_failed == 1
+    assert (worker.jobs_complete, worker.jobs_failed) == (0, 1)
     assert provider_server.requests == []
     async with sessions() as session:
         assert await session.scalar(text("SELECT count(*) FROM email_messages")) == 0
