@@ -32,8 +32,13 @@ from sqlalchemy import ColumnElement, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from db.models import ContactImportError, ContactImportJob, Export, WaitlistEntry
+from db.models import ContactImportError, ContactImportJob, Export, User, WaitlistEntry
 from db.session import create_engine, make_sessionmaker
+from jobs.email import drafts
+from jobs.email.caller_input import check_send_email, check_waitlist_signup
+from jobs.email.campaign import STEP_DUE_AFTER_SIGNUP
+from jobs.email.keys import caller_key, job_key, send_job, waitlist_kickoff_job_id
+from jobs.email.outbox import Draft, store_pending
 from worker.import_source import resolve_import_source
 from worker.job_ids import export_job_id, import_job_id, row_of_job_id
 from worker.serialization import deserialize, serialize
@@ -372,34 +377,58 @@ class JobsClient:
         text: str | None = None,
         idempotency_key: str | None = None,
     ) -> EnqueuedJob:
-        job_id = f"email:{idempotency_key}" if idempotency_key else None
-        return EnqueuedJob(
-            job_id=await self._enqueue(
-                "send_email",
-                "default",
-                job_id,
-                to=to,
-                subject=subject,
-                html=html,
-                text=text,
-                idempotency_key=idempotency_key,
-            )
-        )
+        """Write the email to the outbox (`pending`) and enqueue it.
+
+        Under an `idempotency_key` (kept apart from the platform's own keys, as `caller/<key>`)
+        the first email wins and a repeat sends nothing; without one, every call is a new
+        email. An invalid `to`, a subject over 998 characters or with a line break, an html
+        or text part over 256 KiB, or a malformed key raises `ValueError`, writing nothing.
+        """
+        check_send_email(to, subject, html, text, idempotency_key)
+        key = caller_key(idempotency_key) if idempotency_key else job_key(uuid.uuid4().hex)
+        return await self._send(Draft(key, to, subject, html, text))
 
     async def send_welcome_email(self, user_id: IdLike) -> EnqueuedJob:
-        user = str(_uuid(user_id))
-        job_id = await self._enqueue(
-            "send_welcome_email", "default", f"welcome:{user}", user_id=user
+        """Write the user's welcome email to the outbox (once per user) and enqueue it.
+
+        An unknown user raises `LookupError`: commit the user before calling this.
+        """
+        async with self.sessions() as session:
+            user = await session.get(User, _uuid(user_id))
+        if user is None:
+            raise LookupError(f"no user {user_id}")
+        # Off the loop: the first render of a process compiles the templates.
+        draft = await asyncio.to_thread(drafts.welcome, user.id, user.email, user.name)
+        return await self._send(draft)
+
+    async def _send(self, draft: Draft) -> EnqueuedJob:
+        # The row before the job, as for imports: if Redis loses the job (or the enqueue below
+        # raises), the reconciler finds the `pending` row and enqueues it again.
+        job = send_job(draft)
+        assert job is not None  # the keys built above all map to a send job
+        async with self.sessions.begin() as session:
+            await store_pending(session, draft)
+        return EnqueuedJob(
+            job_id=await self._enqueue(job.function, "default", job.arq_job_id, **job.kwargs)
         )
-        return EnqueuedJob(job_id=job_id)
 
     async def join_waitlist(self, email: str, name: str | None = None) -> WaitlistSignup:
-        """Add the email to the waitlist (once: a second sign-up keeps the first) and greet it."""
-        normalized = email.strip().lower()
+        """Add the email to the waitlist (once: a second sign-up keeps the first) and greet it.
+
+        The address must be valid as an import's would be; the name at most 100 characters,
+        one line, with no web address or domain in it. Otherwise `ValueError`, nothing created.
+        Step 1 is due from the commit on: if the enqueue after it fails (the error is raised),
+        the hourly campaign cron sends it.
+        """
+        normalized, name = check_waitlist_signup(email, name)
         async with self.sessions.begin() as session:
             inserted = await session.scalar(
                 pg_insert(WaitlistEntry)
-                .values(email=normalized, name=name)
+                .values(
+                    email=normalized,
+                    name=name,
+                    next_email_at=func.now() + STEP_DUE_AFTER_SIGNUP[1],
+                )
                 .on_conflict_do_nothing(index_elements=[func.lower(WaitlistEntry.email)])
                 .returning(WaitlistEntry.id)
             )
@@ -411,7 +440,7 @@ class JobsClient:
             await self._enqueue(
                 "kickoff_waitlist_first_email",
                 "default",
-                f"waitlist:{entry_id}",
+                waitlist_kickoff_job_id(entry_id),
                 entry_id=str(entry_id),
             )
         return WaitlistSignup(id=entry_id, email=normalized, created=inserted is not None)
