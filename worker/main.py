@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from arq.connections import RedisSettings
 from arq.cron import CronJob
 from arq.worker import Function
 
@@ -115,7 +114,7 @@ def worker_settings(
         "functions": functions,
         "cron_jobs": cron_jobs,
         "queue_name": queue,
-        "redis_settings": RedisSettings.from_dsn(settings.redis_url),
+        "redis_settings": settings.redis_settings(),
         "on_startup": startup,
         "on_shutdown": shutdown,
         # Short renewed in-progress leases (worker/lease.py) and recycling (worker/recycle.py).
