@@ -39,7 +39,9 @@ class Settings(BaseSettings):
     s3_endpoint_url: str | None = None
     s3_region: str | None = None
 
-    email_provider: Literal["console", "resend", "sendgrid"] = "console"
+    # No default: the default worker refuses to start without it (worker/preflight.py), so a
+    # deploy that forgot it cannot settle email `sent` through the console provider.
+    email_provider: Literal["console", "resend", "sendgrid"] | None = None
     email_api_key: SecretStr | None = None
     email_from: str = "Contact360 <no-reply@localhost>"
     email_api_base_url: str | None = None
@@ -99,7 +101,7 @@ class Settings(BaseSettings):
                 f"JOB_SOFT_TIMEOUT_S ({self.job_soft_timeout_s:g}) must be below "
                 f"JOB_TIMEOUT_S ({self.job_timeout_s:g})"
             )
-        if self.email_provider != "console" and self.email_api_key is None:
+        if self.email_provider in ("resend", "sendgrid") and self.email_api_key is None:
             raise ValueError(f"EMAIL_PROVIDER={self.email_provider} needs EMAIL_API_KEY")
         if self.marketing_provider != "none" and self.marketing_api_key is None:
             raise ValueError(

@@ -23,11 +23,7 @@ def test_contract_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     assert s.database_url == "postgresql+asyncpg://postgres@127.0.0.1:5432/contact360"
     assert s.redis_url == "redis://127.0.0.1:6379/0"
     assert (s.import_dir, s.export_dir) == (Path("data/imports"), Path("data/exports"))
-    assert (s.storage_backend, s.email_provider, s.marketing_provider) == (
-        "local",
-        "console",
-        "none",
-    )
+    assert (s.storage_backend, s.email_provider, s.marketing_provider) == ("local", None, "none")
     assert s.email_from == "Contact360 <no-reply@localhost>"
     assert (s.email_rate_limit_per_s, s.job_timeout_s, s.job_soft_timeout_s) == (10, 1800, 1500)
     assert (s.keep_result_s, s.max_retries, s.retry_base_delay_s) == (3600, 3, 60)
