@@ -83,6 +83,15 @@ class Settings(BaseSettings):
         # Accept the plain scheme users copy from elsewhere, but always talk asyncpg.
         return url.set(drivername="postgresql+asyncpg").render_as_string(hide_password=False)
 
+    @field_validator("email_api_key", "marketing_api_key")
+    @classmethod
+    def _empty_secret_is_unset(cls, value: SecretStr | None) -> SecretStr | None:
+        # `EMAIL_API_KEY=` (an .env line left empty) must read as missing, so a provider that
+        # needs a key refuses to start instead of failing every send with a 401.
+        if value is not None and not value.get_secret_value().strip():
+            return None
+        return value
+
     @field_validator("redis_url")
     @classmethod
     def _redis_url_scheme(cls, value: str) -> str:

@@ -200,3 +200,11 @@ def test_arqs_own_cli_does_not_print_the_password_of_a_bad_url(tmp_path: Path) -
     assert "DATABASE_URL must point to PostgreSQL" in done.stderr
     for password in PASSWORDS:
         assert password not in done.stdout + done.stderr
+
+
+def test_an_empty_api_key_reads_as_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    # What compose passes for `EMAIL_API_KEY=` left empty in .env.
+    monkeypatch.setenv("EMAIL_PROVIDER", "resend")
+    monkeypatch.setenv("EMAIL_API_KEY", "  ")
+    with pytest.raises(ValidationError, match="EMAIL_PROVIDER=resend needs EMAIL_API_KEY"):
+        Settings()
