@@ -25,7 +25,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, Self, TypeVar
 
 import aioboto3
-from arq.connections import ArqRedis, RedisSettings, create_pool
+from arq.connections import ArqRedis, create_pool
 from arq.jobs import Job
 from pydantic import BaseModel
 from sqlalchemy import ColumnElement, func, select, update
@@ -169,7 +169,7 @@ class JobsClient:
     async def from_settings(cls, settings: Settings) -> AsyncIterator[JobsClient]:
         """A client that owns its Redis pool and database engine, closed on exit."""
         redis = await create_pool(
-            RedisSettings.from_dsn(settings.redis_url),
+            settings.redis_settings(),
             job_serializer=serialize,
             job_deserializer=deserialize,
         )
