@@ -224,7 +224,15 @@ class EmailMessage(Base):
     """The outbox: one row per logical email, so no retry or duplicate delivery sends twice."""
 
     __tablename__ = "email_messages"
-    __table_args__ = (CheckConstraint(_one_of("status", EMAIL_STATUSES), name="status_known"),)
+    __table_args__ = (
+        CheckConstraint(_one_of("status", EMAIL_STATUSES), name="status_known"),
+        # The reconciler scans rows not yet settled (worker/reconcile.py), oldest first.
+        Index(
+            "ix_email_messages_open",
+            "created_at",
+            postgresql_where=text("status IN ('pending', 'sending')"),
+        ),
+    )
 
     id: Mapped[uuid.UUID] = _uuid_pk()
     idempotency_key: Mapped[str] = mapped_column(Text, unique=True)

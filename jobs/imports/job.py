@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jobs.imports.headers import HeaderMap, map_header
+from jobs.imports.headers import HeaderMap, list_names, map_header
 from jobs.imports.merge import PreparedBatch, prepare
 from jobs.imports.progress import (
     FINAL_STATUSES,
@@ -278,10 +278,10 @@ async def _open_source(ctx: Ctx, row: ImportRow, opened: contextlib.AsyncExitSta
 def _notes(header_map: HeaderMap) -> str | None:
     notes = []
     if header_map.unknown_columns:
-        notes.append(f"ignored columns: {', '.join(header_map.unknown_columns)}")
+        notes.append(f"ignored columns: {list_names(header_map.unknown_columns)}")
     if header_map.duplicate_columns:
         notes.append(
-            f"ignored repeated columns: {', '.join(header_map.duplicate_columns)} "
+            f"ignored repeated columns: {list_names(header_map.duplicate_columns)} "
             "(an earlier column has the same meaning)"
         )
     return "; ".join(notes) or None
