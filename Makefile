@@ -15,10 +15,11 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 ## Run the workers for all three queues (cron included) in the foreground until Ctrl-C.
+## Email goes to the console provider (logged, never sent) unless EMAIL_PROVIDER says otherwise.
 run: venv
 	scripts/services.sh run
 	$(PY) -m worker migrate
-	$(PY) -m worker run
+	EMAIL_PROVIDER="$${EMAIL_PROVIDER:-console}" $(PY) -m worker run  # logs email, sends none
 
 ## The whole suite against real PostgreSQL and Redis (installed and started if missing).
 test: venv

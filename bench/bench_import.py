@@ -47,6 +47,7 @@ from bench.import_baselines import (
 )
 from db.migrate import upgrade
 from worker.client import JobsClient
+from worker.import_source import user_import_dir
 from worker.settings import Settings
 
 PG_SERVER = os.environ.get("BENCH_PG_SERVER", "postgresql://postgres@127.0.0.1:5432")
@@ -174,23 +175,25 @@ async def _clean_redis(import_ids_pattern: str = "*import:*") -> None:
 async def main_async(args: argparse.Namespace) -> None:
     work = Path(tempfile.mkdtemp(prefix="c360-bench-import-"))
     import_dir = work / "imports"
-    import_dir.mkdir()
-    big, small = import_dir / "big.csv", import_dir / "small.csv"
-    make_contacts_csv.main([str(big), "--rows", str(args.rows)])
-    make_contacts_csv.main([str(small), "--rows", str(args.small_rows)])
     settings = Settings(
         database_url=f"{PG_SERVER}/{DATABASE}",
         redis_url=REDIS_URL,
         import_dir=import_dir,
         import_batch_rows=args.batch_rows,
     )
+    # The worker reads a user's files only from their own directory, IMPORT_DIR/<user_id>/.
+    user_id = uuid.uuid4()
+    home = user_import_dir(settings, user_id)
+    home.mkdir(parents=True)
+    big, small = home / "big.csv", home / "small.csv"
+    make_contacts_csv.main([str(big), "--rows", str(args.rows)])
+    make_contacts_csv.main([str(small), "--rows", str(args.small_rows)])
     await _admin(f'DROP DATABASE IF EXISTS "{DATABASE}" WITH (FORCE)')
     await upgrade(settings)
     dsn = f"{PG_SERVER}/{DATABASE}"
     pg = await asyncpg.connect(dsn)
     results: dict[str, Any] = {}
     try:
-        user_id = uuid.uuid4()
         await pg.execute("INSERT INTO users (id, email) VALUES ($1, 'bench@x.io')", user_id)
         print("bare SQL merge: staging the rows ...", file=sys.stderr)
         results["copy_s"] = await stage_for_bare_merge(pg, big)

@@ -130,6 +130,11 @@ class ContactImportJob(Base):
     # parts) let a resumed run redo only the missing parts. Both reset when the batch is whole.
     batch_rows: Mapped[int | None] = mapped_column(Integer)
     batch_parts_done: Mapped[int] = _counter()
+    # What the first read saw (`jobs.imports.sources`: inode/size/mtime or the S3 ETag) and the
+    # encoding the first run chose for the whole file: a resume reads the same bytes the same
+    # way, or fails. Both stay NULL until the job first opens the source.
+    source_pin: Mapped[str | None] = mapped_column(Text)
+    source_encoding: Mapped[str | None] = mapped_column(Text)
     error_count: Mapped[int] = _counter()
     created_count: Mapped[int] = _counter()
     updated_count: Mapped[int] = _counter()
@@ -219,7 +224,15 @@ class EmailMessage(Base):
     """The outbox: one row per logical email, so no retry or duplicate delivery sends twice."""
 
     __tablename__ = "email_messages"
-    __table_args__ = (CheckConstraint(_one_of("status", EMAIL_STATUSES), name="status_known"),)
+    __table_args__ = (
+        CheckConstraint(_one_of("status", EMAIL_STATUSES), name="status_known"),
+        # The reconciler scans rows not yet settled (worker/reconcile.py), oldest first.
+        Index(
+            "ix_email_messages_open",
+            "created_at",
+            postgresql_where=text("status IN ('pending', 'sending')"),
+        ),
+    )
 
     id: Mapped[uuid.UUID] = _uuid_pk()
     idempotency_key: Mapped[str] = mapped_column(Text, unique=True)

@@ -24,7 +24,13 @@ reachable "$redis_host" "$redis_port" || missing+=(redis)
 if [ "$mode" = run ]; then
   if docker compose version >/dev/null 2>&1 && docker info >/dev/null 2>&1; then
     services=(); for m in "${missing[@]}"; do services+=("${m/postgresql/postgres}"); done
+    # Compose needs the secrets of its .env (see .env.example) and says which one is missing.
     docker compose up -d --wait "${services[@]}"
+    # Its PostgreSQL and Redis require the passwords from .env, which the defaults lack.
+    if [ -z "${DATABASE_URL:-}" ] || [ -z "${REDIS_URL:-}" ]; then
+      echo "error: started compose ${services[*]} on 127.0.0.1; set DATABASE_URL=postgresql+asyncpg://postgres:PASSWORD@127.0.0.1:5432/contact360 and REDIS_URL=redis://:PASSWORD@127.0.0.1:6379/0 with the passwords from .env, then make run again" >&2
+      exit 1
+    fi
     exit 0
   fi
   echo "error: ${missing[*]} not reachable at ${pg_host}:${pg_port} / ${redis_host}:${redis_port}: start them (or run 'docker compose up -d postgres redis'), or set DATABASE_URL / REDIS_URL" >&2

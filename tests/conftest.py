@@ -64,6 +64,8 @@ async def settings(test_root: Path) -> AsyncIterator[Settings]:
         job_timeout_s=60,
         job_soft_timeout_s=50,
         import_batch_rows=1000,
+        # EMAIL_PROVIDER has no default; the default worker refuses to start without one.
+        email_provider="console",
     )
     built.import_dir.mkdir(parents=True)
     built.export_dir.mkdir(parents=True)

@@ -15,6 +15,7 @@ from worker.email_providers import make_email_provider
 from worker.http import make_http_client
 from worker.lease import Leases, renewing
 from worker.marketing import make_marketing_provider
+from worker.preflight import EMAIL_QUEUE, check_redis
 from worker.ratelimit import RateLimiter
 from worker.recycle import Recycler
 from worker.storage import make_storage, s3_client_factory
@@ -25,6 +26,8 @@ log = logging.getLogger(__name__)
 async def startup(arq_ctx: dict[str, Any]) -> None:
     ctx = cast(Ctx, arq_ctx)
     settings = ctx["settings"]
+    # Before anything is opened: a refusal leaves nothing to close.
+    await check_redis(ctx["redis"])
     stack = AsyncExitStack()
     ctx["exit_stack"] = stack
     engine = create_engine(settings)
@@ -33,7 +36,12 @@ async def startup(arq_ctx: dict[str, Any]) -> None:
     ctx["sessions"] = make_sessionmaker(engine)
     http = await stack.enter_async_context(make_http_client())
     ctx["http"] = http
-    ctx["email_provider"] = make_email_provider(settings, http)
+    # Only the default queue sends email and must name a provider (preflight.check_settings);
+    # imports and exports workers run without one.
+    if settings.email_provider is not None:
+        ctx["email_provider"] = make_email_provider(settings, http)
+        if settings.email_provider == "console" and ctx["queue_name"] == EMAIL_QUEUE:
+            log.warning("EMAIL_PROVIDER=console: email is logged here and never sent")
     ctx["marketing_provider"] = make_marketing_provider(settings, http)
     # Shared by every worker process through Redis: the provider's limit is global.
     ctx["email_rate_limiter"] = RateLimiter(ctx["redis"], settings.email_rate_limit_per_s)

@@ -14,11 +14,10 @@ from dataclasses import dataclass
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from arq.connections import RedisSettings
 from arq.cron import CronJob
 from arq.worker import Function
 
-from worker import lease
+from worker import lease, preflight
 from worker.job import CronSchedule, JobDefinition
 from worker.lifecycle import shutdown, startup
 from worker.recycle import after_job_end as recycle_after_job_end
@@ -104,7 +103,9 @@ def worker_settings(
 
     `recycle`: exit after WORKER_MAX_JOBS_PER_PROCESS jobs or above WORKER_MAX_MEMORY_MB, by
     sending this process SIGTERM; only for workers that handle signals (not in-process tests).
+    Raises `preflight.StartupRefused` for settings the queue must not run with.
     """
+    preflight.check_settings(queue, settings)
     config = QUEUES[queue]
     if jobs is None:
         jobs, declared_crons = queue_jobs(queue)
@@ -115,7 +116,7 @@ def worker_settings(
         "functions": functions,
         "cron_jobs": cron_jobs,
         "queue_name": queue,
-        "redis_settings": RedisSettings.from_dsn(settings.redis_url),
+        "redis_settings": settings.redis_settings(),
         "on_startup": startup,
         "on_shutdown": shutdown,
         # Short renewed in-progress leases (worker/lease.py) and recycling (worker/recycle.py).
@@ -141,9 +142,25 @@ def worker_settings(
     }
 
 
+async def _startup_for_arq_cli(ctx: dict[str, Any]) -> None:
+    try:
+        await startup(ctx)
+    except preflight.StartupRefused as exc:
+        # arq's CLI would print a traceback; the operator gets the one line. arq still closes
+        # its pool (Worker.run's finally) as SystemExit leaves the event loop.
+        raise SystemExit(f"error: {exc}") from None
+
+
 def __getattr__(name: str) -> type:
     queue = WORKER_CLASS_QUEUES.get(name)
     if queue is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    # arq's CLI installs signal handlers, so these workers may recycle themselves.
-    return type(name, (), worker_settings(queue, Settings(), recycle=True))
+    # Only arq's CLI (`arq worker.main.DefaultWorker`) asks for these names, so a refusal
+    # ends the process with one line, as `python -m worker` does.
+    try:
+        # arq's CLI installs signal handlers, so these workers may recycle themselves.
+        settings = worker_settings(queue, Settings(), recycle=True)
+    except preflight.StartupRefused as exc:
+        raise SystemExit(f"error: {exc}") from None
+    settings["on_startup"] = _startup_for_arq_cli
+    return type(name, (), settings)

@@ -2,13 +2,19 @@
 
 A Redis that lost its data (restarted without persistence, flushed, failed over to a stale
 replica) forgets queued and running jobs, while PostgreSQL still shows their imports and
-exports as `pending` or `processing`. Every minute this cron re-enqueues such rows under the
-same deterministic arq job id the client used (`import:<uuid>`, `export:<uuid>`).
+exports as `pending` or `processing`, and their one-off emails (`send_email`, welcome) as
+outbox rows `pending` or `sending`. Every minute this cron re-enqueues such rows under the
+same deterministic arq job id the client used (`import:<uuid>`, `export:<uuid>`,
+`email:<key>`, `welcome:<uuid>`; jobs/email/keys.py maps an outbox row to its job).
 
 It never runs a job twice at the same time: a row is re-enqueued only when Redis has no trace
 of its job (no job key, no queue entry, no in-progress lease, no result), arq refuses a
 duplicate id while the job exists, and the import/export jobs take a PostgreSQL advisory lock.
-Rows younger than `MIN_AGE_S` are left alone: the client commits the row before it enqueues.
+An email is never sent twice either way: the outbox claim (jobs/email/outbox.py) sends a
+`pending` row once, settles a repeat as a duplicate, and treats a `sending` row as a crashed
+or live claim by its lease, whoever runs the job. Campaign steps and trial notices are not
+re-enqueued here: their crons select whatever is still due. Rows younger than `MIN_AGE_S` are
+left alone: the client commits the row before it enqueues.
 """
 
 from __future__ import annotations
@@ -24,10 +30,12 @@ from typing import Any, cast
 
 from arq.connections import ArqRedis
 from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_prefix
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from db.models import ContactImportJob, Export
+from db.models import ContactImportJob, EmailMessage, Export
+from jobs.email.keys import REDRIVEN_PREFIXES, job_of_key, send_job
+from jobs.email.outbox import Draft
 from worker.context import Ctx
 from worker.job import CronSchedule, job
 from worker.job_ids import export_job_id, import_continuation_pointer, import_job_id
@@ -38,6 +46,10 @@ log = logging.getLogger(__name__)
 MIN_AGE_S = 60
 OPEN_STATUSES = ("pending", "processing")
 EXPORT_FUNCTIONS = {"contacts": "generate_contact_export", "companies": "generate_company_export"}
+OPEN_EMAIL_STATUSES = ("pending", "sending")
+# Oldest first, so a Redis that lost a large backlog is re-filled a page a minute, and a scan
+# stays one bounded query (over the partial index ix_email_messages_open).
+MAX_EMAILS_PER_RUN = 5000
 
 
 @dataclass(frozen=True)
@@ -48,10 +60,12 @@ class Expected:
     function: str
     queue: str
     kwargs: dict[str, Any]
+    # An outbox row's key: its job's arguments (the stored email) are read once it is lost.
+    outbox_key: str | None = None
 
 
 async def expected_jobs(sessions: async_sessionmaker[AsyncSession]) -> list[Expected]:
-    """Open imports and exports older than `MIN_AGE_S`, as the jobs that should exist."""
+    """Open imports, exports and one-off emails older than `MIN_AGE_S`: jobs that should exist."""
     cutoff = func.now() - timedelta(seconds=MIN_AGE_S)
     async with sessions() as session:
         imports = await session.scalars(
@@ -72,6 +86,20 @@ async def expected_jobs(sessions: async_sessionmaker[AsyncSession]) -> list[Expe
             Expected(export_job_id(i), EXPORT_FUNCTIONS[kind], "exports", {"export_id": str(i)})
             for i, kind in exports
         ]
+        emails = await session.scalars(
+            select(EmailMessage.idempotency_key)
+            .where(
+                EmailMessage.status.in_(OPEN_EMAIL_STATUSES),
+                EmailMessage.created_at < cutoff,
+                or_(*(EmailMessage.idempotency_key.startswith(p) for p in REDRIVEN_PREFIXES)),
+            )
+            .order_by(EmailMessage.created_at)
+            .limit(MAX_EMAILS_PER_RUN)
+        )
+        for key in emails:
+            target = job_of_key(key)
+            if target is not None:
+                expected.append(Expected(target[1], target[0], "default", {}, outbox_key=key))
     return expected
 
 
@@ -113,10 +141,14 @@ async def forgotten(redis: ArqRedis, expected: list[Expected]) -> list[Expected]
     return lost
 
 
-async def still_open(sessions: async_sessionmaker[AsyncSession], items: list[Expected]) -> set[str]:
-    """Re-read statuses just before enqueueing: a job may have finished since the first read."""
+async def still_open(
+    sessions: async_sessionmaker[AsyncSession], items: list[Expected]
+) -> list[Expected]:
+    """Those of `items` still open just before enqueueing (a job may have finished since the
+    first read); an email comes back with its stored message as the job's arguments."""
     import_ids = [uuid.UUID(i.kwargs["job_id"]) for i in items if i.queue == "imports"]
     export_ids = [uuid.UUID(i.kwargs["export_id"]) for i in items if i.queue == "exports"]
+    email_keys = [i.outbox_key for i in items if i.outbox_key is not None]
     async with sessions() as session:
         open_imports = await session.scalars(
             select(ContactImportJob.id).where(
@@ -126,7 +158,27 @@ async def still_open(sessions: async_sessionmaker[AsyncSession], items: list[Exp
         open_exports = await session.scalars(
             select(Export.id).where(Export.id.in_(export_ids), Export.status.in_(OPEN_STATUSES))
         )
-        return {import_job_id(i) for i in open_imports} | {export_job_id(i) for i in open_exports}
+        reopened = {import_job_id(i) for i in open_imports} | {
+            export_job_id(i) for i in open_exports
+        }
+        open_emails = await session.execute(
+            select(
+                EmailMessage.idempotency_key,
+                EmailMessage.to_email,
+                EmailMessage.subject,
+                EmailMessage.html,
+                EmailMessage.text_body,
+            ).where(
+                EmailMessage.idempotency_key.in_(email_keys),
+                EmailMessage.status.in_(OPEN_EMAIL_STATUSES),
+            )
+        )
+        emails = [send_job(Draft(*row)) for row in open_emails]
+    return [item for item in items if item.arq_id in reopened] + [
+        Expected(job.arq_job_id, job.function, "default", job.kwargs)
+        for job in emails
+        if job is not None
+    ]
 
 
 async def prune_dead_leases(redis: ArqRedis) -> int:
@@ -148,14 +200,11 @@ async def prune_dead_leases(redis: ArqRedis) -> int:
 
 @job(timeout_cap_s=50)
 async def reconcile_jobs(ctx: Ctx) -> dict[str, int]:
-    """Re-enqueue open imports/exports that Redis lost; running it twice changes nothing."""
+    """Re-enqueue open imports, exports and emails that Redis lost; twice changes nothing."""
     redis, sessions = ctx["redis"], ctx["sessions"]
     lost = await forgotten(redis, await expected_jobs(sessions))
-    reopened = await still_open(sessions, lost) if lost else set()
     enqueued = 0
-    for item in lost:
-        if item.arq_id not in reopened:
-            continue
+    for item in await still_open(sessions, lost) if lost else []:
         job_ = await redis.enqueue_job(
             item.function, _job_id=item.arq_id, _queue_name=item.queue, **item.kwargs
         )

@@ -19,7 +19,8 @@ from datetime import date, datetime
 from typing import Any
 
 COMPRESS_ABOVE_BYTES = 1024
-# A gzip bomb must not take the worker's memory: real payloads are ids and short texts.
+# A gzip bomb or a huge raw payload must not take the worker's memory: real payloads are ids
+# and short texts. The cap holds for the JSON text, compressed or not, at both ends.
 MAX_PAYLOAD_BYTES = 16 * 1024 * 1024
 GZIP_MAGIC = b"\x1f\x8b"
 
@@ -83,6 +84,12 @@ def serialize(data: Any) -> bytes:
     """Encode a job or result for Redis; large payloads are gzip-compressed."""
     raw = json.dumps(data, default=_encode_value, separators=(",", ":"), ensure_ascii=False)
     encoded = raw.encode()
+    if len(encoded) > MAX_PAYLOAD_BYTES:
+        # Refused here, where the caller sees it, rather than by the worker that would get it.
+        raise ValueError(
+            f"payload of {len(encoded)} bytes is larger than {MAX_PAYLOAD_BYTES} bytes; "
+            "pass ids and short texts, and keep bulk data in PostgreSQL or S3"
+        )
     if len(encoded) > COMPRESS_ABOVE_BYTES:
         return gzip.compress(encoded, compresslevel=5, mtime=0)
     return encoded
@@ -107,6 +114,12 @@ def _describe(payload: bytes) -> str:
 
 def deserialize(payload: bytes) -> Any:
     """Decode what `serialize` wrote; anything else raises `PayloadRefused`."""
+    # Checked before any parsing, gzip or not: json.loads of a huge payload costs its size many
+    # times over in memory. (Gzip of JSON text is always smaller than the text `serialize` caps.)
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise PayloadRefused(
+            f"payload of {len(payload)} bytes is larger than {MAX_PAYLOAD_BYTES}; refusing it"
+        )
     if payload[:2] == GZIP_MAGIC:
         payload = _gunzip_bounded(payload)
     if payload[:1] != b"{":

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import TYPE_CHECKING, Any, Literal, Self
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from arq.connections import RedisSettings
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
@@ -22,7 +24,10 @@ SENDGRID_API_BASE_URL = "https://api.sendgrid.com"
 class Settings(BaseSettings):
     """Every knob of the worker. Secrets are `SecretStr`: their values never reach a log or repr."""
 
-    model_config = SettingsConfigDict(env_file=None, extra="ignore", frozen=True)
+    # hide_input_in_errors: a rejected value may be a URL with a password (L2); see __init__.
+    model_config = SettingsConfigDict(
+        env_file=None, extra="ignore", frozen=True, hide_input_in_errors=True
+    )
 
     database_url: str = "postgresql+asyncpg://postgres@127.0.0.1:5432/contact360"
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -34,7 +39,9 @@ class Settings(BaseSettings):
     s3_endpoint_url: str | None = None
     s3_region: str | None = None
 
-    email_provider: Literal["console", "resend", "sendgrid"] = "console"
+    # No default: the default worker refuses to start without it (worker/preflight.py), so a
+    # deploy that forgot it cannot settle email `sent` through the console provider.
+    email_provider: Literal["console", "resend", "sendgrid"] | None = None
     email_api_key: SecretStr | None = None
     email_from: str = "Contact360 <no-reply@localhost>"
     email_api_base_url: str | None = None
@@ -76,6 +83,15 @@ class Settings(BaseSettings):
         # Accept the plain scheme users copy from elsewhere, but always talk asyncpg.
         return url.set(drivername="postgresql+asyncpg").render_as_string(hide_password=False)
 
+    @field_validator("email_api_key", "marketing_api_key")
+    @classmethod
+    def _empty_secret_is_unset(cls, value: SecretStr | None) -> SecretStr | None:
+        # `EMAIL_API_KEY=` (an .env line left empty) must read as missing, so a provider that
+        # needs a key refuses to start instead of failing every send with a 401.
+        if value is not None and not value.get_secret_value().strip():
+            return None
+        return value
+
     @field_validator("redis_url")
     @classmethod
     def _redis_url_scheme(cls, value: str) -> str:
@@ -94,7 +110,7 @@ class Settings(BaseSettings):
                 f"JOB_SOFT_TIMEOUT_S ({self.job_soft_timeout_s:g}) must be below "
                 f"JOB_TIMEOUT_S ({self.job_timeout_s:g})"
             )
-        if self.email_provider != "console" and self.email_api_key is None:
+        if self.email_provider in ("resend", "sendgrid") and self.email_api_key is None:
             raise ValueError(f"EMAIL_PROVIDER={self.email_provider} needs EMAIL_API_KEY")
         if self.marketing_provider != "none" and self.marketing_api_key is None:
             raise ValueError(
@@ -107,6 +123,11 @@ class Settings(BaseSettings):
         """`DATABASE_URL` parsed; render it with `hide_password=True` anywhere it may be shown."""
         return make_url(self.database_url)
 
+    def redis_settings(self) -> RedisSettings:
+        """`REDIS_URL` for arq; its repr masks the password (arq's own shows it)."""
+        parsed = RedisSettings.from_dsn(self.redis_url)
+        return _MaskedRedisSettings(**vars(parsed))
+
     @property
     def email_base_url(self) -> str:
         if self.email_api_base_url:
@@ -117,10 +138,59 @@ class Settings(BaseSettings):
     def marketing_base_url(self) -> str:
         return (self.marketing_api_base_url or SENDGRID_API_BASE_URL).rstrip("/")
 
+    if not TYPE_CHECKING:  # keeps the pydantic plugin's typed __init__ for mypy
+
+        def __init__(self, *args: Any, **values: Any) -> None:
+            # hide_input_in_errors only hides the input from str(error); errors() and json()
+            # still carry it, and so would a ValidationError chained as __context__. Re-raise
+            # outside the except block, without any input, whoever builds Settings.
+            try:
+                super().__init__(*args, **values)
+                return
+            except ValidationError as exc:
+                title = exc.title
+                details = [
+                    {**error, "input": "<hidden>"}
+                    for error in exc.errors(include_input=False, include_url=False)
+                ]
+            raise ValidationError.from_exception_data(title, details, hide_input=True)
+
     def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
-        # The database URL may carry a password: show it masked like SecretStr does.
+        # Both URLs may carry a password: show it masked like SecretStr does.
         for name, value in super().__repr_args__():
-            if name == "database_url":
-                yield name, self.database.render_as_string(hide_password=True)
+            if name in ("database_url", "redis_url"):
+                yield name, mask_url_password(value)
             else:
                 yield name, value
+
+
+class _MaskedRedisSettings(RedisSettings):
+    # Reprs end up in tracebacks and in error trackers' captured frame locals (arq's
+    # create_pool holds one while it retries a connection).
+    def __repr__(self) -> str:
+        shown = {**vars(self), "password": "***" if self.password else self.password}
+        return "RedisSettings({})".format(", ".join(f"{k}={v!r}" for k, v in shown.items()))
+
+
+def mask_url_password(url: str) -> str:
+    """`url` with its password (user info or `?password=`) replaced by `***`, for display."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # not even a URL: nothing in it can be shown safely
+        return "***"
+    netloc, query = parts.netloc, parts.query
+    userinfo, at, host = netloc.rpartition("@")
+    if at and ":" in userinfo:
+        netloc = f"{userinfo.partition(':')[0]}:***@{host}"
+    pairs = parse_qsl(query, keep_blank_values=True)
+    if any(key.lower() == "password" for key, _ in pairs):
+        masked = [(k, "***" if k.lower() == "password" else v) for k, v in pairs]
+        query = urlencode(masked, safe="*")
+    if (netloc, query) == (parts.netloc, parts.query):
+        return url
+    # Rebuilt by hand: urlunsplit drops the "//" of an empty host (unix:///path).
+    return (
+        f"{parts.scheme}://{netloc}{parts.path}"
+        + (f"?{query}" if query else "")
+        + (f"#{parts.fragment}" if parts.fragment else "")
+    )

@@ -1,5 +1,9 @@
 """The waitlist campaign: step 1 on sign-up, step 2 at +2 days, step 3 at +7 days (UTC).
 
+Sign-up (`JobsClient.join_waitlist`) commits the entry with step 1 already due
+(`next_email_at = created_at`) and then enqueues the kickoff job for a prompt send: if Redis
+loses that job, or the enqueue fails after the commit, the hourly cron sends step 1 instead.
+
 `waitlist_entries.campaign_step` counts the steps sent and `next_email_at` says when the next
 one is due; both advance in the transaction that settles the step's outbox row, so a crash
 leaves either "not sent, still due" or "sent, advanced", and a re-run sends nothing twice.

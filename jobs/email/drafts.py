@@ -1,8 +1,9 @@
 """The emails the platform sends, as outbox drafts with their derived idempotency keys.
 
 Keys name the logical email, not the attempt: `welcome/<user_id>`, `waitlist/<entry_id>/<step>`,
-`trial-reminder/<user_id>`, `trial-expired/<user_id>`. Whatever job or retry renders one of
-these again, the outbox sends it once.
+`trial-reminder/<user_id>`, `trial-expired/<user_id>` (callers' own keys live apart, under
+`caller/`: jobs/email/keys.py). Whatever job or retry renders one of these again, the outbox
+sends it once.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
+from jobs.email.keys import welcome_key
 from jobs.email.outbox import Draft
 from jobs.email.templates import render
 
@@ -20,7 +22,7 @@ LAST_WAITLIST_STEP = 3
 
 def welcome(user_id: uuid.UUID, email: str, name: str | None) -> Draft:
     rendered = render("welcome", name=name, app_url=APP_URL)
-    return Draft(f"welcome/{user_id}", email, rendered.subject, rendered.html, rendered.text)
+    return Draft(welcome_key(user_id), email, rendered.subject, rendered.html, rendered.text)
 
 
 def unsubscribe_url(entry_id: uuid.UUID) -> str:

@@ -12,6 +12,10 @@
                            Resend: claimed again and resent with the same Idempotency-Key;
                            SendGrid: review.
 
+A row starts `pending` when the client writes it at enqueue (`store_pending`: `send_email`, the
+welcome email), or is inserted already claimed by the job (campaign steps, trial notices, a job
+enqueued without the client); either way the claim below takes it over.
+
 A row in `sent`, `failed` or `review` is settled: claiming it sends nothing, so a second
 enqueue, a retry or a duplicate delivery of the job is harmless. The claim commits before the
 HTTP call (no row lock or connection is held while the provider answers); the lease tells a
@@ -89,6 +93,11 @@ class Outcome:
 # campaign step, a plan change) commit together or not at all.
 AfterSettled = Callable[[AsyncSession, Outcome], Awaitable[None]]
 
+_INSERT_PENDING = text("""
+    INSERT INTO email_messages (idempotency_key, to_email, subject, html, text, status)
+    VALUES (:key, :to, :subject, :html, :text, 'pending')
+    ON CONFLICT (idempotency_key) DO NOTHING
+""")
 _INSERT_CLAIMED = text("""
     INSERT INTO email_messages
         (idempotency_key, to_email, subject, html, text, status, attempts, provider, updated_at)
@@ -310,6 +319,16 @@ async def _retry_or_fail(
         return await _settle(sessions, claim, "failed", after, detail=detail)
     await _settle(sessions, claim, "pending", None, detail=str(exc))
     raise exc
+
+
+async def store_pending(session: AsyncSession, draft: Draft) -> None:
+    """Write `draft` as a `pending` row before its job is enqueued (the first draft stored wins).
+
+    PostgreSQL then knows the email even if Redis loses its job, and the reconciler re-enqueues
+    it; a repeat under the same key changes nothing, and a settled row stays settled.
+    """
+    params = {"key": draft.key, "to": draft.to, "subject": draft.subject, "html": draft.html}
+    await session.execute(_INSERT_PENDING, params | {"text": draft.text})
 
 
 async def fail_message(ctx: Ctx, key: str, reason: str) -> None:

@@ -8,6 +8,7 @@ from typing import Any
 from db.models import User
 from jobs.email import drafts
 from jobs.email.campaign import SEND_JOB_CAP_S
+from jobs.email.keys import caller_key, job_key, welcome_key
 from jobs.email.outbox import Draft, Outcome, deliver, fail_message
 from worker.context import Ctx
 from worker.errors import PermanentError
@@ -15,10 +16,10 @@ from worker.job import job
 
 
 def send_email_key(ctx: Ctx, idempotency_key: str | None) -> str:
-    """The caller's key, or `job/<arq job id>`: every retry of one job shares it."""
+    """`caller/<the caller's key>`, or `job/<arq job id>`: every retry of one job shares it."""
     if idempotency_key:
-        return idempotency_key
-    return f"job/{ctx.get('job_id', '-')}"
+        return caller_key(idempotency_key)
+    return job_key(ctx.get("job_id", "-"))
 
 
 def _result(outcome: Outcome) -> dict[str, Any]:
@@ -43,8 +44,9 @@ async def send_email(
 ) -> dict[str, Any]:
     """Send one email through the outbox.
 
-    Twice is harmless: the row keyed by `idempotency_key` (or this job's id) is settled by the
-    first run, and with Resend the key also travels as `Idempotency-Key`.
+    Twice is harmless: the row keyed `caller/<idempotency_key>` (or `job/<this job's id>`) is
+    settled by the first run, and with Resend the key also travels as `Idempotency-Key`. The
+    client wrote the row (`pending`) before enqueueing; its first draft is the one sent.
     """
     if not isinstance(to, str) or "@" not in to:
         raise PermanentError(f"send_email: `to` must be one email address, got {to!r}")
@@ -53,7 +55,7 @@ async def send_email(
 
 
 async def _fail_welcome(ctx: Ctx, kwargs: dict[str, Any], reason: str) -> None:
-    await fail_message(ctx, f"welcome/{uuid.UUID(str(kwargs['user_id']))}", reason)
+    await fail_message(ctx, welcome_key(kwargs["user_id"]), reason)
 
 
 @job(timeout_cap_s=SEND_JOB_CAP_S, on_failure=_fail_welcome)

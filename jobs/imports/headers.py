@@ -89,10 +89,6 @@ class HeaderMap:
     def width(self) -> int:
         return len(self.header)
 
-    def payload_key(self, index: int) -> str:
-        """The payload key of field `index`; fields past the header are "column N"."""
-        return self.payload_keys[index] if index < self.width else f"column {index + 1}"
-
 
 def map_header(header: Sequence[str]) -> HeaderMap:
     """Map the header; FileFormatError (listing the headers found) if it has no email column."""
@@ -111,7 +107,7 @@ def map_header(header: Sequence[str]) -> HeaderMap:
     if "email" not in indexes:
         raise FileFormatError(
             'the file has no email column (a header such as "email" or "E-mail"); '
-            f"the headers found are: {_list_headers(header)}"
+            f"the headers found are: {list_names(header)}"
         )
     return HeaderMap(
         header=tuple(header),
@@ -122,11 +118,11 @@ def map_header(header: Sequence[str]) -> HeaderMap:
     )
 
 
-def _list_headers(header: Sequence[str]) -> str:
-    shown = [display_name(name) or "(blank)" for name in header[:_MAX_LISTED_HEADERS]]
-    listed = ", ".join(shown)
-    if len(header) > _MAX_LISTED_HEADERS:
-        listed += f" and {len(header) - _MAX_LISTED_HEADERS} more"
+def list_names(names: Sequence[str]) -> str:
+    """Header names for a message: the first 30, then "and K more" (a file may have 5,000)."""
+    listed = ", ".join(display_name(name) or "(blank)" for name in names[:_MAX_LISTED_HEADERS])
+    if len(names) > _MAX_LISTED_HEADERS:
+        listed += f" and {len(names) - _MAX_LISTED_HEADERS} more"
     return listed
 
 

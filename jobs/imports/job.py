@@ -15,9 +15,10 @@ import uuid
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from jobs.imports.headers import HeaderMap, map_header
+from jobs.imports.headers import HeaderMap, list_names, map_header
 from jobs.imports.merge import PreparedBatch, prepare
 from jobs.imports.progress import (
     FINAL_STATUSES,
@@ -31,11 +32,11 @@ from jobs.imports.progress import (
     update,
 )
 from jobs.imports.reader import CsvReader, NumberedRow
-from jobs.imports.sources import SourceFactory, local_file_source, s3_object_source
+from jobs.imports.sources import LocalFile, PinnedSource, S3Object
 from jobs.imports.validate import ContactRow, RowError, Validator
 from worker.context import Ctx
 from worker.errors import PermanentError
-from worker.import_source import resolve_import_source
+from worker.import_source import resolve_import_source, user_import_dir
 from worker.job import job
 from worker.job_ids import (
     CONTINUATION_POINTER_TTL_S,
@@ -90,7 +91,10 @@ async def _run_locked(
     ctx: Ctx, import_id: uuid.UUID, cpu: Executor, after_batch: AfterBatch | None
 ) -> dict[str, Any]:
     sessions = ctx["sessions"]
-    async with import_lock(ctx["engine"], import_id) as owned:
+    async with (
+        import_lock(ctx["engine"], import_id) as owned,
+        contextlib.AsyncExitStack() as opened,
+    ):
         if not owned:
             raise ImportRunningElsewhere()
         # Re-read under the lock: whatever an earlier runner committed is final.
@@ -102,15 +106,20 @@ async def _run_locked(
         if row.cancel_requested:
             await finish(sessions, import_id, "cancelled", "cancelled before it started")
             return _summary(row, "cancelled")
+        source = await _open_source(ctx, row, opened)
         # Parsing runs in a thread: the loop thread then wakes for each database reply within
         # one GIL switch interval (5 ms), not after a whole parse step (~20 ms). An import
         # makes ~10 round trips per batch, so this is most of the overlap's gain.
         reader = await CsvReader.open(
-            _source(ctx, row.file_path),
+            source.source(),
+            encoding=row.source_encoding,  # a resume reads as the first run decided
             step_bytes=PARSE_STEP_BYTES,
             parse_in_thread=True,
             executor=cpu,
         )
+        if row.source_pin is None and source.pin is not None:
+            # Before any batch commits: every later pass and run must read these bytes.
+            await update(sessions, import_id, "source_pin = :p", p=source.pin)
         header_map = map_header(reader.header)
         notes = _notes(header_map)
         if row.status == "pending":
@@ -123,7 +132,14 @@ async def _run_locked(
         total_rows = row.total_rows
         if total_rows is None:
             total_rows = await reader.count_rows()
-            await update(sessions, import_id, "total_rows = :t", t=total_rows)
+            # The counting pass saw every byte, so its encoding holds for the whole file.
+            await update(
+                sessions,
+                import_id,
+                "total_rows = :t, source_encoding = :e",
+                t=total_rows,
+                e=reader.encoding,
+            )
         ended = await _run_batches(
             ctx, row, reader, Validator(header_map), cpu, total_rows, notes, after_batch
         )
@@ -237,11 +253,14 @@ def _prepare(validator: Validator, numbered: list[NumberedRow]) -> PreparedBatch
     return prepare(rows, errors, len(numbered))
 
 
-def _source(ctx: Ctx, file_path: str) -> SourceFactory:
-    """Check the source again (a symlink may have been swapped since the client checked)."""
+async def _open_source(ctx: Ctx, row: ImportRow, opened: contextlib.AsyncExitStack) -> PinnedSource:
+    """Check the source against the row's owner again (a symlink may have been swapped since
+    the client checked), then open it pinned to what the import's first read saw."""
     settings = ctx["settings"]
     try:
-        resolved = resolve_import_source(settings, file_path)
+        resolved = await asyncio.to_thread(
+            resolve_import_source, settings, row.user_id, row.file_path
+        )
     except ValueError as exc:
         # The reason names server paths (IMPORT_DIR, where a symlink led): logs only.
         raise PermanentError(
@@ -249,19 +268,25 @@ def _source(ctx: Ctx, file_path: str) -> SourceFactory:
             public="the import file is no longer where it was uploaded (moved, replaced or "
             "deleted); upload it again and start a new import",
         ) from None
-    if not resolved.startswith("s3://"):
-        return local_file_source(resolved)
-    bucket, _, key = resolved.removeprefix("s3://").partition("/")
-    return s3_object_source(s3_client_factory(ctx["s3_session"], settings), bucket, key)
+    if resolved.startswith("s3://"):
+        bucket, _, key = resolved.removeprefix("s3://").partition("/")
+        factory = s3_client_factory(ctx["s3_session"], settings)
+        return S3Object(factory, bucket, key, expected_pin=row.source_pin)
+    home = user_import_dir(settings, row.user_id)
+    local = await asyncio.to_thread(
+        LocalFile.open, home, Path(resolved).relative_to(home), row.source_pin
+    )
+    opened.callback(local.close)
+    return local
 
 
 def _notes(header_map: HeaderMap) -> str | None:
     notes = []
     if header_map.unknown_columns:
-        notes.append(f"ignored columns: {', '.join(header_map.unknown_columns)}")
+        notes.append(f"ignored columns: {list_names(header_map.unknown_columns)}")
     if header_map.duplicate_columns:
         notes.append(
-            f"ignored repeated columns: {', '.join(header_map.duplicate_columns)} "
+            f"ignored repeated columns: {list_names(header_map.duplicate_columns)} "
             "(an earlier column has the same meaning)"
         )
     return "; ".join(notes) or None

@@ -25,7 +25,6 @@ Why the SQL is shaped this way (speed; figures from bench/bench_import.py on 2 c
 
 from __future__ import annotations
 
-import json
 import uuid
 import zlib
 from collections.abc import Sequence
@@ -227,6 +226,6 @@ async def merge_part(
         import_id,
         [error.row_number for error in stored],
         [error.message for error in stored],
-        [json.dumps(error.payload, ensure_ascii=False) for error in stored],
+        [error.payload_json for error in stored],  # JSON text made on the parsing thread
     )
     return BatchCounts(created=created, updated=part.valid_rows - created, errors=len(part.errors))

@@ -71,6 +71,8 @@ class ImportRow:
     cancel_requested: bool
     batch_rows: int | None  # data rows of the batch some of whose parts committed
     batch_parts_done: int  # bitmask of that batch's committed parts
+    source_pin: str | None  # what the first read saw (`sources.py`), None before it
+    source_encoding: str | None  # the encoding the first run chose for the whole file
 
 
 def lock_key(import_id: uuid.UUID) -> int:
@@ -105,7 +107,8 @@ async def import_lock(engine: AsyncEngine, import_id: uuid.UUID) -> AsyncIterato
 
 _COLUMNS = (
     "id, user_id, file_path, status, total_rows, processed_rows, error_count, "
-    "created_count, updated_count, cancel_requested, batch_rows, batch_parts_done"
+    "created_count, updated_count, cancel_requested, batch_rows, batch_parts_done, "
+    "source_pin, source_encoding"
 )
 
 

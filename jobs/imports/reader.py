@@ -30,6 +30,7 @@ from jobs.imports.sniff import (
     Encoding,
     FileFormatError,
     choose_delimiter,
+    encoding_named,
     first_line,
     sniff_encoding,
 )
@@ -236,7 +237,8 @@ def _line_cut(data: bytes) -> int:
 class CsvReader:
     """A CSV file opened for reading: encoding, delimiter and header are known.
 
-    Every pass (`count_rows`, `batches`) re-reads the file from the source factory.
+    Every pass (`count_rows`, `batches`) re-reads the file from the source factory; the job's
+    factories read one pinned file or object, so every pass sees the same bytes (`sources.py`).
     """
 
     def __init__(
@@ -265,23 +267,30 @@ class CsvReader:
         cls,
         source: SourceFactory,
         *,
+        encoding: str | None = None,
         step_bytes: int = DEFAULT_STEP_BYTES,
         parse_in_thread: bool = False,
         executor: Executor | None = None,
     ) -> CsvReader:
-        """Sniff encoding and delimiter, read the header; FileFormatError if not a CSV text."""
+        """Sniff encoding and delimiter, read the header; FileFormatError if not a CSV text.
+
+        `encoding` (a resume): the `encoding` an earlier reader of the same bytes ended with,
+        used instead of the guess from the first bytes.
+        """
         if csv.field_size_limit() < MAX_RECORD_CHARS + 1:
             # Process-wide, so only ever raised: big fields become row errors, not crashes.
             csv.field_size_limit(MAX_RECORD_CHARS + 1)
         head, at_eof = await _read_head(source, SNIFF_BYTES)
         if not head:
             raise FileFormatError("the file is empty")
-        encoding = sniff_encoding(head, at_eof)
-        text = codecs.getincrementaldecoder(encoding.name)("replace").decode(head, at_eof)
+        chosen = sniff_encoding(head, at_eof)  # refuses binary files either way
+        if encoding is not None:
+            chosen = encoding_named(encoding)
+        text = codecs.getincrementaldecoder(chosen.name)("replace").decode(head, at_eof)
         delimiter = choose_delimiter(first_line(text.lstrip("\r\n")))
         reader = cls(
             source,
-            encoding,
+            chosen,
             delimiter,
             step_bytes=step_bytes,
             parse_in_thread=parse_in_thread,

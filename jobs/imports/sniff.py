@@ -55,7 +55,19 @@ class Encoding:
 
 
 UTF8_GUESS = Encoding("utf-8", "strict")
+UTF8_BOM = Encoding("utf-8-sig", "replace")
+UTF16_BOM = Encoding("utf-16", "replace")
 CP1252 = Encoding("cp1252", "replace")  # 5 byte values are undefined in cp1252: show U+FFFD
+_BY_NAME = {encoding.name: encoding for encoding in (UTF8_GUESS, UTF8_BOM, UTF16_BOM, CP1252)}
+
+
+def encoding_named(name: str) -> Encoding:
+    """The encoding a first run settled on (`CsvReader.encoding`), to read a resume the same
+    way: a resume skips the counting pass, which is where a late invalid UTF-8 byte is found."""
+    try:
+        return _BY_NAME[name]
+    except KeyError:
+        raise FileFormatError(f"unknown encoding {name!r} stored for this import") from None
 
 
 def sniff_encoding(head: bytes, at_eof: bool) -> Encoding:
@@ -64,9 +76,9 @@ def sniff_encoding(head: bytes, at_eof: bool) -> Encoding:
         if head.startswith(signature):
             raise FileFormatError(f"the file is not a CSV text file (it looks binary: {what})")
     if head.startswith(codecs.BOM_UTF8):
-        encoding = Encoding("utf-8-sig", "replace")
+        encoding = UTF8_BOM
     elif head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        encoding = Encoding("utf-16", "replace")
+        encoding = UTF16_BOM
     else:
         try:
             # final=False: the sample may end inside a multi-byte character.

@@ -2,9 +2,9 @@
 
 Speed: pydantic with EmailStr manages ~12k rows/s; this is plain Python with one precompiled
 regex. Most rows take a fast path (right width, every field <= 255 characters, no NUL in the
-batch) where only email, phone and tags can break a rule; a row that breaks one, or is off the
-fast path, goes through `_check_row`, which applies every rule and writes every message, so the
-two paths cannot disagree about what is wrong.
+batch) where only email, phone, linkedin_url and tags can break a rule; a row that breaks one,
+or is off the fast path, goes through `_check_row`, which applies every rule and writes every
+message, so the two paths cannot disagree about what is wrong.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from itertools import chain, compress, count, repeat
 from operator import itemgetter, not_
 from typing import NamedTuple
 
+from jobs.imports.error_payload import payload_json
 from jobs.imports.headers import CANONICAL_COLUMNS, HeaderMap
 from jobs.imports.reader import NumberedRow
 
@@ -34,7 +35,9 @@ MAX_CHARS: dict[str, int] = {
 MAX_LOCAL_PART_CHARS = 64  # RFC 5321 4.5.3.1.1
 MAX_TAG_CHARS = 64
 MAX_TAGS = 50
-MAX_PAYLOAD_VALUE_CHARS = 1024  # an error row never stores a 200 KB cell
+# A row's message names at most this many problems, then counts the rest: a row of 200,000
+# fields with a NUL in each is one short message, not 200,000 clauses.
+MAX_LISTED_PROBLEMS = 10
 # Rows whose fields all fit this skip the generic length checks; phone (64) and tags (64 a
 # tag) are checked on their own.
 _FAST_MAX_CHARS = 255
@@ -48,6 +51,12 @@ _EMAIL = re.compile(
     r"(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?)*"
 )
 _is_email = _EMAIL.fullmatch
+# An http(s) URL with a host (RFC 3986 authority: optional userinfo@, then a host that starts
+# with a character no delimiter or blank can be). Anything else (`javascript:`, `data:`, no
+# scheme) would reach a web app's `<a href>` as it is. Empty matches too: an empty cell is fine.
+_HTTP_URL_OR_EMPTY = re.compile(r"\Z|https?://(?:[^/?#\\]*@)?[^/?#\\@:\x00-\x20]", re.IGNORECASE)
+_is_http_url_or_empty = _HTTP_URL_OR_EMPTY.match
+LINKEDIN_URL_PROBLEM = "linkedin_url: not an http(s) URL"
 
 
 class ContactRow(NamedTuple):
@@ -67,11 +76,12 @@ class ContactRow(NamedTuple):
 
 
 class RowError(NamedTuple):
-    """A rejected row: `message` names each column and its problem; payload values <= 1 KiB."""
+    """A rejected row: `message` names each column and its problem; `payload_json` is the
+    row's values by header as bounded JSON text (`error_payload.payload_json`)."""
 
     row_number: int
     message: str
-    payload: dict[str, str]
+    payload_json: str
 
 
 class ValidatedBatch(NamedTuple):
@@ -119,7 +129,7 @@ class Validator:
         self.header_map = header_map
         self._mapped = set(header_map.indexes.values())
         # The column name each field's problems are reported under.
-        self._field_names = [header_map.payload_keys[index] for index in range(header_map.width)]
+        self._field_names = list(header_map.payload_keys)
         for name, index in header_map.indexes.items():
             self._field_names[index] = name
 
@@ -144,13 +154,16 @@ class Validator:
         """The rows fit for the fast path; checks the others one by one right away."""
         width = self.header_map.width
         field_lists = list(map(_fields, batch))
+        widths = list(map(len, field_lists))
+        ragged = bool(widths) and not (min(widths) == max(widths) == width)
+        if ragged:  # leave them out: one row of 200,000 fields would be copied whole below
+            field_lists = [
+                fields for fields, n in zip(field_lists, widths, strict=True) if n == width
+            ]
         all_fields = list(chain.from_iterable(field_lists))
         # C-speed passes over the whole batch; a clean batch skips the per-row tests below.
         nul = "\x00" in "\x1f".join(all_fields)
         long = max(map(len, all_fields), default=0) > _FAST_MAX_CHARS
-        ragged = bool(field_lists) and not (
-            min(map(len, field_lists)) == max(map(len, field_lists)) == width
-        )
         if not (nul or long or ragged):
             return batch
         fast: list[NumberedRow] = []
@@ -183,6 +196,9 @@ class Validator:
         phones = stripped.get("phone")
         if phones and max(map(len, phones)) > MAX_CHARS["phone"]:
             bad.update(i for i, phone in enumerate(phones) if len(phone) > MAX_CHARS["phone"])
+        if "linkedin_url" in stripped:
+            urls = stripped["linkedin_url"]
+            bad.update(compress(count(), map(not_, map(_is_http_url_or_empty, urls))))
         output: list[Iterable[object]] = [numbers, map(str.lower, emails)]
         for name in CANONICAL_COLUMNS[1:-1]:
             values = stripped.get(name)
@@ -213,39 +229,59 @@ class Validator:
     def _check_row(self, number: int, fields: list[str]) -> ContactRow | RowError:
         """Every rule, for rows off the fast path; collects all the row's problems."""
         width = self.header_map.width
-        problems: list[str] = []
-        extras = [index for index in range(width, len(fields)) if fields[index].strip()]
-        if extras:
-            problems.append(f"row has {extras[-1] + 1} fields, the header has {width}")
+        problems = _Problems()
+        last_extra = next(
+            (index for index in range(len(fields) - 1, width - 1, -1) if fields[index].strip()),
+            None,
+        )
+        if last_extra is not None:
+            problems.add(f"row has {last_extra + 1} fields, the header has {width}")
         for index, value in enumerate(fields):
-            name = self._field_names[index] if index < width else f"column {index + 1}"
             if "\x00" in value:
-                problems.append(f"{name}: contains a NUL byte")
+                problems.add(f"{self._field_name(index)}: contains a NUL byte")
             if len(value) > MAX_FIELD_CHARS and index not in self._mapped:
-                problems.append(f"{name}: longer than {MAX_FIELD_CHARS} characters")
+                problems.add(f"{self._field_name(index)}: longer than {MAX_FIELD_CHARS} characters")
         values: list[str | None] = []
         for name in CANONICAL_COLUMNS:
             index = self.header_map.indexes.get(name, len(fields))  # absent or past the row's end
             values.append(fields[index].strip() or None if index < len(fields) else None)
         if problem := email_problem(values[0]):
-            problems.append(problem)
+            problems.add(problem)
         for name, cleaned in zip(CANONICAL_COLUMNS, values, strict=True):
             if cleaned is not None and len(cleaned) > MAX_CHARS[name] and name != "email":
-                problems.append(f"{name}: longer than {MAX_CHARS[name]} characters")
+                problems.add(f"{name}: longer than {MAX_CHARS[name]} characters")
+        if not _is_http_url_or_empty(values[8] or ""):
+            problems.add(LINKEDIN_URL_PROBLEM)
         tags, problem = split_tags(values[9])
         if problem:
-            problems.append(problem)
+            problems.add(problem)
         email = values[0]
-        if problems or email is None:
-            return self._error(number, fields, problems)
+        if problems.count or email is None:
+            payload = payload_json(self.header_map.payload_keys, fields)
+            return RowError(number, problems.message(), payload)
         return _contact(number, email, values, tags)
 
-    def _error(self, number: int, fields: Sequence[str], problems: list[str]) -> RowError:
-        payload = {
-            self.header_map.payload_key(index): _payload_value(value)
-            for index, value in enumerate(fields)
-        }
-        return RowError(number, "; ".join(problems), payload)
+    def _field_name(self, index: int) -> str:
+        """The name a field's problems are reported under; past the header, "column N"."""
+        return self._field_names[index] if index < len(self._field_names) else f"column {index + 1}"
+
+
+class _Problems:
+    """A row's problems, in order; only the first `MAX_LISTED_PROBLEMS` are kept as text."""
+
+    def __init__(self) -> None:
+        self.listed: list[str] = []
+        self.count = 0
+
+    def add(self, problem: str) -> None:
+        self.count += 1
+        if len(self.listed) < MAX_LISTED_PROBLEMS:
+            self.listed.append(problem)
+
+    def message(self) -> str:
+        more = self.count - len(self.listed)
+        suffix = [f"and {more:,} more problem{'s' if more > 1 else ''}"] if more else []
+        return "; ".join([*self.listed, *suffix])
 
 
 _row_number = itemgetter(0)
@@ -269,12 +305,3 @@ def _contact(
         linkedin_url,
         tags,
     )
-
-
-def _payload_value(value: str) -> str:
-    # PostgreSQL text and jsonb cannot hold NUL: show it as the visible U+2400 symbol.
-    if "\x00" in value:
-        value = value.replace("\x00", "\u2400")
-    if len(value) > MAX_PAYLOAD_VALUE_CHARS:
-        return f"{value[:MAX_PAYLOAD_VALUE_CHARS]}\u2026 ({len(value)} characters)"
-    return value

@@ -76,7 +76,7 @@ async def test_resend_crash_after_accept_resends_with_the_same_key_and_delivers_
     result = await send_email.coroutine(ctx, **KWARGS)
 
     first, second = provider_server.requests_to(RESEND_EMAILS)
-    assert first.headers["Idempotency-Key"] == second.headers["Idempotency-Key"] == "crash-1"
+    assert first.headers["Idempotency-Key"] == second.headers["Idempotency-Key"] == "caller/crash-1"
     [delivery] = provider_server.delivered  # Resend answered the first id, sent nothing new
     [row] = await outbox_rows(sessions)
     assert (row.status, row.attempts) == ("sent", 2)

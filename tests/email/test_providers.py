@@ -388,7 +388,8 @@ async def test_console_logs_recipients_and_subject_only(
     assert len(message_id) == len("console-") + 36
     [record] = caplog.records
     assert record.getMessage() == (
-        f"console email (not sent) id={message_id} key=welcome/42 "
+        "NOT SENT (EMAIL_PROVIDER=console, nothing left this process) "
+        f"id={message_id} key=welcome/42 "
         "to=ada@example.com, Bob Stone <bob@example.com> subject='Welcome, Ada'"
     )
     assert "Hello" not in caplog.text
@@ -399,7 +400,7 @@ async def test_console_logs_recipients_and_subject_only(
 
 async def test_make_email_provider_follows_settings(provider_server: ProviderServer) -> None:
     async with make_http_client() as http:
-        console = make_email_provider(Settings(), http)
+        console = make_email_provider(Settings(email_provider="console"), http)
         assert isinstance(console, ConsoleProvider)
         assert safe_to_resend(console)
 

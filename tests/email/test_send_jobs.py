@@ -36,7 +36,7 @@ async def test_resend_wire_payload_and_outbox_row(
     [request] = provider_server.requests
     assert (request.method, request.path) == ("POST", RESEND_EMAILS)
     assert request.headers["Authorization"] == f"Bearer {API_KEY}"
-    assert request.headers["Idempotency-Key"] == "export/1"
+    assert request.headers["Idempotency-Key"] == "caller/export/1"
     assert request.json == {
         "from": "Contact360 <no-reply@contact360.test>",
         "to": [RECIPIENT],
@@ -46,7 +46,7 @@ async def test_resend_wire_payload_and_outbox_row(
     }
     [delivery] = provider_server.delivered
     [row] = await outbox_rows(sessions)
-    assert (row.idempotency_key, row.status, row.attempts) == ("export/1", "sent", 1)
+    assert (row.idempotency_key, row.status, row.attempts) == ("caller/export/1", "sent", 1)
     assert (row.provider, row.provider_message_id) == ("resend", delivery.provider_id)
     assert row.sent_at is not None
     assert row.last_error is None
@@ -95,7 +95,7 @@ async def test_429_pauses_every_sender_and_the_retry_waits(
     elapsed_s = time.monotonic() - started
 
     first, second = provider_server.requests
-    assert first.headers["Idempotency-Key"] == second.headers["Idempotency-Key"] == "k-429"
+    assert first.headers["Idempotency-Key"] == second.headers["Idempotency-Key"] == "caller/k-429"
     # The provider asked for 1 s; the retry (base delay 0.01 s) must not come sooner.
     assert elapsed_s >= 0.95
     [row] = await outbox_rows(sessions)
@@ -163,7 +163,7 @@ async def test_resend_hang_hits_our_timeout_and_resends_with_the_same_key(
 
     assert time.monotonic() - started < 10  # the 1 s read timeout, not the hang, ended it
     first, second = provider_server.requests
-    assert first.headers["Idempotency-Key"] == second.headers["Idempotency-Key"] == "k-hang"
+    assert first.headers["Idempotency-Key"] == second.headers["Idempotency-Key"] == "caller/k-hang"
     [row] = await outbox_rows(sessions)
     assert (row.status, row.attempts) == ("sent", 2)
 
@@ -252,14 +252,19 @@ async def test_last_transient_failure_marks_the_row_failed_with_the_reason(
 
 async def test_missing_user_fails_without_sending(
     jobs_client: JobsClient,
+    arq_redis: ArqRedis,
     run_burst: RunBurst,
     job_settings: Callable[..., Settings],
     provider_server: ProviderServer,
     sessions: async_sessionmaker[AsyncSession],
 ) -> None:
-    await jobs_client.send_welcome_email(uuid.uuid4())
+    missing = uuid.uuid4()
+    with pytest.raises(LookupError, match=f"no user {missing}"):
+        await jobs_client.send_welcome_email(missing)  # the client renders it: nothing queued
+    # A job enqueued some other way for a user who is gone fails the same, sending nothing.
+    await arq_redis.enqueue_job("send_welcome_email", _queue_name="default", user_id=str(missing))
     worker = await run_burst("default", settings_=job_settings("resend"))
-    assert worker.jobs_failed == 1
+    assert (worker.jobs_complete, worker.jobs_failed) == (0, 1)
     assert provider_server.requests == []
     async with sessions() as session:
         assert await session.scalar(text("SELECT count(*) FROM email_messages")) == 0

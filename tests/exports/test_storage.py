@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 import socket
 import threading
 import uuid
@@ -124,10 +123,8 @@ async def test_local_final_name_appears_only_at_commit(tmp_path: Path) -> None:
         assert (tmp_path / tmp).read_bytes() == b"a" * 25
     assert files_under(tmp_path) == [KEY]
     assert final.read_bytes() == b"a" * 25 + b"b" * 5
-    # The umask decides the mode, as for any other file (mkstemp would force 0600).
-    umask = os.umask(0)
-    os.umask(umask)
-    assert final.stat().st_mode & 0o777 == 0o666 & ~umask
+    # Owner-only, whatever the umask (audit L8; tests/foundation/test_export_file_modes.py).
+    assert final.stat().st_mode & 0o777 == 0o600
 
 
 async def test_local_failure_inside_the_block_leaves_nothing(tmp_path: Path) -> None:

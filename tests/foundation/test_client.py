@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from db.models import ContactImportJob, Export, ExportItem, WaitlistEntry
 from worker.client import JobsClient
+from worker.import_source import user_import_dir
 from worker.serialization import deserialize
 from worker.settings import Settings
 
@@ -36,8 +37,10 @@ async def _count(sessions: async_sessionmaker[AsyncSession], model: type) -> int
 async def test_import_creates_a_pending_row_and_enqueues_on_imports(
     jobs_client: JobsClient, settings: Settings, user_id: uuid.UUID, redis_raw: aioredis.Redis
 ) -> None:
-    (settings.import_dir / "people.csv").write_text("email\na@b.co\n")
-    status = await jobs_client.import_contacts(user_id, "people.csv")
+    home = user_import_dir(settings, user_id)
+    home.mkdir(exist_ok=True)
+    (home / "people.csv").write_text("email\na@b.co\n")
+    status = await jobs_client.import_contacts(user_id, "people.csv")  # in IMPORT_DIR/<user_id>/
     assert (status.status, status.processed_rows, status.percent) == ("pending", 0, 0.0)
     assert await _queued(redis_raw, "imports") == [
         (f"import:{status.id}", "process_contacts_import", {"job_id": str(status.id)})
@@ -49,12 +52,12 @@ async def test_import_creates_a_pending_row_and_enqueues_on_imports(
 @pytest.mark.parametrize(
     ("path", "message"),
     [
-        ("/etc/passwd", "outside IMPORT_DIR"),
-        ("../escape.csv", "outside IMPORT_DIR"),
-        ("missing.csv", "no such file in IMPORT_DIR"),
-        ("link-out.csv", "outside IMPORT_DIR"),
+        ("/etc/passwd", "outside IMPORT_DIR/"),
+        ("../escape.csv", "outside IMPORT_DIR/"),
+        ("missing.csv", "no such file in IMPORT_DIR/"),
+        ("link-out.csv", "outside IMPORT_DIR/"),
         ("s3://other-bucket/x.csv", "need S3_BUCKET"),
-        ("https://example.com/x.csv", "files inside IMPORT_DIR or s3://"),
+        ("https://example.com/x.csv", "files inside IMPORT_DIR/<user_id>/ or s3://"),
     ],
 )
 async def test_bad_import_paths_raise_and_create_nothing(
@@ -69,7 +72,9 @@ async def test_bad_import_paths_raise_and_create_nothing(
 ) -> None:
     outside = tmp_path / "secret.csv"
     outside.write_text("email\n")
-    link = settings.import_dir / "link-out.csv"
+    home = user_import_dir(settings, user_id)
+    home.mkdir(exist_ok=True)
+    link = home / "link-out.csv"
     if not link.is_symlink():
         os.symlink(outside, link)
     with pytest.raises(ValueError, match=message):
@@ -81,7 +86,9 @@ async def test_bad_import_paths_raise_and_create_nothing(
 async def test_cancel_pending_import(
     jobs_client: JobsClient, settings: Settings, user_id: uuid.UUID
 ) -> None:
-    (settings.import_dir / "c.csv").write_text("email\n")
+    home = user_import_dir(settings, user_id)
+    home.mkdir(exist_ok=True)
+    (home / "c.csv").write_text("email\n")
     status = await jobs_client.import_contacts(user_id, "c.csv")
     cancelled = await jobs_client.cancel_import(status.id)
     assert cancelled.status == "cancelled"

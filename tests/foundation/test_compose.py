@@ -1,8 +1,11 @@
-"""docker-compose.yml stays runnable and consistent with the settings (no engine runs here)."""
+"""docker-compose.yml is safe by default (C1), runnable, and consistent with the settings.
+
+No engine runs here: the file is read as YAML with the operator's variables substituted the way
+compose does, and Debian's `docker-compose config` validates it offline where installed.
+"""
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -18,29 +21,57 @@ from worker.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 AWS_VARIABLES = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
-DEFAULTED = re.compile(r"\$\{(\w+):-([^}]*)\}")
+# What an operator writes to .env (see .env.example): the variables compose must require.
+REQUIRED = {
+    "POSTGRES_PASSWORD": "pg-Xq81vT",
+    "REDIS_PASSWORD": "redis-Lm27pZ",
+    "S3_ACCESS_KEY": "minio-root-Hk4",
+    "S3_SECRET_KEY": "minio-secret-Wd93",
+    "EMAIL_PROVIDER": "resend",
+}
+SECRETS = {
+    "POSTGRES_PASSWORD",
+    "REDIS_PASSWORD",
+    "S3_ACCESS_KEY",
+    "S3_SECRET_KEY",
+    "EMAIL_API_KEY",
+    "MARKETING_API_KEY",
+}
+# Values that were once defaults in this file and must never come back.
+OLD_DEFAULTS = ("contact360-secret", "POSTGRES_PASSWORD:-", "S3_ACCESS_KEY:-", "S3_SECRET_KEY:-")
+REFERENCE = re.compile(r"\$\{(\w+)(?:(:?[-?])([^}]*))?\}")
+
+
+def substitute(value: str, env: dict[str, str]) -> str:
+    """Compose's interpolation: `${V}`, `${V:-default}`, `${V:?error}`, and `$$` for `$`."""
+
+    def one(match: re.Match[str]) -> str:
+        name, operator, argument = match.groups()
+        if env.get(name):
+            return env[name]
+        if operator and operator.endswith("?"):
+            raise LookupError(f"{name}: {argument}")
+        return argument if operator else ""
+
+    return REFERENCE.sub(one, value.replace("$$", "\0")).replace("\0", "$")
 
 
 @pytest.fixture(scope="module")
-def compose() -> dict[str, Any]:
-    loaded: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+def text() -> str:
+    return (ROOT / "docker-compose.yml").read_text()
+
+
+@pytest.fixture(scope="module")
+def compose(text: str) -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load(text)
     return loaded
-
-
-def _with_defaults(value: str) -> str:
-    """What compose substitutes when the operator sets none of the variables."""
-    return DEFAULTED.sub(lambda m: m.group(2), value)
 
 
 def test_the_expected_services_exist(compose: dict[str, Any]) -> None:
     services = compose["services"]
     workers = {f"worker-{queue}" for queue in QUEUES}
     assert {"postgres", "redis", "s3", "s3-bucket", "migrate"} | workers == set(services)
-    assert "--appendonly" in services["redis"]["command"]
-    assert (
-        services["redis"]["command"][services["redis"]["command"].index("--appendonly") + 1]
-        == "yes"
-    )
+    assert "--appendonly yes" in " ".join(services["redis"]["command"])
     for name in ("postgres", "redis", "s3"):
         assert services[name]["healthcheck"]["test"], name
     assert services["migrate"]["command"] == ["python", "-m", "worker", "migrate"]
@@ -64,41 +95,125 @@ def test_each_queue_has_a_restarting_healthchecked_worker(compose: dict[str, Any
         assert service["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
 
 
-def test_worker_environment_is_valid_settings_pointing_at_the_services(
+def test_no_port_is_published_beyond_loopback(compose: dict[str, Any]) -> None:
+    published = {}
+    for name, service in compose["services"].items():
+        for port in service.get("ports", []):
+            if isinstance(port, dict):  # the long syntax
+                assert port.get("host_ip") == "127.0.0.1", (name, port)
+            else:
+                assert str(port).startswith("127.0.0.1:"), (name, port)
+            published[name] = port
+    # Only what make run and local tools use; MinIO (every tenant's exports) publishes nothing.
+    assert set(published) <= {"postgres", "redis"}, published
+
+
+def test_every_secret_is_required_and_none_has_a_default(
+    text: str, compose: dict[str, Any]
+) -> None:
+    for old in OLD_DEFAULTS:
+        assert old not in text
+    references = [m.groups() for m in REFERENCE.finditer(text)]
+    for name, operator, argument in references:
+        if name in SECRETS:
+            # Required, with a message saying what to do.
+            assert operator == ":?", (name, operator, argument)
+            assert ".env" in argument, (name, argument)
+    for name in REQUIRED:
+        assert any(ref[0] == name and ref[1] == ":?" for ref in references), name
+    # Optional keys are passed through from the environment only when set: no value here.
+    env = compose["x-worker"]["environment"]
+    assert env["EMAIL_API_KEY"] is None and env["MARKETING_API_KEY"] is None
+
+
+def test_redis_requires_the_password_and_its_healthcheck_authenticates(
     compose: dict[str, Any],
 ) -> None:
-    env = {k: _with_defaults(str(v)) for k, v in compose["x-worker"]["environment"].items()}
+    redis = compose["services"]["redis"]
+    command = " ".join(redis["command"])
+    assert '--requirepass "$$REDIS_PASSWORD"' in command
+    assert redis["environment"]["REDIS_PASSWORD"].startswith("${REDIS_PASSWORD:?")
+    # redis-cli reads REDISCLI_AUTH; its exit code is 0 even for a NOAUTH reply.
+    assert redis["environment"]["REDISCLI_AUTH"].startswith("${REDIS_PASSWORD:?")
+    assert redis["healthcheck"]["test"] == ["CMD-SHELL", "redis-cli ping | grep -q PONG"]
+
+
+def test_worker_environment_is_valid_settings_carrying_the_operators_secrets(
+    compose: dict[str, Any],
+) -> None:
+    raw = compose["x-worker"]["environment"]
+    env = {k: substitute(str(v), REQUIRED) for k, v in raw.items() if v is not None}
     setting_names = {name.upper() for name in Settings.model_fields}
     assert set(env) - AWS_VARIABLES <= setting_names, set(env) - AWS_VARIABLES - setting_names
-    settings = Settings(**{k.lower(): v for k, v in env.items() if k.upper() in setting_names})
+    values = {k.lower(): v for k, v in env.items() if k in setting_names}
+    settings = Settings(**values, email_api_key="re_from_the_environment")
     services = compose["services"]
     database = make_url(settings.database_url)
-    assert database.host == "postgres"
-    assert f"{database.port}:{database.port}" in services["postgres"]["ports"]
-    assert database.password == _with_defaults(
-        services["postgres"]["environment"]["POSTGRES_PASSWORD"]
-    )
-    assert database.database == services["postgres"]["environment"]["POSTGRES_DB"]
-    assert settings.redis_url.startswith("redis://redis:6379/")
-    assert "6379:6379" in services["redis"]["ports"]
+    assert (database.host, database.port) == ("postgres", 5432)
+    assert database.password == REQUIRED["POSTGRES_PASSWORD"]
+    postgres_env = services["postgres"]["environment"]
+    assert substitute(postgres_env["POSTGRES_PASSWORD"], REQUIRED) == database.password
+    assert database.database == postgres_env["POSTGRES_DB"]
+    assert settings.redis_url == f"redis://:{REQUIRED['REDIS_PASSWORD']}@redis:6379/0"
+    assert settings.redis_settings().password == REQUIRED["REDIS_PASSWORD"]
+    assert settings.email_provider == "resend"
     assert settings.storage_backend == "s3" and settings.s3_endpoint_url == "http://s3:9000"
-    assert settings.s3_bucket == _with_defaults(services["s3-bucket"]["environment"]["S3_BUCKET"])
-    assert env["AWS_ACCESS_KEY_ID"] == _with_defaults(
-        services["s3"]["environment"]["MINIO_ROOT_USER"]
-    )
+    bucket_env = services["s3-bucket"]["environment"]
+    assert settings.s3_bucket == substitute(bucket_env["S3_BUCKET"], REQUIRED)
+    for service in ("s3", "s3-bucket"):
+        minio = services[service]["environment"]
+        assert substitute(minio["MINIO_ROOT_USER"], REQUIRED) == env["AWS_ACCESS_KEY_ID"]
+        assert substitute(minio["MINIO_ROOT_PASSWORD"], REQUIRED) == env["AWS_SECRET_ACCESS_KEY"]
+    migrate_env = services["migrate"]["environment"]
+    assert substitute(migrate_env["DATABASE_URL"], REQUIRED) == env["DATABASE_URL"]
 
 
-@pytest.mark.skipif(
+@pytest.mark.parametrize("missing", sorted(REQUIRED))
+def test_a_missing_secret_stops_substitution_with_its_name(
+    compose: dict[str, Any], text: str, missing: str
+) -> None:
+    env = {k: v for k, v in REQUIRED.items() if k != missing}
+    with pytest.raises(LookupError, match=rf"^{missing}: set .*\.env"):
+        substitute(text, env)
+
+
+def test_env_example_names_every_required_variable_and_holds_no_secret() -> None:
+    lines = (ROOT / ".env.example").read_text().splitlines()
+    values = dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+    assert set(REQUIRED) | {"EMAIL_API_KEY"} <= set(values)
+    for name in SECRETS & set(values):
+        assert values[name] == "", name  # the operator fills them in
+    assert values["EMAIL_PROVIDER"] == ""
+
+
+docker_compose = pytest.mark.skipif(
     shutil.which("docker-compose") is None, reason="Debian's docker-compose not installed"
 )
-def test_docker_compose_validates_the_file_offline() -> None:
-    done = subprocess.run(
-        ["docker-compose", "config", "-q"],
+
+
+def docker_compose_config(env: dict[str, str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    empty_env_file = tmp_path / "empty.env"  # never read a developer's own .env
+    empty_env_file.write_text("")
+    return subprocess.run(
+        ["docker-compose", "--env-file", str(empty_env_file), "config", "-q"],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
-        env={**os.environ, "COMPOSE_PROJECT_NAME": "c360test"},
+        env={"PATH": "/usr/bin:/bin", "COMPOSE_PROJECT_NAME": "c360test", **env},
     )
+
+
+@docker_compose
+def test_docker_compose_validates_the_file_offline(tmp_path: Path) -> None:
+    done = docker_compose_config(REQUIRED, tmp_path)
     assert done.returncode == 0, done.stderr
+
+
+@docker_compose
+@pytest.mark.parametrize("missing", sorted(REQUIRED))
+def test_docker_compose_refuses_a_missing_secret_naming_it(tmp_path: Path, missing: str) -> None:
+    done = docker_compose_config({k: v for k, v in REQUIRED.items() if k != missing}, tmp_path)
+    assert done.returncode != 0
+    assert missing in done.stderr and ".env" in done.stderr, done.stderr

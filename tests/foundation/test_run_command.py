@@ -20,6 +20,7 @@ def test_run_starts_a_worker_per_queue_that_logs_its_queue(settings: Settings) -
         "REDIS_URL": settings.redis_url,
         "IMPORT_DIR": str(settings.import_dir),
         "EXPORT_DIR": str(settings.export_dir),
+        "EMAIL_PROVIDER": "console",
     }
     env.pop("C360_JOB_MODULES", None)  # the real job modules of every queue
     done = subprocess.run(

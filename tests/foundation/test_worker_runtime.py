@@ -35,6 +35,7 @@ def test_worker_classes_for_arqs_cli(
 ) -> None:
     monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:6379/9")
     monkeypatch.setenv("KEEP_RESULT_S", "120")
+    monkeypatch.setenv("EMAIL_PROVIDER", "console")
     monkeypatch.setattr(main, "queue_jobs", lambda q: ([], []))  # only the shape matters here
     cls = getattr(main, class_name)
     assert cls.queue_name == queue

@@ -1,7 +1,10 @@
-"""Fixtures for the import job tests: a worker ctx, files in IMPORT_DIR, contacts as rows."""
+"""Fixtures for the import job tests: a worker ctx, files in the users' import directories
+(`IMPORT_DIR/<user_id>/`), contacts as rows."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +20,7 @@ from jobs.imports import process_contacts_import
 from tests.support.s3_server import S3TestServer, fake_aws_credentials
 from worker.client import ImportStatus, JobsClient
 from worker.context import Ctx
+from worker.import_source import user_import_dir
 from worker.settings import Settings
 
 CONTACT_COLUMNS = (
@@ -37,6 +41,27 @@ def s3_server() -> Iterator[S3TestServer]:
 
 
 @pytest.fixture
+def s3_bucket(s3_server: S3TestServer) -> str:
+    name = f"imports-{uuid.uuid4().hex[:12]}"
+    s3_server.create_bucket(name)
+    return name
+
+
+@pytest.fixture
+def s3_ctx(ctx: Ctx, s3_server: S3TestServer, s3_bucket: str) -> Ctx:
+    settings = ctx["settings"].model_copy(
+        update={
+            "s3_bucket": s3_bucket,
+            "s3_endpoint_url": s3_server.endpoint_url,
+            "s3_region": "us-east-1",
+            "import_batch_rows": 2,
+        }
+    )
+    assert os.environ["AWS_ACCESS_KEY_ID"] == "testing"  # moto's dummies, never real ones
+    return {**ctx, "settings": settings, "s3_session": aioboto3.Session()}
+
+
+@pytest.fixture
 def ctx(
     settings: Settings,
     engine: AsyncEngine,
@@ -54,19 +79,30 @@ def ctx(
     }
 
 
-def write_file(settings: Settings, data: bytes | str, name: str | None = None) -> str:
-    """Write `data` into IMPORT_DIR (str as UTF-8); returns the file name."""
+def user_dir(settings: Settings, user_id: uuid.UUID) -> Path:
+    """The user's import directory, `IMPORT_DIR/<user_id>/`, created if need be."""
+    home = user_import_dir(settings, user_id)
+    home.mkdir(exist_ok=True)
+    return home
+
+
+def write_file(
+    settings: Settings, user_id: uuid.UUID, data: bytes | str, name: str | None = None
+) -> str:
+    """Write `data` into the user's import directory (str as UTF-8); returns its path."""
     name = name or f"{uuid.uuid4().hex[:8]}.csv"
     raw = data.encode() if isinstance(data, str) else data
-    (settings.import_dir / name).write_bytes(raw)
-    return name
+    path = user_dir(settings, user_id) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(raw)
+    return str(path)
 
 
 async def start_import(
     jobs_client: JobsClient, user_id: uuid.UUID, data: bytes | str, name: str | None = None
 ) -> uuid.UUID:
     status = await jobs_client.import_contacts(
-        user_id, write_file(jobs_client.settings, data, name)
+        user_id, write_file(jobs_client.settings, user_id, data, name)
     )
     return status.id
 
@@ -145,5 +181,7 @@ def contact(email: str, **values: Any) -> dict[str, Any]:
 def _import_dir_clean(settings: Settings) -> Iterator[None]:
     yield
     for path in Path(settings.import_dir).iterdir():
-        if path.is_file() or path.is_symlink():
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
             path.unlink()

@@ -12,7 +12,8 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from tests.conftest import RunBurst
-from tests.imports.conftest import contact, contacts
+from tests.imports.conftest import contact, contacts, new_user, write_file
+from worker.import_source import user_import_dir
 from worker.settings import Settings
 
 Sessions = async_sessionmaker[AsyncSession]
@@ -64,24 +65,49 @@ async def test_import_follow_copies_the_file_and_reports(
     assert "completed: 3 of 3 rows, 1 created, 1 updated, 1 with errors" in out
     assert "  row 3: email: not a valid email address" in out
     assert "rows/s" in out
-    copies = [p for p in settings.import_dir.iterdir() if p.name.endswith("-people.csv")]
-    assert len(copies) == 1 and copies[0].read_bytes() == elsewhere.read_bytes()
+    # Copied into the owner's own directory, the only place the worker reads for them.
+    home = user_import_dir(settings, user_id)
+    copies = [p for p in settings.import_dir.rglob("*") if p.name.endswith("-people.csv")]
+    assert [p.parent for p in copies] == [home]
+    assert copies[0].read_bytes() == elsewhere.read_bytes()
     assert await contacts(sessions, user_id) == [contact("ann@x.io", first_name="Anna")]
 
 
 async def test_import_without_follow_by_user_id_only_enqueues(
     settings: Settings, sessions: Sessions, user_id: uuid.UUID
 ) -> None:
-    (settings.import_dir / "in.csv").write_text("email\na@x.io\n")
-    cli = await _cli(settings, str(settings.import_dir / "in.csv"), "--user", str(user_id))
+    path = write_file(settings, user_id, "email\na@x.io\n", name="in.csv")
+    cli = await _cli(settings, path, "--user", str(user_id))
     stdout, stderr = await cli.communicate()
     assert (cli.returncode, stderr) == (0, b"")
     async with sessions() as session:
         row = (
             await session.execute(text("SELECT id, status, file_path FROM contact_import_jobs"))
         ).one()
-    assert stdout.decode() == f"import {row.id} queued ({settings.import_dir.resolve()}/in.csv)\n"
-    assert (row.status, row.file_path) == ("pending", str(settings.import_dir.resolve() / "in.csv"))
+    assert stdout.decode() == f"import {row.id} queued ({path})\n"
+    assert (row.status, row.file_path) == ("pending", path)
+
+
+async def test_a_file_in_another_users_directory_is_refused_not_copied(
+    settings: Settings, sessions: Sessions, user_id: uuid.UUID
+) -> None:
+    other = await new_user(sessions)
+    theirs = write_file(settings, other, "email\nother@x.io\n", name="theirs.csv")
+    unowned = settings.import_dir / "unowned.csv"  # straight in IMPORT_DIR: nobody's
+    unowned.write_text("email\nroot@x.io\n")
+    for path in (theirs, str(unowned)):
+        cli = await _cli(settings, path, "--user", str(user_id))
+        stdout, stderr = await cli.communicate()
+        assert (cli.returncode, stdout) == (2, b"")
+        assert stderr.decode() == (
+            f"error: {path} is in IMPORT_DIR but not in this user's directory "
+            f"{user_import_dir(settings, user_id)}; import it for the user whose directory "
+            "holds it\n"
+        )
+    async with sessions() as session:
+        assert await session.scalar(text("SELECT count(*) FROM contact_import_jobs")) == 0
+    home = user_import_dir(settings, user_id)
+    assert not home.exists() or not any(home.iterdir())  # nothing copied either
 
 
 async def test_unknown_user_is_one_clear_line(

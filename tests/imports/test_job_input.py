@@ -8,6 +8,7 @@ import uuid
 import pytest
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from jobs.imports.error_payload import MORE_FIELDS_KEY
 from tests.imports.conftest import (
     contact,
     contacts,
@@ -181,7 +182,7 @@ async def test_ragged_rows(
         "email": "long@x.io",
         "first_name": "C",
         "last_name": "D",
-        "column 4": "extra",
+        MORE_FIELDS_KEY: "1 more field",
     }
 
 

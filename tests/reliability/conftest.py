@@ -87,6 +87,7 @@ def worker_env(settings: Settings, **overrides: Any) -> dict[str, str]:
         "DATABASE_URL": settings.database_url,
         "REDIS_URL": settings.redis_url,
         "C360_JOB_MODULES": FIXTURE_MODULES,
+        "EMAIL_PROVIDER": "console",  # required by default workers (worker/preflight.py)
         "PYTHONPATH": str(REPO_ROOT),
         "LOG_LEVEL": "INFO",
         "MAX_RETRIES": "3",

@@ -85,13 +85,15 @@ async def test_sigkill_mid_burst_delivers_every_email_exactly_once(
     delivered = Counter(d.json["subject"] for d in resend.delivered)
     assert delivered == Counter(keys)
     requested = Counter(r.headers["Idempotency-Key"] for r in resend.requests_to(RESEND_EMAILS))
-    assert set(requested) == set(keys)
+    assert set(requested) == {f"caller/{key}" for key in keys}  # the caller's namespace
     # Every row sent, with the id the provider gave its one delivery.
     ids = {d.json["subject"]: d.provider_id for d in resend.delivered}
     rows = await db.rows(
         "SELECT idempotency_key, status, provider_message_id, attempts FROM email_messages"
     )
-    assert sorted((r[0], r[1], r[2]) for r in rows) == sorted((k, "sent", ids[k]) for k in keys)
+    assert sorted((r[0], r[1], r[2]) for r in rows) == sorted(
+        (f"caller/{k}", "sent", ids[k]) for k in keys
+    )
     # The kill left claims mid-send: those were sent again, under their first key.
     resent = {r[0] for r in rows if r[3] > 1}
     assert in_flight > 0 and len(resent) >= in_flight

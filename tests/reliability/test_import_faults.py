@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -37,6 +39,7 @@ from tests.reliability.conftest import (
     worker_ready,
 )
 from worker.client import JobsClient
+from worker.import_source import user_import_dir
 from worker.lease import running_key
 from worker.main import QUEUES
 from worker.reconcile import reconcile_jobs
@@ -48,7 +51,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
 ROWS = 200_000
 BATCH_ROWS = 5_000
 HALF = ROWS // 2
-FILE_NAME = "faults/contacts-200k.csv"
+FILE_NAME = "contacts-200k.csv"
 Sessions = async_sessionmaker[AsyncSession]
 
 
@@ -161,18 +164,26 @@ async def runner_pid(redis: aioredis.Redis, arq_id: str) -> int:
 
 @dataclass(frozen=True)
 class Reference:
-    file: str
+    file: Path  # the generated file, outside IMPORT_DIR: `place` it for each importing user
     snapshot: dict[str, tuple[Any, ...]]
     seconds: float
 
 
+def place(settings: Settings, source: Path, user: uuid.UUID) -> str:
+    """A copy of `source` in the user's own directory, the only place the worker reads for
+    them (IMPORT_DIR/<user_id>/)."""
+    home = user_import_dir(settings, user)
+    home.mkdir(exist_ok=True)
+    target = home / source.name
+    shutil.copyfile(source, target)
+    return str(target)
+
+
 @pytest.fixture(scope="module")
-def csv_file(settings: Settings) -> Iterator[str]:
-    path = settings.import_dir / FILE_NAME
-    path.parent.mkdir(exist_ok=True)
+def csv_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("faults") / FILE_NAME
     make_contacts_csv([str(path), "--rows", str(ROWS), "--seed", "6"])
-    yield FILE_NAME
-    path.unlink()
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +191,7 @@ async def reference(
     settings: Settings,
     sessions: Sessions,
     redis_raw: aioredis.Redis,
-    csv_file: str,
+    csv_file: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> AsyncIterator[Reference]:
     await redis_raw.flushdb()  # the rig owns this database (checked by `redis_raw`)
@@ -194,7 +205,7 @@ async def reference(
     procs = Processes(tmp_path_factory.mktemp("reference"))
     try:
         client = JobsClient(redis=pool, sessions=sessions, settings=settings)
-        await client.import_contacts(user, csv_file)
+        await client.import_contacts(user, place(settings, csv_file, user))
         started = time.monotonic()
         burst = procs.start("work", "imports", "--burst", env=import_env(settings))
         assert await procs.wait_exit(burst, 80) == 0, procs.log(burst)
@@ -234,7 +245,7 @@ async def test_sigkill_half_way_resumes_on_another_worker_within_30_s_and_ends_e
     for pid in workers:
         await wait_for(lambda pid=pid: worker_ready(redis_raw, "imports", pid), 20, "workers")
     user = await new_user(sessions)
-    import_id = (await client.import_contacts(user, reference.file)).id
+    import_id = (await client.import_contacts(user, place(settings, reference.file, user))).id
     await wait_for(past(db, import_id, HALF), 60, "half of the import", every_s=0.02)
 
     victim = await runner_pid(redis_raw, f"import:{import_id}")
@@ -273,7 +284,7 @@ async def test_sigterm_drains_then_cancels_requeues_and_the_next_pickup_resumes_
     env = import_env(settings)
     first = processes.start("work", "imports", env=env)
     user = await new_user(sessions)
-    import_id = (await client.import_contacts(user, reference.file)).id
+    import_id = (await client.import_contacts(user, place(settings, reference.file, user))).id
     arq_id = f"import:{import_id}"
     await wait_for(past(db, import_id, HALF), 60, "half of the import", every_s=0.02)
 
@@ -332,7 +343,7 @@ async def test_redis_restart_mid_import_finishes_exact(
     try:
         client = JobsClient(redis=pool, sessions=sessions, settings=settings)
         user = await new_user(sessions)
-        import_id = (await client.import_contacts(user, reference.file)).id
+        import_id = (await client.import_contacts(user, place(settings, reference.file, user))).id
         await wait_for(past(db, import_id, HALF), 60, "half of the import", every_s=0.02)
         private_redis.kill()
         restarted_at = time.monotonic()
@@ -365,7 +376,7 @@ async def test_terminated_postgres_connections_mid_import_retry_and_finish_exact
 ) -> None:
     worker = processes.start("work", "imports", env=import_env(settings))
     user = await new_user(sessions)
-    import_id = (await client.import_contacts(user, reference.file)).id
+    import_id = (await client.import_contacts(user, place(settings, reference.file, user))).id
     await wait_for(past(db, import_id, HALF), 60, "half of the import", every_s=0.02)
     ports = backend_ports(worker.pid)
     async with engine.connect() as connection:
@@ -398,7 +409,7 @@ async def test_after_a_redis_flush_the_reconciler_reenqueues_and_the_import_fini
     env = import_env(settings)
     first = processes.start("work", "imports", env=env)
     user = await new_user(sessions)
-    import_id = (await client.import_contacts(user, reference.file)).id
+    import_id = (await client.import_contacts(user, place(settings, reference.file, user))).id
     await wait_for(past(db, import_id, HALF), 60, "half of the import", every_s=0.02)
     ports = backend_ports(first.pid)
     # The worker dies and Redis loses everything: only PostgreSQL remembers the import.

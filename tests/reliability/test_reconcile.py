@@ -145,3 +145,52 @@ def test_the_reconciler_is_a_minutely_cron_of_the_default_queue() -> None:
     (schedule,) = reconcile.CRON_JOBS
     assert (schedule.job.name, schedule.hour, schedule.minute) == ("reconcile_jobs", None, None)
     assert [reconcile_jobs] == reconcile.JOBS
+
+
+async def test_only_open_one_off_emails_are_expected_and_cron_emails_are_left_to_their_crons(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    """Campaign steps and trial notices stay due for their crons; settled rows are done."""
+    rows = {
+        "caller/open": ("pending", 120),
+        "caller/mid-send": ("sending", 120),
+        "welcome/5b0c2b64-6a0b-4cb8-9f57-2a3f1f6a3c01": ("pending", 120),
+        "job/0123abcd": ("pending", 120),
+        "caller/just-written": ("pending", 5),  # the client enqueues right after its commit
+        "caller/sent": ("sent", 120),
+        "caller/failed": ("failed", 120),
+        "waitlist/5b0c2b64-6a0b-4cb8-9f57-2a3f1f6a3c01/1": ("pending", 120),
+        "trial-expired/5b0c2b64-6a0b-4cb8-9f57-2a3f1f6a3c01": ("pending", 120),
+    }
+    async with sessions.begin() as session:
+        for key, (status, age_s) in rows.items():
+            await session.execute(
+                text(
+                    "INSERT INTO email_messages (idempotency_key, to_email, subject, html, status,"
+                    " created_at) VALUES (:key, 'a@b.co', 's', 'h', :status,"
+                    " now() - make_interval(secs => :age_s))"
+                ),
+                {"key": key, "status": status, "age_s": age_s},
+            )
+
+    expected = await reconcile.expected_jobs(sessions)
+
+    assert sorted((e.arq_id, e.function, e.queue) for e in expected) == [
+        ("0123abcd", "send_email", "default"),
+        ("email:mid-send", "send_email", "default"),
+        ("email:open", "send_email", "default"),
+        ("welcome:5b0c2b64-6a0b-4cb8-9f57-2a3f1f6a3c01", "send_welcome_email", "default"),
+    ]
+    reopened = await reconcile.still_open(sessions, expected)
+    kwargs = {e.arq_id: e.kwargs for e in reopened}
+    assert kwargs["email:open"] == {
+        "to": "a@b.co",
+        "subject": "s",
+        "html": "h",
+        "text": None,
+        "idempotency_key": "open",
+    }
+    assert kwargs["0123abcd"]["idempotency_key"] is None  # keyless: keyed by its job id
+    assert kwargs["welcome:5b0c2b64-6a0b-4cb8-9f57-2a3f1f6a3c01"] == {
+        "user_id": "5b0c2b64-6a0b-4cb8-9f57-2a3f1f6a3c01"
+    }

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from worker.cli import exports, imports, maintenance, run, status
 from worker.logs import configure_logging
+from worker.preflight import StartupRefused
 from worker.settings import Settings
 
 Handler = Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]]
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings()
         with asyncio.Runner() as runner:
             return runner.run(handler(args, settings))
-    except (UserError, ValueError, LookupError) as exc:
+    except (UserError, StartupRefused, ValueError, LookupError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

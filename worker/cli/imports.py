@@ -1,7 +1,10 @@
 """`import FILE --user ID|EMAIL [--follow]`: enqueue a contact import, optionally watch it.
 
-A FILE outside IMPORT_DIR is copied in first (in a thread: a large copy must not stall the
-loop), because the worker only reads inside IMPORT_DIR. `s3://` sources are passed as given.
+The worker reads only a user's own directory, `IMPORT_DIR/<user_id>/`. A FILE there is used as
+it is; a FILE outside IMPORT_DIR (the operator's own) is copied into that directory first (in a
+thread: a large copy must not stall the loop). A FILE in IMPORT_DIR but outside that user's
+directory is refused: it is another user's upload (or an unowned one), and copying it would
+hand it to this user. `s3://` sources are passed as given (the client checks the prefix).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from worker.cli.users import resolve_user
 from worker.client import ImportStatus, JobsClient
+from worker.import_source import user_import_dir
 from worker.settings import Settings
 
 POLL_S = 0.5
@@ -28,7 +32,10 @@ DONE = frozenset({"completed", "failed", "cancelled"})
 
 def register(subparsers: Any) -> None:
     command = subparsers.add_parser("import", help="import contacts from a CSV file")
-    command.add_argument("file", help="a CSV file (copied into IMPORT_DIR) or s3://bucket/key")
+    command.add_argument(
+        "file",
+        help="a CSV file (copied into IMPORT_DIR/<user_id>/) or s3://bucket/uploads/<user_id>/key",
+    )
     command.add_argument("--user", required=True, help="the owner's user id or email")
     command.add_argument("--follow", action="store_true", help="show progress until done")
     command.set_defaults(handler=run_import_command)
@@ -37,7 +44,7 @@ def register(subparsers: Any) -> None:
 async def run_import_command(args: argparse.Namespace, settings: Settings) -> int:
     async with JobsClient.from_settings(settings) as jobs:
         user_id = await resolve_user(jobs.sessions, args.user)
-        source = await _place_file(settings, args.file)
+        source = await _place_file(settings, user_id, args.file)
         status = await jobs.import_contacts(user_id, source)
         console = Console(soft_wrap=True, highlight=False)  # ids and paths stay on one line
         console.print(f"import {status.id} queued ({source})")
@@ -47,19 +54,25 @@ async def run_import_command(args: argparse.Namespace, settings: Settings) -> in
         return await _report(jobs, final, console)
 
 
-async def _place_file(settings: Settings, file: str) -> str:
-    """The path to enqueue: `file` itself when inside IMPORT_DIR (or S3), else a copy there."""
+async def _place_file(settings: Settings, user_id: uuid.UUID, file: str) -> str:
+    """The path to enqueue: `file` itself when in the user's directory (or S3), else a copy
+    there of a file from outside IMPORT_DIR."""
     if "://" in file:
         return file
     path = Path(file)
     if not await asyncio.to_thread(path.is_file):
         raise LookupError(f"{file}: no such file")
-    root = settings.import_dir.resolve()
+    home = await asyncio.to_thread(user_import_dir, settings, user_id)
     resolved = await asyncio.to_thread(path.resolve)
-    if resolved.is_relative_to(root):
+    if resolved.is_relative_to(home):
         return str(resolved)
-    target = root / f"{uuid.uuid4().hex[:12]}-{path.name}"
-    await asyncio.to_thread(root.mkdir, parents=True, exist_ok=True)
+    if resolved.is_relative_to(home.parent):
+        raise ValueError(
+            f"{file} is in IMPORT_DIR but not in this user's directory {home}; "
+            "import it for the user whose directory holds it"
+        )
+    target = home / f"{uuid.uuid4().hex[:12]}-{path.name}"
+    await asyncio.to_thread(home.mkdir, parents=True, exist_ok=True)
     await asyncio.to_thread(shutil.copyfile, resolved, target)
     return str(target)
 

@@ -16,9 +16,11 @@ import sys
 import time
 from typing import Any
 
+import redis.asyncio as aioredis
 import redis.exceptions
 from arq.worker import Worker
 
+from worker import preflight
 from worker.lease import shorten_initial_claim
 from worker.main import QUEUES, worker_settings
 from worker.settings import Settings
@@ -47,6 +49,11 @@ async def run_worker(args: argparse.Namespace, settings: Settings) -> int:
         await worker.async_run()
     except asyncio.CancelledError:
         pass  # arq cancels its main task on SIGTERM once running jobs are drained
+    except preflight.StartupRefused:
+        # Close its Redis pool (startup opened nothing else before refusing), then say why.
+        with contextlib.suppress(redis.exceptions.RedisError):
+            await worker.close()
+        raise
     except redis.exceptions.RedisError as exc:
         # arq's poll loop does not reconnect. Stop the jobs (they resume on their next pickup,
         # once their leases run out) and exit; the supervisor or compose restarts the worker.
@@ -96,6 +103,17 @@ async def _supervise_queue(queue: str, burst: bool, stopping: asyncio.Event) -> 
 
 async def run_supervisor(args: argparse.Namespace, settings: Settings) -> int:
     queues = [args.queue] if args.queue else list(QUEUES)
+    # The children would refuse too, but one line here beats a crash-looping child per queue.
+    for queue in queues:
+        preflight.check_settings(queue, settings)
+    redis_client = aioredis.Redis.from_url(settings.redis_url, socket_connect_timeout=5)
+    try:
+        await preflight.check_redis(redis_client)
+    except redis.exceptions.ConnectionError as exc:
+        # Not up yet: start anyway, as before; each worker checks the version when it connects.
+        log.warning("Redis not reachable (%s); the workers will wait for it", exc)
+    finally:
+        await redis_client.aclose()
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -37,6 +37,8 @@ __all__ = [
 
 def make_email_provider(settings: Settings, http: httpx.AsyncClient) -> EmailProvider:
     """The provider `EMAIL_PROVIDER` names, on the process's shared client."""
+    if settings.email_provider is None:
+        raise ValueError("EMAIL_PROVIDER is not set (resend, sendgrid, or console to send nothing)")
     if settings.email_provider == "console":
         return ConsoleProvider()
     key = _require_key(settings.email_api_key, "EMAIL_API_KEY")

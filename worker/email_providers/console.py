@@ -1,4 +1,4 @@
-"""The default provider: logs who would get which subject, sends nothing."""
+"""The development provider (`EMAIL_PROVIDER=console`): logs who would get which subject."""
 
 from __future__ import annotations
 
@@ -19,8 +19,10 @@ class ConsoleProvider:
 
     async def send(self, email: OutgoingEmail, idempotency_key: str) -> str:
         message_id = f"console-{uuid.uuid4()}"
+        # Each line says so: a reader of the logs must never take this for a delivery.
         log.info(
-            "console email (not sent) id=%s key=%s to=%s subject=%r",
+            "NOT SENT (EMAIL_PROVIDER=console, nothing left this process) id=%s key=%s "
+            "to=%s subject=%r",
             message_id,
             idempotency_key,
             ", ".join(email.to),

@@ -19,17 +19,31 @@ from typing import BinaryIO
 from worker.storage.base import check_key, run_to_completion
 
 DEFAULT_BUFFER_BYTES = 1024 * 1024
+# Exports hold every contact's PII: owner-only whatever the umask (it can only take bits
+# away). A deployment whose downloads are served by another account in the group passes
+# file_mode=0o640, dir_mode=0o750.
+DEFAULT_FILE_MODE = 0o600
+DEFAULT_DIR_MODE = 0o700
 
 
 class LocalStorage:
     """Files under `root`; `key` `a/b.csv` is stored at `root/a/b.csv`."""
 
-    def __init__(self, root: Path, *, buffer_bytes: int = DEFAULT_BUFFER_BYTES) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        buffer_bytes: int = DEFAULT_BUFFER_BYTES,
+        file_mode: int = DEFAULT_FILE_MODE,
+        dir_mode: int = DEFAULT_DIR_MODE,
+    ) -> None:
         if buffer_bytes <= 0:
             raise ValueError("buffer_bytes must be positive")
         # Resolved once so that location() is absolute even if the worker's cwd changes.
         self.root = root.expanduser().resolve()
         self.buffer_bytes = buffer_bytes
+        self.file_mode = file_mode
+        self.dir_mode = dir_mode
 
     def path(self, key: str) -> Path:
         return self.root / check_key(key)
@@ -43,7 +57,7 @@ class LocalStorage:
 
     @contextlib.asynccontextmanager
     async def writer(self, key: str) -> AsyncIterator[LocalWriter]:
-        out = LocalWriter(self.path(key), self.buffer_bytes)
+        out = LocalWriter(self.path(key), self.buffer_bytes, self.file_mode, self.dir_mode)
         try:
             await run_to_completion(asyncio.to_thread(out.open_sync))
             yield out
@@ -58,9 +72,17 @@ class LocalStorage:
 class LocalWriter:
     """Buffers chunks and appends them to a temporary file from a worker thread."""
 
-    def __init__(self, final_path: Path, buffer_bytes: int) -> None:
+    def __init__(
+        self,
+        final_path: Path,
+        buffer_bytes: int,
+        file_mode: int = DEFAULT_FILE_MODE,
+        dir_mode: int = DEFAULT_DIR_MODE,
+    ) -> None:
         self.final_path = final_path
         self._buffer_bytes = buffer_bytes
+        self._file_mode = file_mode
+        self._dir_mode = dir_mode
         self._buffer = bytearray()
         self._file: BinaryIO | None = None
         self._tmp_path: Path | None = None
@@ -88,14 +110,16 @@ class LocalWriter:
 
     def open_sync(self) -> None:
         directory = self.final_path.parent
-        directory.mkdir(parents=True, exist_ok=True)
+        _make_directories(directory, self._dir_mode)
         # Hidden and suffixed so a directory listing never mistakes it for a finished export.
-        # Not tempfile.mkstemp: it creates mode 0600, and the umask should decide, as for any
-        # file the worker writes. O_EXCL makes a name clash an error instead of a shared file.
+        # O_EXCL makes a name clash an error instead of a shared file. The rename keeps the
+        # mode, so the final file is file_mode from its first byte on.
         tmp_path = directory / f".{self.final_path.name}.{secrets.token_hex(8)}.tmp"
-        fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, self._file_mode)
         self._tmp_path = tmp_path
         self._file = os.fdopen(fd, "wb")
+        # The umask may have taken bits away from a wider file_mode; it never adds any.
+        os.fchmod(fd, self._file_mode)
 
     def _write_sync(self, block: bytearray) -> None:
         assert self._file is not None
@@ -120,6 +144,25 @@ class LocalWriter:
         if self._tmp_path is not None:
             self._tmp_path.unlink(missing_ok=True)
             self._tmp_path = None
+
+
+def _make_directories(directory: Path, mode: int) -> None:
+    """Create the missing components of `directory` with exactly `mode`; leave existing ones.
+
+    Not `Path.mkdir(parents=True)`: it creates the parents with 0o777 minus the umask.
+    """
+    missing: list[Path] = []
+    while not directory.is_dir():
+        missing.append(directory)
+        directory = directory.parent
+    for path in reversed(missing):
+        try:
+            os.mkdir(path, mode)
+        except FileExistsError:  # another export of the same user created it just now
+            if not path.is_dir():
+                raise
+            continue
+        os.chmod(path, mode)  # as for files: the umask only ever narrows it
 
 
 def _fsync_directory(directory: Path) -> None:
