@@ -173,7 +173,7 @@ class JobsClient:
             job_serializer=serialize,
             job_deserializer=deserialize,
         )
-        engine = create_engine(settings, pool_size=5, pre_ping=True)
+        engine = create_engine(settings.database, pool_size=5, pre_ping=True)
         try:
             async with cls(redis=redis, sessions=make_sessionmaker(engine), settings=settings) as c:
                 yield c

@@ -37,12 +37,12 @@ async def _tables(settings: Settings) -> set[str]:
 async def test_migrate_creates_the_database_then_upgrades_and_downgrades(
     scratch_settings: Settings,
 ) -> None:
-    await upgrade(scratch_settings)  # the database does not exist yet
+    await upgrade(scratch_settings.database)  # the database does not exist yet
     expected = {table.name for table in Base.metadata.sorted_tables}
     assert await _tables(scratch_settings) == expected | {"alembic_version"}
-    await downgrade(scratch_settings, "base")
+    await downgrade(scratch_settings.database, "base")
     assert await _tables(scratch_settings) == {"alembic_version"}
-    await upgrade(scratch_settings)
+    await upgrade(scratch_settings.database)
     assert await _tables(scratch_settings) == expected | {"alembic_version"}
 
 
