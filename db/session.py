@@ -6,8 +6,10 @@ pass the database URL, as arq's `create_pool` takes its own settings and not our
 
 from __future__ import annotations
 
+import asyncpg
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
@@ -43,3 +45,19 @@ def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     """Sessions that keep loaded attributes after commit (no lazy IO on a closed session)."""
     return async_sessionmaker(engine, expire_on_commit=False)
 
+
+async def driver_connection(source: AsyncSession | AsyncConnection) -> asyncpg.Connection:
+    """The asyncpg connection under a session or connection, for COPY and plain round trips.
+
+    It is the same backend, in the same transaction (a session begins one here if it has
+    none); it stays the caller's: close or commit through `source`, not through the result.
+    """
+    connection = await source.connection() if isinstance(source, AsyncSession) else source
+    raw = (await connection.get_raw_connection()).driver_connection
+    if not isinstance(raw, asyncpg.Connection):
+        # None once SQLAlchemy has invalidated the connection; another type: not asyncpg.
+        raise RuntimeError(
+            f"expected an asyncpg connection under {type(source).__name__}, got "
+            f"{type(raw).__name__}; the engine must use postgresql+asyncpg://"
+        )
+    return raw

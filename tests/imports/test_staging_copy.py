@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from db.session import driver_connection
 from jobs.imports.merge import CREATE_STAGING, STAGING_COLUMNS, STAGING_TABLE
 from jobs.imports.staging_copy import copy_text
 from jobs.imports.validate import ContactRow
@@ -40,7 +41,7 @@ def _clean_rows(count: int) -> list[ContactRow]:
 @pytest.fixture
 async def staging(engine: AsyncEngine) -> AsyncIterator[Any]:
     async with engine.connect() as connection:
-        raw = (await connection.get_raw_connection()).driver_connection
+        raw = await driver_connection(connection)
         async with raw.transaction():
             await raw.execute(CREATE_STAGING)
             yield raw
