@@ -55,9 +55,11 @@ async def test_contract_inserts_work_with_defaults(settings: Settings) -> None:
             "INSERT INTO contacts (user_id, email) VALUES ($1, $2)", user_id, "Ann@Example.com"
         )
         user = await connection.fetchrow("SELECT plan, trial_ends_at > now() AS open FROM users")
-        assert (user["plan"], user["open"]) == ("trial", True)
+        assert user is not None and (user["plan"], user["open"]) == ("trial", True)
         contact = await connection.fetchrow("SELECT id, created_at, updated_at FROM contacts")
-        assert contact["id"] is not None and contact["created_at"] is not None
+        assert (
+            contact is not None and contact["id"] is not None and contact["created_at"] is not None
+        )
         with pytest.raises(asyncpg.UniqueViolationError):
             await connection.execute(
                 "INSERT INTO contacts (user_id, email) VALUES ($1, $2)", user_id, "ann@example.COM"
