@@ -183,7 +183,7 @@ async def time_status(redis_url: str, dsn: str) -> list[float]:
     from worker.settings import Settings
 
     settings = Settings(redis_url=redis_url, database_url=dsn)
-    await upgrade(settings)
+    await upgrade(settings.database)
     from redis.asyncio import Redis
 
     client = Redis.from_url(redis_url)

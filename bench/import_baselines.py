@@ -101,7 +101,7 @@ async def naive_orm(
         reader = csv.reader(handle)
         next(reader)
         records = [next(reader) for _ in range(rows)]
-    engine = create_engine(settings)
+    engine = create_engine(settings.database)
     sessions = make_sessionmaker(engine)
     seen: set[str] = set()
     started_s = time.perf_counter()

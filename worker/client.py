@@ -33,7 +33,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from db.models import ContactImportError, ContactImportJob, Export, User, WaitlistEntry
-from db.session import create_engine, make_sessionmaker
+from db.session import create_engine, driver_connection, make_sessionmaker
 from jobs.email import drafts
 from jobs.email.caller_input import check_send_email, check_waitlist_signup
 from jobs.email.campaign import STEP_DUE_AFTER_SIGNUP
@@ -173,7 +173,7 @@ class JobsClient:
             job_serializer=serialize,
             job_deserializer=deserialize,
         )
-        engine = create_engine(settings, pool_size=5, pre_ping=True)
+        engine = create_engine(settings.database, pool_size=5, pre_ping=True)
         try:
             async with cls(redis=redis, sessions=make_sessionmaker(engine), settings=settings) as c:
                 yield c
@@ -490,10 +490,8 @@ async def _copy_export_items(
                 _copy_text, export_id, ids[start : start + _COPY_CHUNK_IDS]
             )
 
-    connection = await (await session.connection()).get_raw_connection()
-    asyncpg_connection = connection.driver_connection
-    assert asyncpg_connection is not None
-    await asyncpg_connection.copy_to_table(
+    connection = await driver_connection(session)
+    await connection.copy_to_table(
         "export_items", source=chunks(), columns=("export_id", "item_id"), format="text"
     )
 

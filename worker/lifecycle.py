@@ -30,7 +30,7 @@ async def startup(arq_ctx: dict[str, Any]) -> None:
     await check_redis(ctx["redis"])
     stack = AsyncExitStack()
     ctx["exit_stack"] = stack
-    engine = create_engine(settings)
+    engine = create_engine(settings.database)
     stack.push_async_callback(engine.dispose)
     ctx["engine"] = engine
     ctx["sessions"] = make_sessionmaker(engine)

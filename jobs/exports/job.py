@@ -25,13 +25,14 @@ import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any, cast
+from typing import Any
 
 import asyncpg
 from sqlalchemy import select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from db.models import Export
+from db.session import driver_connection
 from jobs.exports.errors import file_errors
 from jobs.exports.progress import ProgressSink
 from jobs.exports.query import ExportKind, export_query
@@ -203,8 +204,7 @@ async def export_lock(engine: AsyncEngine, eid: uuid.UUID) -> AsyncIterator[asyn
         try:
             if not await conn.scalar(_TRY_LOCK, {"id": str(eid)}):
                 raise ExportBusy(f"export {eid} is being written by another worker; will retry")
-            raw = await conn.get_raw_connection()
-            yield cast(asyncpg.Connection, raw.driver_connection)
+            yield await driver_connection(conn)
         except BaseException:
             # Keep the error that stopped the export: after a lost connection the rollback
             # fails too ("the underlying connection is closed") and would hide the cause.

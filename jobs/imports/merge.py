@@ -29,7 +29,8 @@ import uuid
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+
+import asyncpg
 
 from jobs.imports.staging_copy import copy_text
 from jobs.imports.validate import ContactRow, RowError
@@ -131,7 +132,9 @@ def part_of(email: str) -> int:
     return zlib.crc32(email.encode()) % PARTS
 
 
-async def upsert_companies(connection: Any, user_id: uuid.UUID, names: list[str]) -> None:
+async def upsert_companies(
+    connection: asyncpg.Connection, user_id: uuid.UUID, names: list[str]
+) -> None:
     """The batch's companies, before its parts (in file order: the first spelling wins)."""
     if names:
         await connection.execute(UPSERT_COMPANIES, user_id, names)
@@ -199,7 +202,7 @@ def _overlay(before: ContactRow, after: ContactRow) -> ContactRow:
 
 
 async def merge_part(
-    connection: Any,
+    connection: asyncpg.Connection,
     user_id: uuid.UUID,
     import_id: uuid.UUID,
     part: PreparedPart,
@@ -210,10 +213,11 @@ async def merge_part(
     # Both statements in one round trip (simple query protocol, no parameters).
     await connection.execute(CREATE_STAGING)
     if part.staging_rows:
-        # A memoryview, not bytes: asyncpg would take bytes for a file name.
+        # A memoryview, not bytes: asyncpg would take bytes for a file name. asyncpg documents
+        # buffer-protocol sources (`copy_to_table`); asyncpg-stubs' source type leaves them out.
         await connection.copy_to_table(
             STAGING_TABLE,
-            source=memoryview(part.staging_copy),
+            source=memoryview(part.staging_copy),  # type: ignore[arg-type]
             columns=STAGING_COLUMNS,
             format="text",
         )

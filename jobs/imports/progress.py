@@ -25,12 +25,12 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
-import asyncpg
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from db.session import driver_connection
 from jobs.imports.merge import (
     ALL_PARTS,
     BatchCounts,
@@ -179,8 +179,8 @@ async def apply_batch(
             return BatchOutcome(None, row)
         # Its own short transaction (idempotent, redone with a resumed batch): the parts'
         # transactions see the companies committed.
-        connection = await (await session.connection()).get_raw_connection()
-        await upsert_companies(connection.driver_connection, row.user_id, batch.company_names)
+        connection = await driver_connection(session)
+        await upsert_companies(connection, row.user_id, batch.company_names)
     # Every batch stores its errors up to the cap in the transaction that counts them, so
     # the rows stored so far are exactly min(error_count, cap): the first `cap` bad rows.
     room = max(0, max_stored_errors - row.error_count)
@@ -239,7 +239,7 @@ async def _apply_part(
     bit = 1 << index
     async with sessions() as session:
         pooled = await session.connection()
-        connection = cast(asyncpg.Connection, (await pooled.get_raw_connection()).driver_connection)
+        connection = await driver_connection(pooled)
         try:
             async with connection.transaction():
                 counts = await merge_part(connection, row.user_id, row.id, part, stored_errors_room)

@@ -111,7 +111,7 @@ async def redis_status(client: aioredis.Redis, now_ms: int) -> dict[str, Any]:
 
 
 async def database_status(settings: Settings) -> dict[str, Any]:
-    engine = create_engine(settings, pool_size=1)
+    engine = create_engine(settings.database, pool_size=1)
     try:
         async with make_sessionmaker(engine)() as session:
             imports = await session.scalars(
