@@ -33,7 +33,15 @@ from arq.worker import Function, Retry
 
 from worker import stats
 from worker.context import Ctx
-from worker.errors import PermanentError, ProviderFault, RateLimited, TransientError, WorkerError
+from worker.errors import (
+    HardTimeLimitExceeded,
+    PermanentError,
+    ProviderFault,
+    RateLimited,
+    TransientError,
+    WorkerDied,
+    WorkerError,
+)
 from worker.logs import job_log_context
 from worker.retry import PUBLIC_INTERNAL_ERROR, classify, retry_delay_s
 from worker.settings import Settings
@@ -44,14 +52,6 @@ JobCoroutine = Callable[..., Awaitable[Any]]
 FailureHook = Callable[[Ctx, dict[str, Any], str], Awaitable[None]]
 # arq's own timeout stays a backstop behind ours, so our failure record gets written first.
 ARQ_TIMEOUT_GRACE_S = 30.0
-
-
-class HardTimeLimitExceeded(PermanentError):
-    """The job ran past its hard time limit and was stopped."""
-
-
-class WorkerDied(PermanentError):
-    """The job's worker process died on every try (a poison pill): the job is not run again."""
 
 
 async def _give_try_back(ctx: Ctx) -> None:
