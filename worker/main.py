@@ -32,7 +32,8 @@ HEALTH_CHECK_INTERVAL_S = 10
 class QueueConfig:
     """What one queue runs and how many of its jobs one process runs at once.
 
-    The job names and queues themselves are in worker/routes.py (tests check both agree).
+    Which jobs belong to which queue is in worker/routes.py; tests/foundation/test_routes.py
+    checks that these modules register exactly those.
     """
 
     job_modules: tuple[str, ...]
