@@ -16,7 +16,7 @@ import pytest
 import yaml
 from sqlalchemy.engine import make_url
 
-from worker.main import QUEUES
+from worker.routes import QUEUES
 from worker.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -8,7 +8,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from worker.main import QUEUES
+from worker.routes import QUEUES
 from worker.settings import Settings
 
 

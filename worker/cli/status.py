@@ -26,7 +26,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from db.models import ContactImportJob, Export
 from db.session import create_engine, make_sessionmaker
 from worker.lease import running_key
-from worker.main import HEALTH_CHECK_INTERVAL_S, QUEUES
+from worker.main import HEALTH_CHECK_INTERVAL_S
+from worker.routes import QUEUES
 from worker.settings import Settings
 from worker.stats import FAILURES_KEY, stats_key, summary
 
