@@ -21,6 +21,7 @@ from worker import lease, preflight
 from worker.job import CronSchedule, JobDefinition
 from worker.lifecycle import shutdown, startup
 from worker.recycle import after_job_end as recycle_after_job_end
+from worker.retry import arq_max_tries
 from worker.routes import QUEUES, QueueName
 from worker.serialization import deserialize, serialize
 from worker.settings import Settings
@@ -134,7 +135,7 @@ def worker_settings(
         # MAX_RETRIES retries after the first try, plus one: our wrapper decides retries
         # itself, and a try beyond its limit only happens when the worker died on the last
         # one; JobDefinition.run then records the failure (arq would drop it silently).
-        "max_tries": settings.max_retries + 2,
+        "max_tries": arq_max_tries(settings.max_retries),
         "health_check_interval": HEALTH_CHECK_INTERVAL_S,
         "health_check_key": health_check_key(queue),
         "job_completion_wait": config.shutdown_grace_s,

@@ -277,6 +277,11 @@ def decide(
     )
 
 
+def max_tries(max_retries: int) -> int:
+    """The tries a job (or an email's attempts) gets: the first and `max_retries` more."""
+    return max_retries + 1
+
+
 def arq_max_tries(max_retries: int) -> int:
     """The tries arq allows: ours (the first and `max_retries` more) and one beyond.
 
@@ -284,7 +289,7 @@ def arq_max_tries(max_retries: int) -> int:
     on the last of ours, and lets `worker_died` fail the job with its reason instead of arq
     dropping it without calling our code.
     """
-    return max_retries + 2
+    return max_tries(max_retries) + 1
 
 
 def worker_died(job_try: int, *, max_retries: int, deaths: int) -> Fail | None:
@@ -292,7 +297,7 @@ def worker_died(job_try: int, *, max_retries: int, deaths: int) -> Fail | None:
 
     `deaths` is how many tries ended with their worker gone (worker.stats).
     """
-    if job_try <= max_retries + 1:
+    if job_try <= max_tries(max_retries):
         return None
     return Fail(
         WorkerDied(
