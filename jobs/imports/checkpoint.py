@@ -1,4 +1,5 @@
-"""The import's row in `contact_import_jobs`: ownership, checkpoints, and final states.
+"""The import's exactly-once commit protocol on its row in `contact_import_jobs`: ownership,
+checkpoints, and final states.
 
 Exactly-once effect rests on two guards:
 
