@@ -31,7 +31,8 @@ from jobs.imports.checkpoint import (
 )
 from jobs.imports.headers import HeaderMap, list_names, map_header
 from jobs.imports.merge import PreparedBatch, prepare
-from jobs.imports.reader import CsvReader, NumberedRow
+from jobs.imports.reader import CsvReader
+from jobs.imports.record_parser import NumberedRow
 from jobs.imports.sources import LocalFile, PinnedSource, S3Object
 from jobs.imports.validate import ContactRow, RowError, Validator
 from worker.context import Ctx

@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 from jobs.imports.error_payload import payload_json
 from jobs.imports.headers import CANONICAL_COLUMNS, HeaderMap
-from jobs.imports.reader import NumberedRow
+from jobs.imports.record_parser import NumberedRow
 
 MAX_FIELD_CHARS = 64 * 1024  # any field, any column (also ignored ones)
 MAX_CHARS: dict[str, int] = {
