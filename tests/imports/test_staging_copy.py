@@ -54,7 +54,7 @@ async def _round_trip(connection: Any, rows: list[ContactRow]) -> list[ContactRo
     stored = await connection.fetch(
         f"SELECT {', '.join(STAGING_COLUMNS)} FROM {STAGING_TABLE} ORDER BY row_number"
     )
-    return [ContactRow(*record) for record in stored]
+    return [ContactRow(**record) for record in stored]
 
 
 async def test_clean_rows_arrive_unchanged(staging: Any) -> None:
