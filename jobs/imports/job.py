@@ -18,9 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jobs.imports.headers import HeaderMap, list_names, map_header
-from jobs.imports.merge import PreparedBatch, prepare
-from jobs.imports.progress import (
+from jobs.imports.checkpoint import (
     FINAL_STATUSES,
     ImportRow,
     ImportRunningElsewhere,
@@ -31,7 +29,10 @@ from jobs.imports.progress import (
     record_failure,
     update,
 )
-from jobs.imports.reader import CsvReader, NumberedRow
+from jobs.imports.headers import HeaderMap, list_names, map_header
+from jobs.imports.merge import PreparedBatch, prepare
+from jobs.imports.reader import CsvReader
+from jobs.imports.record_parser import NumberedRow
 from jobs.imports.sources import LocalFile, PinnedSource, S3Object
 from jobs.imports.validate import ContactRow, RowError, Validator
 from worker.context import Ctx

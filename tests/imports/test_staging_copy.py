@@ -59,7 +59,7 @@ async def _round_trip(connection: asyncpg.Connection, rows: list[ContactRow]) ->
     stored = await connection.fetch(
         f"SELECT {', '.join(STAGING_COLUMNS)} FROM {STAGING_TABLE} ORDER BY row_number"
     )
-    return [ContactRow(*record) for record in stored]
+    return [ContactRow(**record) for record in stored]
 
 
 async def test_clean_rows_arrive_unchanged(staging: asyncpg.Connection) -> None:

@@ -1,4 +1,5 @@
-"""The import's row in `contact_import_jobs`: ownership, checkpoints, and final states.
+"""The import's exactly-once commit protocol on its row in `contact_import_jobs`: ownership,
+checkpoints, and final states.
 
 Exactly-once effect rests on two guards:
 
@@ -24,7 +25,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
 from sqlalchemy import text
@@ -105,11 +106,8 @@ async def import_lock(engine: AsyncEngine, import_id: uuid.UUID) -> AsyncIterato
                     raise
 
 
-_COLUMNS = (
-    "id, user_id, file_path, status, total_rows, processed_rows, error_count, "
-    "created_count, updated_count, cancel_requested, batch_rows, batch_parts_done, "
-    "source_pin, source_encoding"
-)
+# The job row's columns an `ImportRow` holds; rows are read back by name (`ImportRow(**row)`).
+_COLUMNS = ", ".join(field.name for field in fields(ImportRow))
 
 
 async def load(
@@ -122,7 +120,7 @@ async def load(
                 {"id": import_id},
             )
         ).one_or_none()
-    return None if row is None else ImportRow(*row)
+    return None if row is None else ImportRow(**row._mapping)
 
 
 async def update(
@@ -165,7 +163,7 @@ async def apply_batch(
         ).one_or_none()
         if found is None:
             raise ImportRunningElsewhere()  # deleted under us: the next try finds it gone
-        row = ImportRow(*found)
+        row = ImportRow(**found._mapping)
         if (
             row.status != "processing"
             or row.processed_rows != expected_processed_rows
@@ -263,7 +261,7 @@ async def _apply_part(
                 # The rollback did not finish (cancelled again while rolling back, or the
                 # connection broke): never give the pool a connection inside a transaction.
                 await pooled.invalidate()
-    return counts, ImportRow(*after)
+    return counts, ImportRow(**after)
 
 
 async def _all(awaitables: list[Awaitable[_T]]) -> list[_T]:
