@@ -13,7 +13,7 @@
     │   │                          sending): resent only where the provider deduplicates
     │   │                          (Resend's Idempotency-Key); with SendGrid held for review
     │   ├── ExportBusy             (jobs.exports.job) another worker is writing this export
-    │   └── ImportRunningElsewhere (jobs.imports.progress) another runner owns this import
+    │   └── ImportRunningElsewhere (jobs.imports.checkpoint) another runner owns this import
     └── PermanentError             fails the job now; the message is recorded for a person to
         │                          act on
         ├── HardTimeLimitExceeded  ran past its hard time limit: never retried, it would run as
