@@ -12,13 +12,15 @@ arq, so every job gets the same behaviour without repeating it:
   detail while `on_failure` records the error's `public_message` on the job's own row
   (import, export, email), plain words without hosts, buckets, paths or SQL values;
 - a try cancelled by a shutdown goes back to the queue without using up a try;
-- outcomes are counted in Redis for `python -m worker status` (worker/stats.py).
+- outcomes, durations and queue waits are counted in Redis for `python -m worker status` and
+  `/metrics` (worker/stats.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -88,8 +90,9 @@ class JobDefinition:
         settings = ctx["settings"]
         job_try = ctx.get("job_try", 1)
         job_id = ctx.get("job_id", "-")
+        started_s, started_monotonic = time.time(), time.monotonic()
         with job_log_context(job_id=job_id, job=self.name, job_try=job_try):
-            deaths = await stats.try_started(ctx.get("redis"), ctx["queue_name"], job_id)
+            deaths = await stats.try_started(ctx.get("redis"), ctx["queue_name"], job_id, self.name)
             outcome: stats.Outcome = "failed"
             error: str | None = None
             try:
@@ -128,6 +131,8 @@ class JobDefinition:
                         job=self.name,
                         job_try=job_try,
                         error=error,
+                        duration_s=time.monotonic() - started_monotonic,
+                        queue_wait_s=stats.queue_wait_s(ctx.get("score"), started_s),
                     )
                 )
 
