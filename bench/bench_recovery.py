@@ -179,7 +179,7 @@ class Bench:
 async def time_status(redis_url: str, dsn: str) -> list[float]:
     """Seconds `python -m worker status` needs to collect, with 100,000 jobs queued."""
     from db.migrate import upgrade
-    from worker.cli.status import collect
+    from worker.observe import collect
     from worker.settings import Settings
 
     settings = Settings(redis_url=redis_url, database_url=dsn)

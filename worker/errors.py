@@ -36,9 +36,13 @@ what to do. It defaults to `str(error)`, since errors raised on purpose are writ
 Our other exceptions never reach a job's failure path, so they stand outside the tree:
 
     ValueError
-    └── PayloadRefused             (worker.serialization) bytes this project did not write:
-                                   refused, never executed
+    ├── PayloadRefused             (worker.serialization) bytes this project did not write:
+    │                              refused, never executed
+    └── ConsoleNotConfigured       (worker.web.auth) no CONSOLE_PASSWORD: the console must not
+                                   start
     Exception
+    ├── ActionRefused              (worker.web.actions) a console action that does not apply to
+    │                              the row as it is now (HTTP 409)
     ├── RemoteJobError             (worker.serialization) a failed job's exception, read back
     │                              from its JSON form
     ├── StartupRefused             (worker.preflight) this worker must not start; the message

@@ -43,7 +43,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from db.models import ContactImportJob, EmailMessage, Export
 from jobs.marketing.sync import RATE_LIMIT_KEY_PREFIX as MARKETING_RATE_LIMIT_KEY_PREFIX
-from worker.cli.status import redis_status
+from worker.observe import redis_status
 from worker.ratelimit import DEFAULT_KEY_PREFIX as EMAIL_RATE_LIMIT_KEY_PREFIX
 from worker.ratelimit import RateLimiter
 from worker.routes import QUEUES

@@ -26,9 +26,9 @@ from tests.conftest import RunBurst
 from tests.imports.conftest import start_import
 from tests.reliability.conftest import Processes, worker_env
 from tests.reliability.test_status import fails, flaky, succeeds
-from worker.cli.status import redis_status
 from worker.client import JobsClient
 from worker.metrics import render_metrics
+from worker.observe import redis_status
 from worker.ratelimit import RateLimiter
 from worker.routes import PROCESS_CONTACTS_IMPORT, QUEUES, SEND_EMAIL
 from worker.settings import Settings

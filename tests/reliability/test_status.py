@@ -17,11 +17,11 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from tests.conftest import RunBurst
 from tests.reliability.conftest import REPO_ROOT, free_port
-from worker.cli.status import collect
 from worker.context import Ctx
 from worker.errors import TransientError
 from worker.job import job
 from worker.lease import running_key
+from worker.observe import collect
 from worker.settings import Settings
 from worker.stats import FAILURES_KEY, stats_key
 
