@@ -13,7 +13,8 @@ arq, so every job gets the same behaviour without repeating it:
   (import, export, email), plain words without hosts, buckets, paths or SQL values;
 - a try cancelled by a shutdown goes back to the queue without using up a try;
 - outcomes, durations and queue waits are counted in Redis for `python -m worker status` and
-  `/metrics` (worker/stats.py).
+  `/metrics` (worker/stats.py);
+- with OpenTelemetry installed, each try runs in a span of its own (worker/tracing.py).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from worker.errors import WorkerError
 from worker.logs import job_log_context
 from worker.retry import PUBLIC_INTERNAL_ERROR, Fail, arq_max_tries, decide, worker_died
 from worker.settings import Settings
+from worker.tracing import job_span
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +93,10 @@ class JobDefinition:
         job_try = ctx.get("job_try", 1)
         job_id = ctx.get("job_id", "-")
         started_s, started_monotonic = time.time(), time.monotonic()
-        with job_log_context(job_id=job_id, job=self.name, job_try=job_try):
+        with (
+            job_log_context(job_id=job_id, job=self.name, job_try=job_try),
+            job_span(self.name, queue=ctx["queue_name"], job_id=job_id, job_try=job_try),
+        ):
             deaths = await stats.try_started(ctx.get("redis"), ctx["queue_name"], job_id, self.name)
             outcome: stats.Outcome = "failed"
             error: str | None = None

@@ -20,6 +20,8 @@ from typing import Any, Literal, get_args
 from arq.connections import ArqRedis
 from arq.jobs import Job
 
+from worker.tracing import enqueue_span
+
 QueueName = Literal["imports", "exports", "default"]
 QUEUES: tuple[QueueName, ...] = get_args(QueueName)
 
@@ -113,10 +115,16 @@ def routes_of(queue: QueueName) -> tuple[Route, ...]:
 async def enqueue(
     redis: ArqRedis, route: Route, arq_job_id: str | None, **kwargs: Any
 ) -> Job | None:
-    """Enqueue `route`'s job on its queue; None when arq already holds a job of that id."""
-    return await redis.enqueue_job(
-        route.name, _job_id=arq_job_id, _queue_name=route.queue, **kwargs
-    )
+    """Enqueue `route`'s job on its queue; None when arq already holds a job of that id.
+
+    With OpenTelemetry, in a PRODUCER span whose context the payload carries (worker/tracing.py).
+    """
+    with enqueue_span(route.name, route.queue, arq_job_id) as enqueued:
+        job = await redis.enqueue_job(
+            route.name, _job_id=arq_job_id, _queue_name=route.queue, **kwargs
+        )
+        enqueued(job)
+        return job
 
 
 def import_job_id(import_id: uuid.UUID | str) -> str:
