@@ -207,6 +207,12 @@ class WaitlistEntry(Base):
                 "next_email_at IS NOT NULL AND unsubscribed_at IS NULL AND converted_at IS NULL"
             ),
         ),
+        # The hourly tick deletes sign-ups left unconfirmed (jobs/email/campaign.py).
+        Index(
+            "ix_waitlist_unconfirmed",
+            "created_at",
+            postgresql_where=text("confirmed_at IS NULL"),
+        ),
     )
 
     id: Mapped[uuid.UUID] = _uuid_pk()
@@ -215,6 +221,12 @@ class WaitlistEntry(Base):
     # How many campaign emails have been sent; the next one is step + 1.
     campaign_step: Mapped[int] = mapped_column(SmallInteger, server_default="0")
     next_email_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # When the address owner confirmed the sign-up (WAITLIST_CONFIRM), or the sign-up itself
+    # when no confirmation is asked. NULL: only the confirmation email may be sent.
+    # Defaults to the insert's time: only `join_waitlist` under WAITLIST_CONFIRM leaves it NULL.
+    confirmed_at: Mapped[datetime | None] = mapped_column(
+        DateTime(timezone=True), server_default=func.now()
+    )
     unsubscribed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     converted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = _created_at()
@@ -240,6 +252,8 @@ class EmailMessage(Base):
     subject: Mapped[str] = mapped_column(Text)
     html: Mapped[str] = mapped_column(Text)
     text_body: Mapped[str | None] = mapped_column("text", Text)
+    # Extra header fields sent with the message ({"List-Unsubscribe": ...}); NULL for none.
+    headers: Mapped[dict[str, str] | None] = mapped_column(JSONB(none_as_null=True))
     status: Mapped[str] = mapped_column(Text, server_default="pending")
     provider: Mapped[str | None] = mapped_column(Text)
     provider_message_id: Mapped[str | None] = mapped_column(Text)

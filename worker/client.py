@@ -39,6 +39,7 @@ from jobs.email.caller_input import check_send_email, check_waitlist_signup
 from jobs.email.campaign import STEP_DUE_AFTER_SIGNUP
 from jobs.email.keys import caller_key, job_key, send_job
 from jobs.email.outbox import Draft, store_pending
+from worker import tokens
 from worker.import_source import resolve_import_source
 from worker.routes import (
     EXPORT_ROUTES,
@@ -406,7 +407,9 @@ class JobsClient:
         if user is None:
             raise LookupError(f"no user {user_id}")
         # Off the loop: the first render of a process compiles the templates.
-        draft = await asyncio.to_thread(drafts.welcome, user.id, user.email, user.name)
+        draft = await asyncio.to_thread(
+            drafts.welcome, user.id, user.email, user.name, self.settings.app_url
+        )
         return await self._send(draft)
 
     async def _send(self, draft: Draft) -> EnqueuedJob:
@@ -423,8 +426,9 @@ class JobsClient:
 
         The address must be valid as an import's would be; the name at most 100 characters,
         one line, with no web address or domain in it. Otherwise `ValueError`, nothing created.
-        Step 1 is due from the commit on: if the enqueue after it fails (the error is raised),
-        the hourly campaign cron sends it.
+        The first email is due from the commit on: if the enqueue after it fails (the error is
+        raised), the hourly campaign cron sends it. With WAITLIST_CONFIRM (the default) that
+        email is a confirmation link and the campaign waits for `confirm_waitlist`.
         """
         normalized, name = check_waitlist_signup(email, name)
         async with self.sessions.begin() as session:
@@ -434,6 +438,7 @@ class JobsClient:
                     email=normalized,
                     name=name,
                     next_email_at=func.now() + STEP_DUE_AFTER_SIGNUP[1],
+                    confirmed_at=None if self.settings.waitlist_confirm else func.now(),
                 )
                 .on_conflict_do_nothing(index_elements=[func.lower(WaitlistEntry.email)])
                 .returning(WaitlistEntry.id)
@@ -449,6 +454,55 @@ class JobsClient:
                 entry_id=str(entry_id),
             )
         return WaitlistSignup(id=entry_id, email=normalized, created=inserted is not None)
+
+    async def unsubscribe(self, token: str) -> bool:
+        """Unsubscribe the waitlist entry an unsubscribe link's token names; False for a bad one.
+
+        True also when it was unsubscribed before (or no longer exists): a one-click client
+        may POST twice. Needs SECRET_KEY (`tokens.MissingSecretKey`, a ValueError, without it).
+        """
+        entry_id = tokens.read_token(tokens.UNSUBSCRIBE, token, self.settings.secret_key)
+        if entry_id is None:
+            return False
+        async with self.sessions.begin() as session:
+            await session.execute(
+                update(WaitlistEntry)
+                .where(WaitlistEntry.id == entry_id, WaitlistEntry.unsubscribed_at.is_(None))
+                .values(unsubscribed_at=func.now())
+            )
+        return True
+
+    async def confirm_waitlist(self, token: str) -> bool:
+        """Confirm the sign-up a confirmation link's token names, and start its campaign.
+
+        False for a bad token, or one whose entry expired unconfirmed (`drafts.CONFIRM_TTL`):
+        the person signs up again. True also when it was confirmed before. Step 1 is due from
+        the commit on (the hourly cron covers a lost kickoff). Needs SECRET_KEY.
+        """
+        entry_id = tokens.read_token(tokens.CONFIRM_WAITLIST, token, self.settings.secret_key)
+        if entry_id is None:
+            return False
+        async with self.sessions.begin() as session:
+            confirmed_now = await session.scalar(
+                update(WaitlistEntry)
+                .where(
+                    WaitlistEntry.id == entry_id,
+                    WaitlistEntry.confirmed_at.is_(None),
+                    WaitlistEntry.created_at > func.now() - drafts.CONFIRM_TTL,
+                )
+                .values(confirmed_at=func.now(), next_email_at=func.now())
+                .returning(WaitlistEntry.id)
+            )
+            if confirmed_now is None:
+                confirmed_before = await session.scalar(
+                    select(WaitlistEntry.id).where(
+                        WaitlistEntry.id == entry_id, WaitlistEntry.confirmed_at.is_not(None)
+                    )
+                )
+                return confirmed_before is not None
+        # A fresh job id: the sign-up's kickoff (`waitlist:<id>`) may still hold its result.
+        await self._enqueue(KICKOFF_WAITLIST_FIRST_EMAIL, None, entry_id=str(entry_id))
+        return True
 
     async def sync_contact(self, email: str) -> EnqueuedJob:
         return EnqueuedJob(job_id=await self._enqueue(SYNC_CONTACT, None, email=email))

@@ -19,6 +19,9 @@ from sqlalchemy.exc import ArgumentError
 
 RESEND_API_BASE_URL = "https://api.resend.com"
 SENDGRID_API_BASE_URL = "https://api.sendgrid.com"
+# 32 characters of token_urlsafe carry ~190 bits: more than HMAC-SHA256 needs, and short
+# enough that nobody is tempted to pick a word instead.
+MIN_SECRET_KEY_CHARS = 32
 
 
 class Settings(BaseSettings):
@@ -69,6 +72,15 @@ class Settings(BaseSettings):
     console_password: SecretStr | None = None
     metrics_token: SecretStr | None = None
 
+    # The public web app (worker/web/public.py): links in email point at APP_URL, and their
+    # tokens are signed with SECRET_KEY (worker/tokens.py). No defaults: a staging deploy must
+    # not link to production, and a guessable key would let anyone unsubscribe anyone.
+    app_url: str | None = None
+    secret_key: SecretStr | None = None
+    # Double opt-in for the waitlist: sign-up sends a confirmation link, the campaign starts
+    # when it is used (jobs/email/campaign.py).
+    waitlist_confirm: bool = True
+
     @field_validator("database_url")
     @classmethod
     def _database_url_is_async_postgres(cls, value: str) -> str:
@@ -88,6 +100,31 @@ class Settings(BaseSettings):
             raise ValueError("DATABASE_URL names no database (add /DBNAME at the end)")
         # Accept the plain scheme users copy from elsewhere, but always talk asyncpg.
         return url.set(drivername="postgresql+asyncpg").render_as_string(hide_password=False)
+
+    @field_validator("app_url")
+    @classmethod
+    def _app_url_is_http(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        value = value.strip().rstrip("/")
+        parts = urlsplit(value)
+        if parts.scheme not in ("https", "http") or not parts.hostname:
+            raise ValueError("APP_URL must be the web app's base URL, e.g. https://app.example.com")
+        if parts.query or parts.fragment or any(ord(c) < 33 or ord(c) == 127 for c in value):
+            raise ValueError("APP_URL must be a plain base URL (no query, fragment or spaces)")
+        return value
+
+    @field_validator("secret_key")
+    @classmethod
+    def _secret_key_is_long(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value().strip():
+            return None
+        if len(value.get_secret_value()) < MIN_SECRET_KEY_CHARS:
+            raise ValueError(
+                f"SECRET_KEY must be at least {MIN_SECRET_KEY_CHARS} characters; generate one "
+                "with: python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+            )
+        return value
 
     @field_validator("email_api_key", "marketing_api_key", "console_password", "metrics_token")
     @classmethod

@@ -1,8 +1,17 @@
-"""The waitlist campaign: step 1 on sign-up, step 2 at +2 days, step 3 at +7 days (UTC).
+"""The waitlist campaign: step 1 on confirmation, step 2 at +2 days, step 3 at +7 days (UTC).
 
-Sign-up (`JobsClient.join_waitlist`) commits the entry with step 1 already due
+Sign-up (`JobsClient.join_waitlist`) commits the entry with its first email already due
 (`next_email_at = created_at`) and then enqueues the kickoff job for a prompt send: if Redis
-loses that job, or the enqueue fails after the commit, the hourly cron sends step 1 instead.
+loses that job, or the enqueue fails after the commit, the hourly cron sends it instead.
+With WAITLIST_CONFIRM the entry starts unconfirmed (`confirmed_at` NULL) and that first email
+is the confirmation (`waitlist-confirm/<entry_id>`), after which nothing is due
+(`next_email_at` NULL) until the link is used: `JobsClient.confirm_waitlist` sets
+`confirmed_at` and makes step 1 due. Entries unconfirmed after `drafts.CONFIRM_TTL` are
+deleted by the hourly tick. Without WAITLIST_CONFIRM the entry is confirmed at sign-up and
+its first email is step 1. The steps' schedule counts from `confirmed_at`.
+
+Waitlist email needs APP_URL and SECRET_KEY (its links are signed): without them no waitlist
+email is sent, the tick logs one error saying so, and every step stays due.
 
 `waitlist_entries.campaign_step` counts the steps sent and `next_email_at` says when the next
 one is due; both advance in the transaction that settles the step's outbox row, so a crash
@@ -18,13 +27,14 @@ from collections import Counter
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Row, select, tuple_, update
+from sqlalchemy import Row, delete, func, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from db.models import WaitlistEntry
 from jobs.email import drafts
+from jobs.email.drafts import CampaignLinks, CampaignNotConfigured
 from jobs.email.fanout import halted, send_page
-from jobs.email.outbox import AfterSettled, Outcome, deliver, fail_message
+from jobs.email.outbox import AfterSettled, Draft, Outcome, deliver, fail_message
 from worker.context import Ctx
 from worker.errors import PermanentError
 from worker.job import job
@@ -69,27 +79,59 @@ def advance(entry_id: uuid.UUID, created_at: datetime, step: int) -> AfterSettle
     return after
 
 
-async def _send_step(ctx: Ctx, entry: Row[Any], step: int, max_attempts: int | None) -> Outcome:
-    draft = drafts.waitlist_step(entry.id, entry.email, entry.name, step)
-    hook = advance(entry.id, entry.created_at, step)
+def await_confirmation(entry_id: uuid.UUID) -> AfterSettled:
+    """Hook: the confirmation is sent (or failed): nothing more is due until it is used."""
+
+    async def after(session: AsyncSession, outcome: Outcome) -> None:
+        await session.execute(
+            update(WaitlistEntry)
+            .where(WaitlistEntry.id == entry_id, WaitlistEntry.confirmed_at.is_(None))
+            .values(next_email_at=None)
+        )
+
+    return after
+
+
+def _next_email(links: CampaignLinks, entry: Any) -> tuple[Draft, AfterSettled]:
+    """The entry's due email (the confirmation, or its next step) and its settling hook."""
+    if entry.confirmed_at is None:
+        draft = drafts.waitlist_confirmation(entry.id, entry.email, entry.name, links)
+        return draft, await_confirmation(entry.id)
+    step = entry.campaign_step + 1
+    draft = drafts.waitlist_step(entry.id, entry.email, entry.name, step, links)
+    return draft, advance(entry.id, entry.confirmed_at, step)
+
+
+async def _send_step(
+    ctx: Ctx, links: CampaignLinks, entry: Row[Any], max_attempts: int | None
+) -> Outcome:
+    draft, hook = _next_email(links, entry)
     return await deliver(ctx, draft, after=hook, max_attempts=max_attempts)
 
 
 async def _fail_kickoff(ctx: Ctx, kwargs: dict[str, Any], reason: str) -> None:
     entry_id = uuid.UUID(str(kwargs["entry_id"]))
-    await fail_message(ctx, f"waitlist/{entry_id}/1", reason)
-    async with ctx["sessions"].begin() as session:
+    async with ctx["sessions"]() as session:
         entry = await session.get(WaitlistEntry, entry_id)
-        if entry is not None:  # step 1 is over either way; the campaign goes on with step 2
-            await advance(entry_id, entry.created_at, 1)(session, Outcome("", "failed"))
+    if entry is None:
+        return
+    if entry.confirmed_at is None:
+        await fail_message(ctx, drafts.waitlist_confirmation_key(entry_id), reason)
+        hook = await_confirmation(entry_id)
+    else:  # step 1 is over either way; the campaign goes on with step 2
+        await fail_message(ctx, f"waitlist/{entry_id}/1", reason)
+        hook = advance(entry_id, entry.confirmed_at, 1)
+    async with ctx["sessions"].begin() as session:
+        await hook(session, Outcome("", "failed"))
 
 
 @job(timeout_cap_s=SEND_JOB_CAP_S, on_failure=_fail_kickoff)
 async def kickoff_waitlist_first_email(ctx: Ctx, entry_id: str) -> dict[str, Any]:
-    """Send waitlist step 1 now and schedule step 2 at sign-up + 2 days.
+    """Send the entry's first email now: its confirmation, or (confirmed) step 1.
 
-    Twice is harmless: the step's outbox key `waitlist/<entry_id>/1` sends once, and the entry
-    only advances while `campaign_step < 1`.
+    Twice is harmless: the outbox keys `waitlist-confirm/<entry_id>` and `waitlist/<entry_id>/1`
+    send once, and the entry only advances while `campaign_step < 1`. Without APP_URL or
+    SECRET_KEY nothing is sent and the email stays due for the hourly tick.
     """
     async with ctx["sessions"]() as session:
         entry = (
@@ -101,8 +143,13 @@ async def kickoff_waitlist_first_email(ctx: Ctx, entry_id: str) -> dict[str, Any
         raise PermanentError(f"no waitlist entry {entry_id}")
     if entry.campaign_step >= 1 or entry.unsubscribed_at or entry.converted_at:
         return {"entry_id": str(entry.id), "status": "skipped"}
-    draft = drafts.waitlist_step(entry.id, entry.email, entry.name, 1)
-    outcome = await deliver(ctx, draft, after=advance(entry.id, entry.created_at, 1))
+    try:
+        links = CampaignLinks.of(ctx["settings"])
+    except CampaignNotConfigured as exc:
+        log.warning("%s; entry %s stays due for the hourly tick", exc, entry.id)
+        return {"entry_id": str(entry.id), "status": "skipped", "error": str(exc)}
+    draft, hook = _next_email(links, entry)
+    outcome = await deliver(ctx, draft, after=hook)
     if outcome.status == "failed" and outcome.fresh:
         raise PermanentError(outcome.detail or "the provider refused the email")
     return outcome.summary()
@@ -115,7 +162,7 @@ def _due_page(now: datetime, cursor: tuple[datetime, uuid.UUID] | None) -> Any:
             WaitlistEntry.email,
             WaitlistEntry.name,
             WaitlistEntry.campaign_step,
-            WaitlistEntry.created_at,
+            WaitlistEntry.confirmed_at,
             WaitlistEntry.next_email_at,
         )
         # The same predicate as the partial index ix_waitlist_next_email_at, so it is used.
@@ -145,8 +192,14 @@ async def send_waitlist_campaign_hourly(ctx: Ctx) -> dict[str, Any]:
     every step not sent stays due, unskipped and with no attempt counted, for a later tick.
     """
     now = datetime.now(UTC)
+    expired = await _expire_unconfirmed(ctx)
+    try:
+        links = CampaignLinks.of(ctx["settings"])
+    except CampaignNotConfigured as exc:
+        log.error("%s; every due step stays due", exc)  # once per tick
+        return {"pages": 0, "expired_unconfirmed": expired, "not_configured": 1}
     max_attempts = max_tries(ctx["settings"].max_retries)
-    counts: Counter[str] = Counter()
+    counts: Counter[str] = Counter({"expired_unconfirmed": expired} if expired else {})
     cursor: tuple[datetime, uuid.UUID] | None = None
     pages = 0
     while True:
@@ -158,7 +211,7 @@ async def send_waitlist_campaign_hourly(ctx: Ctx) -> dict[str, Any]:
         cursor = (page[-1].next_email_at, page[-1].id)
         counts += await send_page(
             page,
-            lambda entry: _send_step(ctx, entry, entry.campaign_step + 1, max_attempts),
+            lambda entry: _send_step(ctx, links, entry, max_attempts),
             concurrency=SEND_CONCURRENCY,
         )
         if halted(counts):
@@ -175,3 +228,19 @@ async def send_waitlist_campaign_hourly(ctx: Ctx) -> dict[str, Any]:
             break
     log.info("waitlist campaign: %s", dict(counts))
     return {"pages": pages, **counts}
+
+
+async def _expire_unconfirmed(ctx: Ctx) -> int:
+    """Delete sign-ups never confirmed within CONFIRM_TTL: nothing more is sent to them, and
+    the address may sign up again (a new entry, a new link)."""
+    async with ctx["sessions"].begin() as session:
+        result = await session.execute(
+            delete(WaitlistEntry).where(
+                WaitlistEntry.confirmed_at.is_(None),
+                WaitlistEntry.created_at < func.now() - drafts.CONFIRM_TTL,
+            )
+        )
+    expired: int = getattr(result, "rowcount", 0) or 0
+    if expired:
+        log.info("waitlist: %d sign-ups expired unconfirmed", expired)
+    return expired

@@ -25,16 +25,18 @@ crashed try (old claim) from one still in flight elsewhere (recent claim: retry 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from arq.constants import in_progress_key_prefix
-from sqlalchemy import text
+from sqlalchemy import bindparam, text
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from worker.context import Ctx
 from worker.email_providers import DeliveryUnknown, OutgoingEmail, safe_to_resend
+from worker.email_providers.base import check_headers
 from worker.errors import PermanentError, ProviderFault, RateLimited, TransientError
 
 log = logging.getLogger(__name__)
@@ -56,13 +58,21 @@ Sessions = async_sessionmaker[AsyncSession]
 
 @dataclass(frozen=True, slots=True)
 class Draft:
-    """A logical email and its idempotency key; the first draft stored under a key wins."""
+    """A logical email and its idempotency key; the first draft stored under a key wins.
+
+    `headers` travel with the stored row (a campaign step's `List-Unsubscribe`), checked here
+    so a draft with a line break in a header can never be stored.
+    """
 
     key: str
     to: str
     subject: str
     html: str
     text: str | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "headers", check_headers(self.headers or {}))
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,20 +104,21 @@ class Outcome:
 AfterSettled = Callable[[AsyncSession, Outcome], Awaitable[None]]
 
 _INSERT_PENDING = text("""
-    INSERT INTO email_messages (idempotency_key, to_email, subject, html, text, status)
-    VALUES (:key, :to, :subject, :html, :text, 'pending')
+    INSERT INTO email_messages (idempotency_key, to_email, subject, html, text, headers, status)
+    VALUES (:key, :to, :subject, :html, :text, :headers, 'pending')
     ON CONFLICT (idempotency_key) DO NOTHING
-""")
+""").bindparams(bindparam("headers", type_=JSONB(none_as_null=True)))
 _INSERT_CLAIMED = text("""
     INSERT INTO email_messages
-        (idempotency_key, to_email, subject, html, text, status, attempts, provider, updated_at)
-    VALUES (:key, :to, :subject, :html, :text, 'sending', 1, :provider, now())
+        (idempotency_key, to_email, subject, html, text, headers, status, attempts, provider,
+         updated_at)
+    VALUES (:key, :to, :subject, :html, :text, :headers, 'sending', 1, :provider, now())
     ON CONFLICT (idempotency_key) DO NOTHING
     RETURNING id, attempts
-""")
+""").bindparams(bindparam("headers", type_=JSONB(none_as_null=True)))
 _LOCK_EXISTING = text("""
     SELECT id, status, attempts, provider_message_id, last_error, to_email, subject, html, text,
-           extract(epoch FROM now() - updated_at) AS claim_age_s
+           headers, extract(epoch FROM now() - updated_at) AS claim_age_s
     FROM email_messages WHERE idempotency_key = :key FOR UPDATE
 """)
 _RECLAIM = text("""
@@ -178,6 +189,7 @@ async def deliver(
             subject=stored.subject,
             html=stored.html,
             text=stored.text,
+            headers=stored.headers,
         )
         message_id = await provider.send(email, stored.key)
     except ProviderFault as exc:
@@ -238,6 +250,7 @@ async def _claim(
     async with ctx["sessions"].begin() as session:
         params: dict[str, Any] = {"key": draft.key, "to": draft.to, "subject": draft.subject}
         params |= {"html": draft.html, "text": draft.text, "provider": provider}
+        params["headers"] = dict(draft.headers) or None
         inserted = (await session.execute(_INSERT_CLAIMED, params)).first()
         if inserted is not None:  # the common case: a new message, claimed in one statement
             # Recorded under the new row's lock, before it commits: a later claimer waits.
@@ -249,7 +262,7 @@ async def _claim(
             if after is not None:
                 await after(session, outcome)
             return outcome
-        stored = Draft(draft.key, row.to_email, row.subject, row.html, row.text)
+        stored = Draft(draft.key, row.to_email, row.subject, row.html, row.text, row.headers)
         if (
             row.status == "sending"
             and row.claim_age_s < SEND_LEASE_S
@@ -327,8 +340,9 @@ async def store_pending(session: AsyncSession, draft: Draft) -> None:
     PostgreSQL then knows the email even if Redis loses its job, and the reconciler re-enqueues
     it; a repeat under the same key changes nothing, and a settled row stays settled.
     """
-    params = {"key": draft.key, "to": draft.to, "subject": draft.subject, "html": draft.html}
-    await session.execute(_INSERT_PENDING, params | {"text": draft.text})
+    params: dict[str, Any] = {"key": draft.key, "to": draft.to, "subject": draft.subject}
+    params |= {"html": draft.html, "text": draft.text, "headers": dict(draft.headers) or None}
+    await session.execute(_INSERT_PENDING, params)
 
 
 async def fail_message(ctx: Ctx, key: str, reason: str) -> None:

@@ -20,6 +20,7 @@ import jinja2
 #   app_url: str          where the product lives, for links
 REQUIRED_CONTEXT: dict[str, frozenset[str]] = {
     "welcome": frozenset({"name", "app_url"}),
+    "waitlist_confirm": frozenset({"name", "confirm_url", "expires_days"}),
     "waitlist_1": frozenset({"name", "app_url", "unsubscribe_url"}),
     "waitlist_2": frozenset({"name", "app_url", "unsubscribe_url"}),
     "waitlist_3": frozenset({"name", "app_url", "unsubscribe_url"}),

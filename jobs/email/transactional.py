@@ -65,4 +65,5 @@ async def send_welcome_email(ctx: Ctx, user_id: str) -> dict[str, Any]:
         user = await session.get(User, uuid.UUID(str(user_id)))
     if user is None:
         raise PermanentError(f"no user {user_id}")
-    return _result(await deliver(ctx, drafts.welcome(user.id, user.email, user.name)))
+    draft = drafts.welcome(user.id, user.email, user.name, ctx["settings"].app_url)
+    return _result(await deliver(ctx, draft))

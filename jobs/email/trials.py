@@ -93,18 +93,21 @@ async def check_trial_expirations(ctx: Ctx) -> dict[str, Any]:
     """
     now = datetime.now(UTC)
     max_attempts = max_tries(ctx["settings"].max_retries)
+    app_url = ctx["settings"].app_url
 
     async def remind(user: Row[Any]) -> Outcome:
         # Whole days left, as people count them: 2 days 5 hours is "2 days", 5 hours is "1 day".
         days_left = max(1, (user.trial_ends_at - now).days)
-        draft = drafts.trial_reminder(user.id, user.email, user.name, user.trial_ends_at, days_left)
+        draft = drafts.trial_reminder(
+            user.id, user.email, user.name, user.trial_ends_at, days_left, app_url
+        )
         return await deliver(ctx, draft, max_attempts=max_attempts)
 
     async def expire(user: Row[Any]) -> Outcome:
         async def after(session: AsyncSession, outcome: Outcome) -> None:
             await _expire_plan(user.id, session)
 
-        draft = drafts.trial_expired(user.id, user.email, user.name)
+        draft = drafts.trial_expired(user.id, user.email, user.name, app_url)
         return await deliver(ctx, draft, after=after, max_attempts=max_attempts)
 
     reminders = await _pages(ctx, _reminders_due(now), remind)

@@ -22,7 +22,7 @@ import logging
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import exists, func, select
+from sqlalchemy import and_, exists, func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from db.models import JobCheckpoint, User, WaitlistEntry
@@ -55,8 +55,10 @@ def unsubscribed(email: Any) -> Any:
 
 def consented(model: Any) -> Any:
     """The rows of `model` (User or WaitlistEntry) whose address may be pushed."""
-    if model is WaitlistEntry:
-        return WaitlistEntry.unsubscribed_at.is_(None)
+    if model is WaitlistEntry:  # an unconfirmed sign-up (WAITLIST_CONFIRM) agreed to nothing
+        return and_(
+            WaitlistEntry.unsubscribed_at.is_(None), WaitlistEntry.confirmed_at.is_not(None)
+        )
     return ~unsubscribed(model.email)
 
 

@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from db.models import EmailMessage
 from tests.support.provider_server import ProviderServer
+from worker.client import JobsClient
 from worker.context import Ctx
 from worker.http import make_http_client
 from worker.lifecycle import shutdown, startup
@@ -73,6 +74,8 @@ async def ratelimit_prefix(redis: Redis) -> AsyncIterator[str]:
 
 API_KEY = "re_test_Sup3rSecretKeyValue_4242"
 RECIPIENT = "ada@example.com"
+APP_URL = "https://app.contact360.test"
+SECRET_KEY = "test-secret-key-that-signs-our-links-0123456789"
 
 
 @pytest.fixture
@@ -89,10 +92,26 @@ def job_settings(settings: Settings, provider_server: ProviderServer) -> Callabl
             "marketing_api_base_url": provider_server.base_url,
             "max_retries": 2,
             "retry_base_delay_s": 0.01,
+            "app_url": APP_URL,
+            "secret_key": SecretStr(SECRET_KEY),
         }
         if overrides.get("marketing_provider") == "sendgrid":
             update["marketing_api_key"] = SecretStr(API_KEY)
         return settings.model_copy(update=update | overrides)
+
+    return build
+
+
+@pytest.fixture
+def client_of(
+    arq_redis: ArqRedis,
+    sessions: async_sessionmaker[AsyncSession],
+    job_settings: Callable[..., Settings],
+) -> Callable[..., JobsClient]:
+    """`client_of(waitlist_confirm=False)`: a JobsClient on the email tests' settings."""
+
+    def build(**overrides: Any) -> JobsClient:
+        return JobsClient(redis=arq_redis, sessions=sessions, settings=job_settings(**overrides))
 
     return build
 

@@ -44,6 +44,7 @@ async def add_entry(
                 name="Wendy Waits",
                 campaign_step=step,
                 created_at=NOW - age,
+                confirmed_at=extra.pop("confirmed_at", NOW - age),
                 next_email_at=next_at,
                 **extra,
             )
@@ -61,13 +62,14 @@ def subjects(server: ProviderServer) -> list[str]:
 
 
 async def test_join_waitlist_sends_step_1_once_and_schedules_step_2(
-    jobs_client: JobsClient,
+    client_of: Callable[..., JobsClient],
     arq_redis: ArqRedis,
     run_burst: RunBurst,
     job_settings: Callable[..., Settings],
     provider_server: ProviderServer,
     sessions: async_sessionmaker[AsyncSession],
 ) -> None:
+    jobs_client = client_of(waitlist_confirm=False)  # no double opt-in: step 1 at once
     signup = await jobs_client.join_waitlist("Wendy@Example.com", name="Wendy")
     # A duplicate delivery of the kickoff job, under another arq id.
     await arq_redis.enqueue_job(
@@ -78,7 +80,8 @@ async def test_join_waitlist_sends_step_1_once_and_schedules_step_2(
     [delivery] = provider_server.delivered
     assert delivery.json["to"] == ["wendy@example.com"]
     assert delivery.json["subject"] == "You're on the Contact360 waitlist"
-    assert f"entry={signup.id}" in delivery.json["html"]
+    assert "/email/unsubscribe/" in delivery.json["html"]
+    assert str(signup.id) not in delivery.json["html"]  # the link is a token, not the id
     [request] = provider_server.requests  # the duplicate saw step 1 done and sent nothing
     assert request.headers["Idempotency-Key"] == f"waitlist/{signup.id}/1"
     entry = (await entries(sessions))[signup.id]

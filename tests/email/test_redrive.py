@@ -171,7 +171,7 @@ async def test_send_email_whose_enqueue_raised_after_the_commit_is_still_sent(
 
 
 async def test_a_waitlist_kickoff_redis_lost_is_sent_by_the_hourly_campaign(
-    jobs_client: JobsClient,
+    client_of: Callable[..., JobsClient],
     arq_redis: ArqRedis,
     redis_raw: aioredis.Redis,
     run_burst: RunBurst,
@@ -179,7 +179,7 @@ async def test_a_waitlist_kickoff_redis_lost_is_sent_by_the_hourly_campaign(
     provider_server: ProviderServer,
     sessions: async_sessionmaker[AsyncSession],
 ) -> None:
-    signup = await jobs_client.join_waitlist("wendy@example.com", name="Wendy")
+    signup = await client_of(waitlist_confirm=False).join_waitlist("wendy@example.com", "Wendy")
     await lose_redis_data(redis_raw)
     settings = job_settings("resend")
     await arq_redis.enqueue_job("send_waitlist_campaign_hourly", _queue_name="default")
@@ -199,16 +199,16 @@ async def test_a_waitlist_kickoff_redis_lost_is_sent_by_the_hourly_campaign(
 
 
 async def test_join_waitlist_whose_enqueue_raised_after_the_commit_still_gets_step_1(
-    settings: Settings,
     dead_redis: ArqRedis,
-    jobs_client: JobsClient,
+    client_of: Callable[..., JobsClient],
     arq_redis: ArqRedis,
     run_burst: RunBurst,
     job_settings: Callable[..., Settings],
     provider_server: ProviderServer,
     sessions: async_sessionmaker[AsyncSession],
 ) -> None:
-    client = JobsClient(redis=dead_redis, sessions=sessions, settings=settings)
+    jobs_client = client_of(waitlist_confirm=False)
+    client = JobsClient(redis=dead_redis, sessions=sessions, settings=jobs_client.settings)
     with pytest.raises((redis.exceptions.ConnectionError, OSError)):
         await client.join_waitlist("wendy@example.com", name="Wendy")
     # The person tries again once the page errors: the entry is already there.

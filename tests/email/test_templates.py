@@ -16,9 +16,12 @@ CONTEXT: dict[str, Any] = {
     "unsubscribe_url": "https://app.contact360.test/unsubscribe?token=abc&list=waitlist",
     "trial_ends_at": "2026-12-01",
     "days_left": 3,
+    "confirm_url": "https://app.contact360.test/waitlist/confirm/abc",
+    "expires_days": 7,
 }
 SUBJECTS = {
     "welcome": "Welcome to Contact360, Ada",
+    "waitlist_confirm": "Confirm your place on the Contact360 waitlist",
     "waitlist_1": "You're on the Contact360 waitlist",
     "waitlist_2": "How Contact360 keeps your contacts in one place",
     "waitlist_3": "Your Contact360 spot is almost ready",
@@ -32,9 +35,10 @@ def context_for(template: str, /, **overrides: Any) -> dict[str, Any]:
     return {key: CONTEXT[key] for key in REQUIRED_CONTEXT[template]} | overrides
 
 
-def test_the_six_emails_exist() -> None:
+def test_the_seven_emails_exist() -> None:
     assert TEMPLATE_NAMES == (
         "welcome",
+        "waitlist_confirm",
         "waitlist_1",
         "waitlist_2",
         "waitlist_3",
@@ -52,8 +56,10 @@ def test_renders_html_and_text(template: str) -> None:
     assert email.text.startswith("Hi Ada,\n\n")
     assert email.text.endswith("The Contact360 team\n") or "Unsubscribe: " in email.text
     assert HTML_TAG.search(email.text) is None
-    assert 'href="https://app.contact360.test/"' in email.html
-    assert "https://app.contact360.test/" in email.text
+    # The confirmation's one link is the signed one: nothing else to click in it.
+    link = CONTEXT["app_url" if "app_url" in REQUIRED_CONTEXT[template] else "confirm_url"]
+    assert f'href="{link}"' in email.html
+    assert link in email.text
 
 
 @pytest.mark.parametrize("template", ["waitlist_1", "waitlist_2", "waitlist_3"])

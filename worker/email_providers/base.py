@@ -13,8 +13,9 @@ What an answer means (the errors themselves are drawn in `worker.errors`):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from email.utils import parseaddr
 from typing import Any, Protocol
 
@@ -38,25 +39,63 @@ MAX_ERROR_MESSAGE_CHARS = 500
 PROVIDER_FAULT_PAUSE_S = 300.0
 
 
+# RFC 5322 §2.2 and §3.6.8: a field name is printable ASCII but ':'; a line is at most 998
+# characters. A control character in a value (CR, LF above all) could start a header of the
+# caller's choosing: header injection.
+_FIELD_NAME = re.compile(r"[!-9;-~]{1,76}", re.ASCII)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+MAX_HEADER_VALUE_CHARS = 998
+# The provider writes these from its own request fields (from, to, subject, ...) or itself;
+# a second copy in `headers` would be rejected or, worse, win.
+RESERVED_HEADERS = frozenset(
+    {
+        "from", "to", "cc", "bcc", "subject", "reply-to", "sender", "date", "message-id",
+        "mime-version", "content-type", "content-transfer-encoding", "return-path",
+    }
+)  # fmt: skip
+
+
+def check_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """A copy of `headers` if every name and value is safe to send; `ValueError` naming it."""
+    checked: dict[str, str] = {}
+    for name, value in headers.items():
+        if not isinstance(name, str) or not _FIELD_NAME.fullmatch(name):
+            raise ValueError(f"email header name {name!r} is not a valid header field name")
+        if name.lower() in RESERVED_HEADERS:
+            raise ValueError(f"email header {name!r} is set by the provider, not in headers")
+        if not isinstance(value, str) or _CONTROL.search(value):
+            raise ValueError(f"email header {name!r}: the value holds a line break or control")
+        if len(value) > MAX_HEADER_VALUE_CHARS:
+            raise ValueError(f"email header {name!r} is over {MAX_HEADER_VALUE_CHARS} characters")
+        checked[name] = value
+    return checked
+
+
 class DeliveryUnknown(TransientError):
     """The request may have been accepted before the connection failed; resending may duplicate."""
 
 
 @dataclass(frozen=True, slots=True)
 class OutgoingEmail:
-    """One email as the caller means it. `sender` is `Name <addr>` or a bare address."""
+    """One email as the caller means it. `sender` is `Name <addr>` or a bare address.
+
+    `headers` are extra header fields (`List-Unsubscribe`, ...), checked by `check_headers`:
+    a line break or control character in a name or value raises `ValueError`.
+    """
 
     sender: str
     to: Sequence[str]
     subject: str
     html: str
     text: str | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.to:
             raise ValueError("an email needs at least one recipient")
         # Accept any sequence (a list from a job's JSON arguments) but keep the value immutable.
         object.__setattr__(self, "to", tuple(self.to))
+        object.__setattr__(self, "headers", check_headers(self.headers))
 
 
 class EmailProvider(Protocol):

@@ -51,6 +51,10 @@ class ResendProvider:
         }
         if email.text is not None:
             payload["text"] = email.text
+        if email.headers:
+            # Resend's `headers` object: https://resend.com/docs/api-reference/emails/send-email
+            # (and .../dashboard/emails/add-unsubscribe-to-transactional-emails for RFC 8058).
+            payload["headers"] = dict(email.headers)
         headers = {
             "Authorization": f"Bearer {self.api_key.get_secret_value()}",
             "Idempotency-Key": idempotency_key,

@@ -37,13 +37,18 @@ def mail_send_body(email: OutgoingEmail, idempotency_key: str) -> dict[str, Any]
     if email.text is not None:
         content.append({"type": "text/plain", "value": email.text})
     content.append({"type": "text/html", "value": email.html})
-    return {
+    body: dict[str, Any] = {
         "personalizations": [{"to": [_address(a) for a in email.to]}],
         "from": _address(email.sender),
         "subject": email.subject,
         "content": content,
         "custom_args": {IDEMPOTENCY_CUSTOM_ARG: idempotency_key},
     }
+    if email.headers:
+        # The top-level `headers` object of mail/send ("key/value pairs of header names and
+        # the value to substitute for them"), the whole message's, like `subject` here.
+        body["headers"] = dict(email.headers)
+    return body
 
 
 @dataclass(frozen=True, slots=True)
