@@ -8,8 +8,8 @@
 Routes, each keyed by a signed token (worker/tokens.py), so no session or CSRF token exists:
 the link itself is the credential, and it can only act on the one entry it names.
 
-- `GET /email/unsubscribe/{token}`: a page with a button; changes nothing, because mail
-  scanners and link previews fetch every link in a message.
+- `GET /email/unsubscribe/{token}`: a page with a button (400 for a bad token); changes
+  nothing, because mail scanners and link previews fetch every link in a message.
 - `POST /email/unsubscribe/{token}`: unsubscribes (RFC 8058 one-click, whose body is
   `List-Unsubscribe=One-Click`, or the page's button, which sends the same). 200 also when
   already unsubscribed; a bad token 400, and nothing changes.
@@ -22,7 +22,6 @@ outer app's), so pass the host's `JobsClient` as `jobs=`. Needs SECRET_KEY (crea
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -35,12 +34,12 @@ from starlette.responses import HTMLResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from jobs.email.drafts import ONE_CLICK
+from worker import tokens
 from worker.client import JobsClient
 from worker.settings import Settings
 from worker.tokens import MissingSecretKey
 from worker.web.console import SecurityHeaders
 
-log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
 # A one-click body is 26 bytes; the page's form sends the same. Nothing in it is needed (the
 # token authorises), so a larger body is not read at all.
@@ -98,7 +97,14 @@ class PublicApp:
             "It may have been copied incompletely, or it has expired. Nothing was changed.",
         )
 
+    def valid(self, purpose: tokens.Purpose, request: Request) -> bool:
+        """Only the signature: a page for a dead link must not offer a button that fails."""
+        token = request.path_params["token"]
+        return tokens.read_token(purpose, token, self.settings.secret_key) is not None
+
     async def unsubscribe_page(self, request: Request) -> Response:
+        if not self.valid(tokens.UNSUBSCRIBE, request):
+            return self.bad_link()
         return self.page(
             200,
             "Unsubscribe",
@@ -113,6 +119,8 @@ class PublicApp:
         return self.page(200, "You are unsubscribed", "We will send no more waitlist emails.")
 
     async def confirm_page(self, request: Request) -> Response:
+        if not self.valid(tokens.CONFIRM_WAITLIST, request):
+            return self.bad_link()
         return self.page(
             200,
             "Confirm your place",
