@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, cast
 
 import httpx
@@ -13,14 +14,19 @@ from pydantic import SecretStr
 from redis.asyncio import Redis
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from starlette.applications import Starlette
+from starlette.routing import Mount
 
 from db.models import EmailMessage
+from tests.conftest import RunBurst
+from tests.support.asgi_server import serve_asgi
 from tests.support.provider_server import ProviderServer
 from worker.client import JobsClient
 from worker.context import Ctx
 from worker.http import make_http_client
 from worker.lifecycle import shutdown, startup
 from worker.settings import Settings
+from worker.web.public import create_app
 
 # Short enough that a hang test ends quickly, long enough for a loaded CI machine to answer.
 TEST_TIMEOUT = httpx.Timeout(connect=2.0, read=1.0, write=2.0, pool=2.0)
@@ -114,6 +120,46 @@ def client_of(
         return JobsClient(redis=arq_redis, sessions=sessions, settings=job_settings(**overrides))
 
     return build
+
+
+@dataclass
+class CampaignRig:
+    """Burst workers on the email tests' settings (APP_URL and SECRET_KEY set), and the fake."""
+
+    arq_redis: ArqRedis
+    run_burst: RunBurst
+    settings: Settings
+    server: ProviderServer
+
+    async def run_jobs(self) -> None:
+        await self.run_burst("default", settings_=self.settings)
+
+    async def tick(self) -> None:
+        """One hourly campaign tick (and whatever else is queued)."""
+        await self.arq_redis.enqueue_job("send_waitlist_campaign_hourly", _queue_name="default")
+        await self.run_jobs()
+
+    def subjects(self) -> list[str]:
+        return [d.json["subject"] for d in self.server.delivered]
+
+
+@pytest.fixture
+def rig(
+    arq_redis: ArqRedis,
+    run_burst: RunBurst,
+    job_settings: Callable[..., Settings],
+    provider_server: ProviderServer,
+) -> CampaignRig:
+    return CampaignRig(arq_redis, run_burst, job_settings(), provider_server)
+
+
+@pytest.fixture
+async def public_url(client_of: Callable[..., JobsClient]) -> AsyncIterator[str]:
+    """The public app mounted at the root of a host app, as a web app would, over uvicorn."""
+    jobs = client_of()
+    host = Starlette(routes=[Mount("/", app=create_app(jobs.settings, jobs=jobs))])
+    async with serve_asgi(host) as base_url:
+        yield base_url
 
 
 @pytest.fixture(autouse=True)

@@ -5,30 +5,24 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import timedelta
 
 import httpx
 import pytest
 import redis.asyncio as aioredis
-from arq.connections import ArqRedis
 from pydantic import SecretStr
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-from starlette.applications import Starlette
-from starlette.routing import Mount
 
 from db.models import WaitlistEntry
 from jobs.email.drafts import CONFIRM_TTL
-from tests.conftest import REDIS_OWNER_KEY, RunBurst
-from tests.support.asgi_server import serve_asgi
+from tests.conftest import REDIS_OWNER_KEY
 from tests.support.provider_server import ProviderServer
 from worker.client import JobsClient
-from worker.settings import Settings
 from worker.tokens import UNSUBSCRIBE, make_token
-from worker.web.public import create_app
 
-from .conftest import APP_URL, SECRET_KEY
+from .conftest import APP_URL, SECRET_KEY, CampaignRig
 
 CONFIRM_SUBJECT = "Confirm your place on the Contact360 waitlist"
 STEP_1_SUBJECT = "You're on the Contact360 waitlist"
@@ -39,13 +33,6 @@ def jobs(client_of: Callable[..., JobsClient]) -> JobsClient:
     return client_of()  # WAITLIST_CONFIRM is on by default
 
 
-@pytest.fixture
-async def public_url(jobs: JobsClient) -> AsyncIterator[str]:
-    host = Starlette(routes=[Mount("/", app=create_app(jobs.settings, jobs=jobs))])
-    async with serve_asgi(host) as base_url:
-        yield base_url
-
-
 async def entry(sessions: async_sessionmaker[AsyncSession], entry_id: uuid.UUID) -> WaitlistEntry:
     async with sessions() as session:
         found = await session.get(WaitlistEntry, entry_id)
@@ -53,9 +40,9 @@ async def entry(sessions: async_sessionmaker[AsyncSession], entry_id: uuid.UUID)
     return found
 
 
-async def tick(arq_redis: ArqRedis, run_burst: RunBurst, settings: Settings) -> None:
-    await arq_redis.enqueue_job("send_waitlist_campaign_hourly", _queue_name="default")
-    await run_burst("default", settings_=settings)
+async def lose_redis_data(redis_raw: aioredis.Redis) -> None:
+    await redis_raw.flushdb()
+    await redis_raw.set(REDIS_OWNER_KEY, "1")
 
 
 def confirm_link(server: ProviderServer) -> str:
@@ -68,26 +55,23 @@ def confirm_link(server: ProviderServer) -> str:
 async def test_sign_up_confirm_over_http_then_the_next_tick_sends_step_1(
     jobs: JobsClient,
     sessions: async_sessionmaker[AsyncSession],
-    arq_redis: ArqRedis,
     redis_raw: aioredis.Redis,
-    run_burst: RunBurst,
-    job_settings: Callable[..., Settings],
-    provider_server: ProviderServer,
+    rig: CampaignRig,
     public_url: str,
 ) -> None:
     signup = await jobs.join_waitlist("wendy@example.com", name="Wendy")
-    await run_burst("default", settings_=job_settings())  # the kickoff job
-    assert [d.json["subject"] for d in provider_server.delivered] == [CONFIRM_SUBJECT]
-    [request] = provider_server.requests
+    await rig.run_jobs()  # the kickoff job
+    assert rig.subjects() == [CONFIRM_SUBJECT]
+    [request] = rig.server.requests
     assert request.headers["Idempotency-Key"] == f"waitlist-confirm/{signup.id}"
     assert "headers" not in request.json  # not campaign mail: nothing to unsubscribe from yet
     waiting = await entry(sessions, signup.id)
     assert (waiting.confirmed_at, waiting.next_email_at, waiting.campaign_step) == (None, None, 0)
 
-    await tick(arq_redis, run_burst, job_settings())  # unconfirmed: the tick sends nothing
-    assert len(provider_server.delivered) == 1
+    await rig.tick()  # unconfirmed: the tick sends nothing
+    assert len(rig.server.delivered) == 1
 
-    link = confirm_link(provider_server)
+    link = confirm_link(rig.server)
     async with httpx.AsyncClient(base_url=public_url) as http:
         page = await http.get(link.removeprefix(APP_URL))
         assert page.status_code == 200 and "Confirm" in page.text
@@ -97,10 +81,9 @@ async def test_sign_up_confirm_over_http_then_the_next_tick_sends_step_1(
     assert confirmed.confirmed_at is not None and confirmed.next_email_at is not None
 
     # The kickoff that confirm_waitlist enqueued is lost with Redis: the hourly tick covers it.
-    await redis_raw.flushdb()
-    await redis_raw.set(REDIS_OWNER_KEY, "1")
-    await tick(arq_redis, run_burst, job_settings())
-    step_1 = [d.json for d in provider_server.delivered if d.json["subject"] == STEP_1_SUBJECT]
+    await lose_redis_data(redis_raw)
+    await rig.tick()
+    step_1 = [d.json for d in rig.server.delivered if d.json["subject"] == STEP_1_SUBJECT]
     assert [d["to"] for d in step_1] == [["wendy@example.com"]]
     token = make_token(UNSUBSCRIBE, signup.id, SecretStr(SECRET_KEY))
     assert step_1[0]["headers"]["List-Unsubscribe"] == f"<{APP_URL}/email/unsubscribe/{token}>"
@@ -110,24 +93,18 @@ async def test_sign_up_confirm_over_http_then_the_next_tick_sends_step_1(
 
 
 async def test_confirming_twice_starts_the_campaign_once(
-    jobs: JobsClient,
-    sessions: async_sessionmaker[AsyncSession],
-    arq_redis: ArqRedis,
-    run_burst: RunBurst,
-    job_settings: Callable[..., Settings],
-    provider_server: ProviderServer,
+    jobs: JobsClient, sessions: async_sessionmaker[AsyncSession], rig: CampaignRig
 ) -> None:
     signup = await jobs.join_waitlist("wendy@example.com", name="Wendy")
-    await run_burst("default", settings_=job_settings())
-    token = confirm_link(provider_server).rsplit("/", 1)[1]
+    await rig.run_jobs()
+    token = confirm_link(rig.server).rsplit("/", 1)[1]
     assert await jobs.confirm_waitlist(token) is True
     first = (await entry(sessions, signup.id)).confirmed_at
     assert await jobs.confirm_waitlist(token) is True  # a double click
     assert (await entry(sessions, signup.id)).confirmed_at == first
-    await run_burst("default", settings_=job_settings())  # the kickoff: step 1 at once
-    await tick(arq_redis, run_burst, job_settings())
-    subjects = [d.json["subject"] for d in provider_server.delivered]
-    assert subjects == [CONFIRM_SUBJECT, STEP_1_SUBJECT]
+    await rig.run_jobs()  # the kickoff: step 1 at once
+    await rig.tick()
+    assert rig.subjects() == [CONFIRM_SUBJECT, STEP_1_SUBJECT]
     # An unsubscribe token is not a confirm token, nor the reverse.
     unsubscribe_token = make_token(UNSUBSCRIBE, signup.id, SecretStr(SECRET_KEY))
     assert await jobs.confirm_waitlist(unsubscribe_token) is False
@@ -136,17 +113,11 @@ async def test_confirming_twice_starts_the_campaign_once(
 
 
 async def test_an_unconfirmed_sign_up_gets_nothing_more_and_expires(
-    jobs: JobsClient,
-    sessions: async_sessionmaker[AsyncSession],
-    arq_redis: ArqRedis,
-    run_burst: RunBurst,
-    job_settings: Callable[..., Settings],
-    provider_server: ProviderServer,
-    public_url: str,
+    jobs: JobsClient, sessions: async_sessionmaker[AsyncSession], rig: CampaignRig, public_url: str
 ) -> None:
     signup = await jobs.join_waitlist("wendy@example.com", name="Wendy")
-    await run_burst("default", settings_=job_settings())
-    link = confirm_link(provider_server)
+    await rig.run_jobs()
+    link = confirm_link(rig.server)
 
     async def age(by: timedelta) -> None:
         async with sessions.begin() as session:
@@ -156,12 +127,12 @@ async def test_an_unconfirmed_sign_up_gets_nothing_more_and_expires(
             )
 
     await age(timedelta(days=3))  # step 2 would be due by now: still nothing
-    await tick(arq_redis, run_burst, job_settings())
-    assert len(provider_server.delivered) == 1
+    await rig.tick()
+    assert len(rig.server.delivered) == 1
 
     await age(CONFIRM_TTL + timedelta(hours=1))
-    await tick(arq_redis, run_burst, job_settings())
-    assert len(provider_server.delivered) == 1
+    await rig.tick()
+    assert len(rig.server.delivered) == 1
     async with sessions() as session:
         assert (await session.scalars(select(WaitlistEntry))).all() == []
     async with httpx.AsyncClient(base_url=public_url) as http:
@@ -173,46 +144,36 @@ async def test_an_unconfirmed_sign_up_gets_nothing_more_and_expires(
 
 
 async def test_a_confirmation_whose_kickoff_redis_lost_is_sent_by_the_hourly_tick(
-    jobs: JobsClient,
-    redis_raw: aioredis.Redis,
-    arq_redis: ArqRedis,
-    run_burst: RunBurst,
-    job_settings: Callable[..., Settings],
-    provider_server: ProviderServer,
+    jobs: JobsClient, redis_raw: aioredis.Redis, rig: CampaignRig
 ) -> None:
     await jobs.join_waitlist("wendy@example.com", name="Wendy")
-    await redis_raw.flushdb()
-    await redis_raw.set(REDIS_OWNER_KEY, "1")
-    await tick(arq_redis, run_burst, job_settings())
-    assert [d.json["subject"] for d in provider_server.delivered] == [CONFIRM_SUBJECT]
-    await tick(arq_redis, run_burst, job_settings())  # sent once, then nothing is due
-    assert len(provider_server.delivered) == 1
+    await lose_redis_data(redis_raw)
+    await rig.tick()
+    assert rig.subjects() == [CONFIRM_SUBJECT]
+    await rig.tick()  # sent once, then nothing is due
+    assert len(rig.server.delivered) == 1
 
 
 async def test_without_app_url_no_waitlist_email_goes_one_error_and_transactional_still_does(
     client_of: Callable[..., JobsClient],
     sessions: async_sessionmaker[AsyncSession],
-    arq_redis: ArqRedis,
-    run_burst: RunBurst,
-    job_settings: Callable[..., Settings],
-    provider_server: ProviderServer,
+    rig: CampaignRig,
     user_id: uuid.UUID,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    settings = job_settings(app_url=None)
     jobs = client_of(app_url=None, waitlist_confirm=False)
     signup = await jobs.join_waitlist("wendy@example.com", name="Wendy")
     await jobs.send_welcome_email(user_id)
-    await arq_redis.enqueue_job("send_waitlist_campaign_hourly", _queue_name="default")
+    unconfigured = CampaignRig(rig.arq_redis, rig.run_burst, jobs.settings, rig.server)
     with caplog.at_level(logging.WARNING):
-        await run_burst("default", settings_=settings)  # the kickoff, the welcome, the tick
+        await unconfigured.tick()  # the kickoff, the welcome and the tick
 
-    assert [d.json["subject"] for d in provider_server.delivered] == ["Welcome to Contact360"]
+    assert rig.subjects() == ["Welcome to Contact360"]
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert [r.name for r in errors] == ["jobs.email.campaign"]
     assert "APP_URL" in errors[0].getMessage() and "not set" in errors[0].getMessage()
     due = await entry(sessions, signup.id)
     assert (due.campaign_step, due.next_email_at is not None) == (0, True)  # still due
 
-    await tick(arq_redis, run_burst, job_settings())  # configured: step 1 goes out
-    assert STEP_1_SUBJECT in [d.json["subject"] for d in provider_server.delivered]
+    await rig.tick()  # configured: step 1 goes out
+    assert STEP_1_SUBJECT in rig.subjects()

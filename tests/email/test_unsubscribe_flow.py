@@ -9,23 +9,15 @@ from datetime import UTC, datetime
 
 import httpx
 import pytest
-from arq.connections import ArqRedis
 from pydantic import SecretStr
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-from starlette.applications import Starlette
-from starlette.routing import Mount
 
 from db.models import WaitlistEntry
-from tests.conftest import RunBurst
-from tests.support.asgi_server import serve_asgi
-from tests.support.provider_server import ProviderServer
 from worker.client import JobsClient
-from worker.settings import Settings
 from worker.tokens import CONFIRM_WAITLIST, UNSUBSCRIBE, make_token
-from worker.web.public import create_app
 
-from .conftest import APP_URL, SECRET_KEY
+from .conftest import APP_URL, SECRET_KEY, CampaignRig
 
 ONE_CLICK_BODY = "List-Unsubscribe=One-Click"
 FORM = {"content-type": "application/x-www-form-urlencoded"}
@@ -48,19 +40,6 @@ async def unsubscribed_at(
         return dict(rows.tuples().all())
 
 
-async def campaign_tick(arq_redis: ArqRedis, run_burst: RunBurst, settings: Settings) -> None:
-    await arq_redis.enqueue_job("send_waitlist_campaign_hourly", _queue_name="default")
-    await run_burst("default", settings_=settings)
-
-
-@pytest.fixture
-async def public_url(client_of: Callable[..., JobsClient]) -> AsyncIterator[str]:
-    """The public app mounted at the root of a host app, as a web app would, served by uvicorn."""
-    host = Starlette(routes=[Mount("/", app=create_app(client_of().settings, jobs=client_of()))])
-    async with serve_asgi(host) as base_url:
-        yield base_url
-
-
 @pytest.fixture
 async def http_client() -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(timeout=10) as client:
@@ -69,18 +48,15 @@ async def http_client() -> AsyncIterator[httpx.AsyncClient]:
 
 async def test_campaign_email_unsubscribes_in_one_click_over_http(
     sessions: async_sessionmaker[AsyncSession],
-    arq_redis: ArqRedis,
-    run_burst: RunBurst,
-    job_settings: Callable[..., Settings],
-    provider_server: ProviderServer,
+    rig: CampaignRig,
     public_url: str,
     http_client: httpx.AsyncClient,
 ) -> None:
     wendy = await add_due_entry(sessions, "wendy@example.com")
     await add_due_entry(sessions, "bystander@example.com")
-    await campaign_tick(arq_redis, run_burst, job_settings())
+    await rig.tick()
 
-    [sent] = [d.json for d in provider_server.delivered if d.json["to"] == ["wendy@example.com"]]
+    [sent] = [d.json for d in rig.server.delivered if d.json["to"] == ["wendy@example.com"]]
     url = f"{APP_URL}/email/unsubscribe/{make_token(UNSUBSCRIBE, wendy, SecretStr(SECRET_KEY))}"
     assert sent["headers"] == {
         "List-Unsubscribe": f"<{url}>",
@@ -112,9 +88,9 @@ async def test_campaign_email_unsubscribes_in_one_click_over_http(
     # Step 2 falls due for both: only the one who stayed gets it.
     async with sessions.begin() as session:
         await session.execute(update(WaitlistEntry).values(next_email_at=datetime.now(UTC)))
-    provider_server.reset()
-    await campaign_tick(arq_redis, run_burst, job_settings())
-    assert [d.json["to"] for d in provider_server.delivered] == [["bystander@example.com"]]
+    rig.server.reset()
+    await rig.tick()
+    assert [d.json["to"] for d in rig.server.delivered] == [["bystander@example.com"]]
 
 
 async def test_rfc_8058_multipart_body_unsubscribes_too(

@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-import uvicorn
-
 from worker.settings import Settings
 from worker.web.auth import console_password
 
@@ -23,14 +21,7 @@ async def run_console(args: argparse.Namespace, settings: Settings) -> int:
     # Checked before uvicorn starts: one line (ConsoleNotConfigured is a ValueError), no trace.
     console_password(settings)
     from worker.web.console import create_app  # Starlette loads only for this command
+    from worker.web.serving import serve
 
-    config = uvicorn.Config(
-        create_app(settings),
-        host=args.host,
-        port=args.port,
-        log_config=None,  # keep our logging (worker.logs), JSON lines included
-        proxy_headers=False,
-        server_header=False,
-    )
-    await uvicorn.Server(config).serve()
+    await serve(create_app(settings), args.host, args.port)
     return 0

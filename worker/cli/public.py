@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-import uvicorn
-
 from worker.settings import Settings
 from worker.tokens import MissingSecretKey
 
@@ -25,16 +23,8 @@ async def run_public(args: argparse.Namespace, settings: Settings) -> int:
     if settings.secret_key is None:  # one line before uvicorn starts (a ValueError: exit 2)
         raise MissingSecretKey("python -m worker public needs SECRET_KEY (it checks our links)")
     from worker.web.public import create_app  # Starlette loads only for this command
+    from worker.web.serving import serve
 
-    config = uvicorn.Config(
-        create_app(settings),
-        host=args.host,
-        port=args.port,
-        log_config=None,  # keep our logging (worker.logs), JSON lines included
-        # Every path carries a token that unsubscribes someone: no access log line may hold it.
-        access_log=False,
-        proxy_headers=False,
-        server_header=False,
-    )
-    await uvicorn.Server(config).serve()
+    # Every path carries a token that unsubscribes someone: no access log line may hold it.
+    await serve(create_app(settings), args.host, args.port, access_log=False)
     return 0

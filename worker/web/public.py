@@ -22,8 +22,9 @@ outer app's), so pass the host's `JobsClient` as `jobs=`. Needs SECRET_KEY (crea
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from jinja2 import Environment, FileSystemLoader
@@ -97,42 +98,57 @@ class PublicApp:
             "It may have been copied incompletely, or it has expired. Nothing was changed.",
         )
 
-    def valid(self, purpose: tokens.Purpose, request: Request) -> bool:
-        """Only the signature: a page for a dead link must not offer a button that fails."""
-        token = request.path_params["token"]
-        return tokens.read_token(purpose, token, self.settings.secret_key) is not None
+    def routes(self, link: Link) -> list[BaseRoute]:
+        """`GET` (a page with a button, changing nothing) and `POST` (acts) for one link kind."""
 
-    async def unsubscribe_page(self, request: Request) -> Response:
-        if not self.valid(tokens.UNSUBSCRIBE, request):
-            return self.bad_link()
-        return self.page(
-            200,
-            "Unsubscribe",
-            "Stop the Contact360 waitlist emails to this address?",
-            button="Unsubscribe",
-        )
+        async def ask(request: Request) -> Response:
+            # Only the signature: a dead link must not show a button that then fails.
+            token = request.path_params["token"]
+            if tokens.read_token(link.purpose, token, self.settings.secret_key) is None:
+                return self.bad_link()
+            return self.page(200, link.ask_title, link.ask_message, button=link.button)
 
-    async def unsubscribe(self, request: Request) -> Response:
-        await _drain(request)
-        if not await self.jobs.unsubscribe(request.path_params["token"]):
-            return self.bad_link()
-        return self.page(200, "You are unsubscribed", "We will send no more waitlist emails.")
+        async def act(request: Request) -> Response:
+            await _drain(request)
+            if not await link.act(self.jobs, request.path_params["token"]):
+                return self.bad_link()
+            return self.page(200, link.done_title, link.done_message)
 
-    async def confirm_page(self, request: Request) -> Response:
-        if not self.valid(tokens.CONFIRM_WAITLIST, request):
-            return self.bad_link()
-        return self.page(
-            200,
-            "Confirm your place",
-            "Confirm that you want to join the Contact360 waitlist with this address.",
-            button="Confirm",
-        )
+        path = link.purpose.path + "{token}"
+        return [Route(path, ask, methods=["GET"]), Route(path, act, methods=["POST"])]
 
-    async def confirm(self, request: Request) -> Response:
-        await _drain(request)
-        if not await self.jobs.confirm_waitlist(request.path_params["token"]):
-            return self.bad_link()
-        return self.page(200, "You are on the waitlist", "We will write when your spot opens.")
+
+@dataclass(frozen=True, slots=True)
+class Link:
+    """One kind of signed link: its purpose, its page's words and what its POST does."""
+
+    purpose: tokens.Purpose
+    ask_title: str
+    ask_message: str
+    button: str
+    done_title: str
+    done_message: str
+    act: Callable[[JobsClient, str], Awaitable[bool]]
+
+
+UNSUBSCRIBE = Link(
+    tokens.UNSUBSCRIBE,
+    "Unsubscribe",
+    "Stop the Contact360 waitlist emails to this address?",
+    "Unsubscribe",
+    "You are unsubscribed",
+    "We will send no more waitlist emails.",
+    JobsClient.unsubscribe,
+)
+CONFIRM_WAITLIST = Link(
+    tokens.CONFIRM_WAITLIST,
+    "Confirm your place",
+    "Confirm that you want to join the Contact360 waitlist with this address.",
+    "Confirm",
+    "You are on the waitlist",
+    "We will write when your spot opens.",
+    JobsClient.confirm_waitlist,
+)
 
 
 async def _drain(request: Request) -> None:
@@ -151,14 +167,9 @@ async def _drain(request: Request) -> None:
 def create_app(settings: Settings, *, jobs: JobsClient | None = None) -> Starlette:
     """The public app as an ASGI app; raises `MissingSecretKey` without SECRET_KEY."""
     app_ = PublicApp(settings, jobs)
-    routes: list[BaseRoute] = [
-        Route("/email/unsubscribe/{token}", app_.unsubscribe_page, methods=["GET"]),
-        Route("/email/unsubscribe/{token}", app_.unsubscribe, methods=["POST"]),
-        Route("/waitlist/confirm/{token}", app_.confirm_page, methods=["GET"]),
-        Route("/waitlist/confirm/{token}", app_.confirm, methods=["POST"]),
-        # Provider webhooks (worker/web/webhooks.py: POST /webhooks/resend, /webhooks/sendgrid)
-        # are added to this list: they share the app, its client and its security headers.
-    ]
+    routes = [*app_.routes(UNSUBSCRIBE), *app_.routes(CONFIRM_WAITLIST)]
+    # Provider webhooks (worker/web/webhooks.py: POST /webhooks/resend, /webhooks/sendgrid)
+    # join this list: they share the app, its client and its security headers.
     app = Starlette(routes=routes, middleware=[Middleware(SecurityHeaders)], lifespan=app_.lifespan)
     app.state.public = app_
     return app
