@@ -223,6 +223,9 @@ async def main() -> None:
         "EMAIL_API_KEY": "bench",
         "EMAIL_API_BASE_URL": base_url,
         "EMAIL_RATE_LIMIT_PER_S": "1000000",
+        # Campaign email is not sent without its signed links' base URL and key.
+        "APP_URL": "https://app.contact360.test",
+        "SECRET_KEY": "bench-secret-key-that-signs-the-links-0123456789",
         # One process's throughput is measured: no recycling (at the default 1,000 jobs a
         # worker sending 250/s would drain and exit every 4 s, and nothing restarts it here).
         "WORKER_MAX_JOBS_PER_PROCESS": "1000000",

@@ -52,17 +52,15 @@ class CampaignLinks:
     @classmethod
     def of(cls, settings: Settings) -> CampaignLinks:
         """Raises `CampaignNotConfigured` naming what is missing."""
-        missing = [
-            name
-            for name, value in (("APP_URL", settings.app_url), ("SECRET_KEY", settings.secret_key))
-            if value is None
-        ]
-        if missing or settings.app_url is None or settings.secret_key is None:
+        app_url, secret_key = settings.app_url, settings.secret_key
+        if app_url is None or secret_key is None:
+            named = (("APP_URL", app_url), ("SECRET_KEY", secret_key))
+            missing = [name for name, value in named if value is None]
             raise CampaignNotConfigured(
                 f"waitlist email is not sent: {' and '.join(missing)} not set (APP_URL is the "
                 "public web app's base URL, SECRET_KEY signs its unsubscribe and confirm links)"
             )
-        return cls(settings.app_url, settings.secret_key)
+        return cls(app_url, secret_key)
 
     def unsubscribe_url(self, entry_id: uuid.UUID) -> str:
         token = tokens.make_token(tokens.UNSUBSCRIBE, entry_id, self.secret_key)
