@@ -13,6 +13,8 @@ lives. A SIGKILLed import would wait ~30 minutes. We keep the key short instead:
 
 `c360:running:<queue>` (job id -> JSON with worker and lease expiry) mirrors the leases for
 `python -m worker status`; entries of dead workers are recognisable by their past expiry.
+The same loop refreshes this process's own hash (worker/process_info.py: start time, RSS), in
+the same round trip, so the workers page needs no timer of its own.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from typing import Any, cast
 from arq.connections import ArqRedis
 from arq.constants import in_progress_key_prefix
 from arq.worker import Worker
+
+from worker import process_info
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +70,7 @@ class Leases:
         self.queue = queue
         self.worker = worker_name()
         self.started_ms: dict[str, int] = {}
+        self.process_started_ms = int(time.time() * 1000)
         # Serialises renewals with releases, so a renewal never re-adds a finished job's entry.
         self._lock = asyncio.Lock()
 
@@ -94,18 +99,18 @@ class Leases:
             await cast(Awaitable[int], self.redis.hdel(running_key(self.queue), job_id))
 
     async def renew(self) -> int:
-        """Extend every lease this process holds; the number renewed."""
+        """Extend every lease this process holds and refresh its hash; the number renewed."""
         async with self._lock:
-            if not self.started_ms:
-                return 0
             now_ms = int(time.time() * 1000)
             async with self.redis.pipeline(transaction=False) as pipe:
+                process_info.describe(pipe, self.worker, self.queue, self.process_started_ms)
                 for job_id in self.started_ms:
                     pipe.pexpire(in_progress_key_prefix + job_id, LEASE_MS, gt=True)
-                pipe.hset(
-                    running_key(self.queue),
-                    mapping={job_id: self._entry(job_id, now_ms) for job_id in self.started_ms},
-                )
+                if self.started_ms:
+                    pipe.hset(
+                        running_key(self.queue),
+                        mapping={job: self._entry(job, now_ms) for job in self.started_ms},
+                    )
                 await pipe.execute()
             return len(self.started_ms)
 
@@ -123,6 +128,10 @@ class Leases:
 @contextlib.asynccontextmanager
 async def renewing(leases: Leases) -> AsyncIterator[Leases]:
     """Run the renewal task for as long as the worker runs (entered in `lifecycle.startup`)."""
+    try:
+        await leases.renew()  # holds no lease yet: writes the process hash at start-up
+    except Exception as exc:
+        log.warning("could not describe this worker process: %s", exc)
     task = asyncio.create_task(leases.renew_forever(), name="c360-lease-renewal")
     try:
         yield leases
