@@ -41,7 +41,8 @@ async def test_overview_equals_what_redis_holds_and_what_status_shows(
 
     overview = (await client.get("/api/overview")).json()
 
-    assert set(overview) == {"queues"} and set(overview["queues"]) == {
+    # CONTRACT §12's `queues`, and the chart's series next to it.
+    assert set(overview) == {"queues", "jobs_per_minute"} and set(overview["queues"]) == {
         "imports",
         "exports",
         "default",
