@@ -70,10 +70,11 @@
       totals.push(at);
     }
     const peak = Math.max(1, ...totals.map((at) => OUTCOMES.reduce((n, o) => n + at[o], 0)));
-    const width = 600, height = 150, bar = width / Math.max(1, minutes);
-    const chart = svg("svg", { viewBox: `0 0 ${width} ${height + 16}`, role: "img", class: "chart" });
+    // Bars between a top margin (the scale's label) and a bottom one (the time labels).
+    const width = 600, height = 150, pad = 16, bar = width / Math.max(1, minutes);
+    const chart = svg("svg", { viewBox: `0 0 ${width} ${height + 2 * pad}`, role: "img", class: "chart" });
     totals.forEach((at, m) => {
-      let top = height;
+      let top = pad + height;
       const when = new Date((series.first_minute_at_s + 60 * m) * 1000);
       const label = `${when.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" })}: ` +
         OUTCOMES.map((o) => `${at[o]} ${o}`).join(", ");
@@ -89,12 +90,12 @@
       }
       chart.appendChild(group);
     });
-    chart.appendChild(svg("line", { x1: 0, y1: height, x2: width, y2: height, class: "axis" }));
+    chart.appendChild(svg("line", { x1: 0, y1: pad + height, x2: width, y2: pad + height, class: "axis" }));
     const scale = svg("text", { x: 2, y: 12, class: "axis-label" });
     scale.textContent = `${peak} / min`;
-    const ago = svg("text", { x: 2, y: height + 14, class: "axis-label" });
+    const ago = svg("text", { x: 2, y: pad + height + 14, class: "axis-label" });
     ago.textContent = "60 min ago";
-    const now = svg("text", { x: width - 2, y: height + 14, class: "axis-label", "text-anchor": "end" });
+    const now = svg("text", { x: width - 2, y: pad + height + 14, class: "axis-label", "text-anchor": "end" });
     now.textContent = "now";
     chart.append(scale, ago, now);
     figure.replaceChildren(chart);
