@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 import uuid
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from starlette.applications import Starlette
 from db.models import SUPPRESSION_REASONS, EmailSuppression, WaitlistEntry
 from jobs.email.suppression import Reason, is_campaign, suppress
 from tests.conftest import RunBurst
+from tests.exports.test_export_cli import cli_env, finish
 from tests.support.provider_server import ProviderServer
 from tests.webhooks.signing import RESEND_SECRET, resend_bounce, svix_headers
 from worker.client import JobsClient
@@ -150,22 +150,14 @@ async def test_a_resend_bounce_webhook_stops_the_next_email_to_that_address(
 
 
 async def cli(settings: Settings, *args: str) -> tuple[int, str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_", "REDIS_"))}
-    env.update(DATABASE_URL=settings.database_url, REDIS_URL=settings.redis_url)
     process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "worker",
-        "suppress",
-        *args,
+        *(sys.executable, "-m", "worker", "suppress", *args),
         cwd=ROOT,
-        env=env,
+        env=cli_env(settings),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    out, err = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
+    return await finish(process)
 
 
 async def test_the_cli_adds_lists_and_removes_entries(
