@@ -18,13 +18,13 @@ from tests.imports.conftest import (
     contact,
     contacts,
     counts,
-    new_user,
     run_job,
     start_import,
     user_dir,
     write_file,
 )
 from tests.support.s3_server import S3TestServer
+from tests.support.users import new_user
 from worker.client import JobsClient
 from worker.context import Ctx
 from worker.errors import PermanentError
