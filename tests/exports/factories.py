@@ -85,6 +85,14 @@ class Rows:
             await session.execute(insert(Contact), rows)
 
 
+async def user_with_contacts(sessions: async_sessionmaker[AsyncSession], count: int) -> uuid.UUID:
+    """A new user with `count` contacts (`Rows.many_contacts`)."""
+    rows = Rows(sessions)
+    user = await rows.user()
+    await rows.many_contacts(user, count)
+    return user
+
+
 async def export_row(sessions: async_sessionmaker[AsyncSession], export_id: uuid.UUID) -> Export:
     async with sessions() as session:
         row = await session.scalar(select(Export).where(Export.id == export_id))

@@ -19,12 +19,12 @@ from jobs.exports.job import generate_contact_export
 from tests.conftest import RunBurst
 from tests.exports.factories import (
     CONTACT_HEADER,
-    Rows,
     assert_no_upload_left,
     export_row,
     files_under,
     job_tries,
     new_export,
+    user_with_contacts,
 )
 from tests.support.ctx import CtxOpener, startup_with
 from worker.client import JobsClient
@@ -47,9 +47,7 @@ async def test_database_connection_killed_mid_copy_retries_from_the_start(
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    rows = Rows(sessions)
-    user = await rows.user()
-    await rows.many_contacts(user, KILL_ROWS)
+    user = await user_with_contacts(sessions, KILL_ROWS)
     killed: list[int] = []
     root = tmp_path / "exports"
 
@@ -148,9 +146,7 @@ async def test_cancelled_export_leaves_no_partial_file_or_upload_and_reruns_clea
     tmp_path: Path,
     backend: str,
 ) -> None:
-    rows = Rows(sessions)
-    user = await rows.user()
-    await rows.many_contacts(user, ROWS)
+    user = await user_with_contacts(sessions, ROWS)
     export_id = await new_export(sessions, user)
     root = tmp_path / "exports"
     # Small buffers: by the time the job stalls, a temporary file or a part already exists.

@@ -20,11 +20,11 @@ from jobs.exports.job import generate_contact_export
 from tests.conftest import RunBurst
 from tests.exports.factories import (
     CONTACT_HEADER,
-    Rows,
     assert_no_upload_left,
     export_row,
     job_tries,
     new_export,
+    user_with_contacts,
 )
 from tests.support.ctx import CtxOpener, startup_with
 from tests.support.s3_server import TEST_PART_SIZE_BYTES
@@ -65,6 +65,16 @@ class _FlakyClient:
         return await self._client.upload_part(**kwargs)
 
 
+async def export_through(
+    flaky: FlakyParts, bucket: str, jobs_client: JobsClient, run_burst: RunBurst, user: uuid.UUID
+) -> uuid.UUID:
+    """Export the user's contacts with a burst worker whose S3 storage uploads through `flaky`."""
+    storage = S3Storage(flaky, bucket, part_size_bytes=TEST_PART_SIZE_BYTES)
+    status = await jobs_client.export_contacts(user)
+    await run_burst("exports", on_startup=startup_with(storage=storage))
+    return status.id
+
+
 async def local_bytes(
     open_ctx: CtxOpener, sessions: async_sessionmaker[AsyncSession], user: uuid.UUID, root: Path
 ) -> bytes:
@@ -83,9 +93,7 @@ async def test_s3_export_is_a_multipart_upload_identical_to_the_local_file(
     s3_bucket: str,
     tmp_path: Path,
 ) -> None:
-    rows = Rows(sessions)
-    user = await rows.user()
-    await rows.many_contacts(user, ROWS)
+    user = await user_with_contacts(sessions, ROWS)
     export_id = await new_export(sessions, user)
     ctx = await open_ctx("exports", storage=s3_storage)
 
@@ -114,21 +122,16 @@ async def test_transient_s3_failure_mid_upload_aborts_it_and_the_retry_completes
     s3_bucket: str,
     s3: Any,
 ) -> None:
-    rows = Rows(sessions)
-    user = await rows.user()
-    await rows.many_contacts(user, ROWS)
+    user = await user_with_contacts(sessions, ROWS)
     flaky = FlakyParts(s3_factory, fail_on={3}, code="InternalError", status=500)
-    storage = S3Storage(flaky, s3_bucket, part_size_bytes=TEST_PART_SIZE_BYTES)
-
-    status = await jobs_client.export_contacts(user)
-    await run_burst("exports", on_startup=startup_with(storage=storage))
+    export_id = await export_through(flaky, s3_bucket, jobs_client, run_burst, user)
 
     assert flaky.calls == 3 + 5  # 2 parts, the failed 3rd; then all 5 parts again
-    assert await job_tries(arq_redis, status.id) == (2, True)
+    assert await job_tries(arq_redis, export_id) == (2, True)
     assert_no_upload_left(s3, s3_bucket)  # the first try's upload was aborted
-    row = await export_row(sessions, status.id)
+    row = await export_row(sessions, export_id)
     assert (row.status, row.row_count, row.error) == ("completed", ROWS, None)
-    body = s3.get_object(Bucket=s3_bucket, Key=f"exports/{user}/{status.id}.csv")["Body"].read()
+    body = s3.get_object(Bucket=s3_bucket, Key=f"exports/{user}/{export_id}.csv")["Body"].read()
     assert body.startswith(CONTACT_HEADER.encode()) and body.count(b"\n") == ROWS + 1
 
 
@@ -142,18 +145,13 @@ async def test_permanent_s3_failure_mid_upload_fails_the_export_and_leaves_nothi
     s3_bucket: str,
     s3: Any,
 ) -> None:
-    rows = Rows(sessions)
-    user = await rows.user()
-    await rows.many_contacts(user, ROWS)
+    user = await user_with_contacts(sessions, ROWS)
     flaky = FlakyParts(s3_factory, fail_on={2}, code="AccessDenied", status=403)
-    storage = S3Storage(flaky, s3_bucket, part_size_bytes=TEST_PART_SIZE_BYTES)
+    export_id = await export_through(flaky, s3_bucket, jobs_client, run_burst, user)
 
-    status = await jobs_client.export_contacts(user)
-    await run_burst("exports", on_startup=startup_with(storage=storage))
-
-    assert await job_tries(arq_redis, status.id) == (1, False)
-    row = await export_row(sessions, status.id)
-    location = f"s3://{s3_bucket}/exports/{user}/{status.id}.csv"
+    assert await job_tries(arq_redis, export_id) == (1, False)
+    row = await export_row(sessions, export_id)
+    location = f"s3://{s3_bucket}/exports/{user}/{export_id}.csv"
     assert (row.status, row.row_count, row.file_path) == ("failed", 0, None)
     # The user reads plain words; the bucket, the key and the hint are for the operators' log.
     assert row.error == PUBLIC_STORAGE_ERROR
