@@ -17,6 +17,7 @@ from arq.connections import ArqRedis
 import worker.lifecycle
 from tests.support.ctx import CtxOpener, startup_with
 from worker.context import Ctx, Resources
+from worker.http import make_http_client
 from worker.lease import Leases
 from worker.lifecycle import shutdown, startup
 from worker.recycle import Recycler
@@ -65,10 +66,8 @@ async def test_a_failing_startup_closes_what_it_opened_and_adds_nothing(
     settings: Settings, arq_redis: ArqRedis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     opened: list[httpx.AsyncClient] = []
-    real_http_client = worker.lifecycle.make_http_client
-
     def recorded_http_client() -> Any:
-        client = real_http_client()
+        client = make_http_client()
         opened.append(client)
         return client
 

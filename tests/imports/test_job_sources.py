@@ -140,11 +140,7 @@ async def test_s3_source_streams_through_moto(
     s3_bucket: str,
     sessions: Sessions,
 ) -> None:
-    user = uuid.uuid4()
-    async with sessions.begin() as session:
-        await session.execute(
-            text("INSERT INTO users (id, email) VALUES (:i, 's3@x.io')"), {"i": user}
-        )
+    user = await new_user(sessions, "s3@x.io")
     body = "email;first_name\r\n" + "".join(f"p{i}@x.io;P{i}\r\n" for i in range(5)) + "bad;x\r\n"
     key = f"uploads/{user}/in/people.csv"
     s3_server.client().put_object(Bucket=s3_bucket, Key=key, Body=body.encode())
