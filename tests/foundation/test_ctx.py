@@ -66,6 +66,7 @@ async def test_a_failing_startup_closes_what_it_opened_and_adds_nothing(
     settings: Settings, arq_redis: ArqRedis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     opened: list[httpx.AsyncClient] = []
+
     def recorded_http_client() -> Any:
         client = make_http_client()
         opened.append(client)
