@@ -8,7 +8,7 @@ enqueue to the last send, and the worker's CPU ms per send (psutil, worker proce
 start-up excluded). Setups:
 
 - ours, `send_email` jobs: one arq job per email through the outbox (PostgreSQL claim and
-  settle per send), on the default queue's settings (worker.main.QUEUES);
+  settle per send), on the default queue's settings (worker.main.QUEUE_CONFIGS);
 - ours, campaign: the same number of due waitlist entries sent by one
   `send_waitlist_campaign_hourly` job (pages of 1,000, 50 sends in flight);
 - stock arq: the same Resend POST as a bare arq job on an `httpx.AsyncClient()` with its default
@@ -259,6 +259,7 @@ async def main() -> None:
 async def bench_ours(
     env: dict[str, str], pool: ArqRedis, redis: Redis, db: Any, logs: Path, n: int
 ) -> list[Result]:
+    from worker.routes import SEND_EMAIL, SEND_WAITLIST_CAMPAIGN_HOURLY, enqueue
     from worker.serialization import serialize
 
     ours = await create_pool(RedisSettings.from_dsn(REDIS_URL), job_serializer=serialize)
@@ -282,7 +283,7 @@ async def bench_ours(
             "ours: one `send_email` job per email",
             worker.pid,
             n,
-            lambda: enqueue_many(ours, "send_email", "default", items),
+            lambda: enqueue_many(ours, SEND_EMAIL.name, SEND_EMAIL.queue, items),
             lambda: sent(n),
             ready,
         )
@@ -296,7 +297,7 @@ async def bench_ours(
             "ours: one campaign job (100 in flight)",
             worker.pid,
             n,
-            lambda: ours.enqueue_job("send_waitlist_campaign_hourly", _queue_name="default"),
+            lambda: enqueue(ours, SEND_WAITLIST_CAMPAIGN_HOURLY, None),
             lambda: sent(2 * n),
             ready,
         )

@@ -182,7 +182,7 @@ async def main() -> None:
     settings = Settings(database_url=f"{PG_SERVER}/{DATABASE}", redis_url=REDIS_URL)
     s3_server = None
     try:
-        await upgrade(settings)
+        await upgrade(settings.database)
         conn = await asyncpg.connect(f"{PG_SERVER}/{DATABASE}")
         fill_s = await fill(conn, args.rows, args.small_rows)
         print(f"filled {args.rows + args.small_rows:,} contacts in {fill_s:.1f} s", flush=True)

@@ -189,7 +189,7 @@ async def main_async(args: argparse.Namespace) -> None:
     make_contacts_csv.main([str(big), "--rows", str(args.rows)])
     make_contacts_csv.main([str(small), "--rows", str(args.small_rows)])
     await _admin(f'DROP DATABASE IF EXISTS "{DATABASE}" WITH (FORCE)')
-    await upgrade(settings)
+    await upgrade(settings.database)
     dsn = f"{PG_SERVER}/{DATABASE}"
     pg = await asyncpg.connect(dsn)
     results: dict[str, Any] = {}

@@ -179,11 +179,11 @@ class Bench:
 async def time_status(redis_url: str, dsn: str) -> list[float]:
     """Seconds `python -m worker status` needs to collect, with 100,000 jobs queued."""
     from db.migrate import upgrade
-    from worker.cli.status import collect
+    from worker.observe import collect
     from worker.settings import Settings
 
     settings = Settings(redis_url=redis_url, database_url=dsn)
-    await upgrade(settings)
+    await upgrade(settings.database)
     from redis.asyncio import Redis
 
     client = Redis.from_url(redis_url)

@@ -13,6 +13,7 @@ import asyncpg
 
 from db.models import Contact
 from db.session import create_engine, make_sessionmaker
+from jobs.imports.columns import CANONICAL_COLUMNS, COLUMNS, TEXT_COLUMNS
 from jobs.imports.headers import map_header
 from jobs.imports.merge import (
     CHANGED_CLAUSE,
@@ -30,7 +31,9 @@ from jobs.imports.sources import local_file_source
 from jobs.imports.validate import ContactRow, Validator, email_problem
 from worker.settings import Settings
 
-_COLUMNS = "first_name, last_name, phone, job_title, city, country, linkedin_url, tags"
+# The staged columns stored as they are: not the email (the key) nor the company (linked by id).
+_PLAIN = tuple(name for name in TEXT_COLUMNS if name != "company")
+_COLUMNS = ", ".join((*_PLAIN, "tags"))
 _BARE_COMPANIES = """
 INSERT INTO companies (user_id, name)
 SELECT DISTINCT ON (lower(company)) $1, company FROM bench_staging
@@ -41,7 +44,7 @@ ON CONFLICT (user_id, lower(name)) DO NOTHING
 # ON CONFLICT DO UPDATE refuses to touch one row twice), companies linked by a join.
 _BARE_CONTACTS = f"""
 INSERT INTO contacts AS c (user_id, email, company_id, {_COLUMNS})
-SELECT $1, s.email, co.id, {", ".join(f"s.{c}" for c in _COLUMNS.split(", "))}
+SELECT $1, s.email, co.id, {", ".join(f"s.{c}" for c in (*_PLAIN, "tags"))}
 FROM (SELECT DISTINCT ON (email) * FROM bench_staging ORDER BY email, row_number DESC) AS s
 LEFT JOIN companies AS co ON co.user_id = $1 AND lower(co.name) = lower(s.company)
 ON CONFLICT (user_id, lower(email)) DO UPDATE SET {SET_CLAUSE}, updated_at = now()
@@ -89,7 +92,7 @@ async def drop_bare_staging(pg: asyncpg.Connection) -> None:
 
 
 def _null_row() -> str:
-    types = ["integer"] + ["text"] * 9 + ["text[]"]
+    types = ["integer", *(column.staging_type for column in COLUMNS)]
     return "(" + ", ".join(f"NULL::{t}" for t in types) + ")"
 
 
@@ -101,7 +104,7 @@ async def naive_orm(
         reader = csv.reader(handle)
         next(reader)
         records = [next(reader) for _ in range(rows)]
-    engine = create_engine(settings)
+    engine = create_engine(settings.database)
     sessions = make_sessionmaker(engine)
     seen: set[str] = set()
     started_s = time.perf_counter()
@@ -112,19 +115,16 @@ async def naive_orm(
             if email_problem(email or None) or email in seen:
                 continue  # the naive import skipped what would break its INSERT
             seen.add(email)
-            values = [value.strip() or None for value in fields]
+            cleaned = (value.strip() or None for value in fields)
+            values = dict(zip(CANONICAL_COLUMNS, cleaned, strict=True))  # the generated header
+            tags = values.pop("tags")
+            del values["email"], values["company"]  # the email is cleaned; no company lookup
             session.add(
                 Contact(
                     user_id=user_id,
                     email=email,
-                    first_name=values[1],
-                    last_name=values[2],
-                    phone=values[3],
-                    job_title=values[5],
-                    city=values[6],
-                    country=values[7],
-                    linkedin_url=values[8],
-                    tags=values[9].split(";") if values[9] else None,
+                    tags=tags.split(";") if tags else None,
+                    **values,
                 )
             )
             added += 1
@@ -141,14 +141,14 @@ WITH g AS (
     SELECT email, {
     ", ".join(
         f"(array_agg({c} ORDER BY row_number DESC) FILTER (WHERE {c} IS NOT NULL))[1] AS {c}"
-        for c in [*_COLUMNS.split(", ")[:-1], "company"]
+        for c in [*_PLAIN, "company"]
     )
 },
            max(row_number) FILTER (WHERE tags IS NOT NULL) AS tags_row
     FROM {STAGING_TABLE} GROUP BY email
 ), merged AS (
     INSERT INTO contacts AS c (user_id, email, company_id, {_COLUMNS})
-    SELECT $1, g.email, co.id, {", ".join(f"g.{c}" for c in _COLUMNS.split(", ")[:-1])}, t.tags
+    SELECT $1, g.email, co.id, {", ".join(f"g.{c}" for c in _PLAIN)}, t.tags
     FROM g
     LEFT JOIN {STAGING_TABLE} AS t ON t.row_number = g.tags_row
     LEFT JOIN companies AS co ON co.user_id = $1 AND lower(co.name) = lower(g.company)

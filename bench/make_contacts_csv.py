@@ -1,4 +1,4 @@
-"""Write a deterministic contacts CSV for benchmarks: the 10 canonical columns, messy like life.
+"""Write a deterministic contacts CSV for benchmarks: the canonical columns, messy like life.
 
     python bench/make_contacts_csv.py OUT.csv --rows 1000000 [--seed 1]
 
@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from jobs.imports.headers import CANONICAL_COLUMNS
+from jobs.imports.columns import CANONICAL_COLUMNS
 
 HEADER = CANONICAL_COLUMNS  # the names the importer maps without aliases
 FIRST = [
@@ -158,20 +158,23 @@ def _blocks(rows: int, seed: int) -> Iterator[list[list[str]]]:
                     recent[rng.randrange(1000)] = email
             city, country = rng.choice(PLACES)
             tags = ";".join(rng.sample(TAGS, rng.randrange(3))) if rng.random() < 0.5 else ""
-            block.append(
-                [
-                    email,
-                    first,
-                    last,
-                    f"+{rng.randrange(1, 50)} {rng.randrange(100, 999)} {rng.randrange(10**6):06}",
-                    rng.choice(COMPANIES),
-                    rng.choice(TITLES),
-                    city,
-                    country,
-                    f"https://linkedin.com/in/{_ascii(first).lower()}-{index:x}",
-                    tags,
-                ]
-            )
+            # By name, written in HEADER's order: the rng draws stay in the order they always
+            # had, so a seed gives the same file.
+            values = {
+                "email": email,
+                "first_name": first,
+                "last_name": last,
+                "phone": (
+                    f"+{rng.randrange(1, 50)} {rng.randrange(100, 999)} {rng.randrange(10**6):06}"
+                ),
+                "company": rng.choice(COMPANIES),
+                "job_title": rng.choice(TITLES),
+                "city": city,
+                "country": country,
+                "linkedin_url": f"https://linkedin.com/in/{_ascii(first).lower()}-{index:x}",
+                "tags": tags,
+            }
+            block.append([values[name] for name in HEADER])
         yield block
 
 

@@ -77,7 +77,7 @@ def machine_idle_s() -> float:
 async def main_async(path: Path, rows: int, plan: list[int]) -> None:
     admin = await asyncpg.connect(f"{PG_SERVER}/postgres")
     await admin.execute(f'DROP DATABASE IF EXISTS "{DATABASE}" WITH (FORCE)')
-    await upgrade(Settings(database_url=f"{PG_SERVER}/{DATABASE}"))
+    await upgrade(Settings(database_url=f"{PG_SERVER}/{DATABASE}").database)
     conns = [await asyncpg.connect(f"{PG_SERVER}/{DATABASE}") for _ in range(max(plan))]
     try:
         user = uuid.uuid4()

@@ -1,4 +1,7 @@
-"""`python -m worker migrate`: create the database if it is missing, then upgrade to head."""
+"""Create the database if it is missing, then run Alembic (`python -m worker migrate`: head).
+
+Every function takes the database URL (`Settings.database` in the worker), not our Settings.
+"""
 
 from __future__ import annotations
 
@@ -9,25 +12,23 @@ from pathlib import Path
 import asyncpg
 from alembic import command
 from alembic.config import Config
-
-from worker.settings import Settings
+from sqlalchemy.engine import URL
 
 log = logging.getLogger(__name__)
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
 
-def alembic_config(settings: Settings) -> Config:
+def alembic_config(url: URL) -> Config:
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     # ConfigParser treats % as interpolation: a password with % must be escaped.
-    url = settings.database.render_as_string(hide_password=False).replace("%", "%%")
-    config.set_main_option("sqlalchemy.url", url)
+    rendered = url.render_as_string(hide_password=False).replace("%", "%%")
+    config.set_main_option("sqlalchemy.url", rendered)
     return config
 
 
-async def create_database_if_missing(settings: Settings) -> bool:
-    """Create the database `DATABASE_URL` names; True when it had to be created."""
-    url = settings.database
+async def create_database_if_missing(url: URL) -> bool:
+    """Create the database `url` names; True when it had to be created."""
     server = await asyncpg.connect(
         host=url.host,
         port=url.port or 5432,
@@ -47,10 +48,10 @@ async def create_database_if_missing(settings: Settings) -> bool:
         await server.close()
 
 
-async def upgrade(settings: Settings, revision: str = "head") -> None:
-    await create_database_if_missing(settings)
-    await asyncio.to_thread(command.upgrade, alembic_config(settings), revision)
+async def upgrade(url: URL, revision: str = "head") -> None:
+    await create_database_if_missing(url)
+    await asyncio.to_thread(command.upgrade, alembic_config(url), revision)
 
 
-async def downgrade(settings: Settings, revision: str) -> None:
-    await asyncio.to_thread(command.downgrade, alembic_config(settings), revision)
+async def downgrade(url: URL, revision: str) -> None:
+    await asyncio.to_thread(command.downgrade, alembic_config(url), revision)

@@ -1,19 +1,28 @@
-"""The async engine and session factory: one engine per process and event loop."""
+"""The async engine and session factory: one engine per process and event loop.
+
+`db` imports nothing of `worker` or `jobs` (tests/foundation/test_db_boundary.py): callers
+pass the database URL, as arq's `create_pool` takes its own settings and not ours.
+"""
 
 from __future__ import annotations
 
+import asyncpg
+from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
     create_async_engine,
 )
 
-from worker.settings import Settings
-
 
 def create_engine(
-    settings: Settings, *, pool_size: int = 10, pre_ping: bool = False
+    url: URL,
+    *,
+    pool_size: int = 10,
+    pre_ping: bool = False,
+    application_name: str = "contact360-worker",
 ) -> AsyncEngine:
     """An asyncpg engine for one process and event loop.
 
@@ -23,15 +32,32 @@ def create_engine(
     the job runs again on a fresh one. A web app's client has no such retry: it pings.
     """
     return create_async_engine(
-        settings.database,
+        url,
         pool_size=pool_size,
         max_overflow=pool_size,
         pool_pre_ping=pre_ping,
         pool_recycle=1800,
-        connect_args={"server_settings": {"application_name": "contact360-worker"}},
+        connect_args={"server_settings": {"application_name": application_name}},
     )
 
 
 def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     """Sessions that keep loaded attributes after commit (no lazy IO on a closed session)."""
     return async_sessionmaker(engine, expire_on_commit=False)
+
+
+async def driver_connection(source: AsyncSession | AsyncConnection) -> asyncpg.Connection:
+    """The asyncpg connection under a session or connection, for COPY and plain round trips.
+
+    It is the same backend, in the same transaction (a session begins one here if it has
+    none); it stays the caller's: close or commit through `source`, not through the result.
+    """
+    connection = await source.connection() if isinstance(source, AsyncSession) else source
+    raw = (await connection.get_raw_connection()).driver_connection
+    if not isinstance(raw, asyncpg.Connection):
+        # None once SQLAlchemy has invalidated the connection; another type: not asyncpg.
+        raise RuntimeError(
+            f"expected an asyncpg connection under {type(source).__name__}, got "
+            f"{type(raw).__name__}; the engine must use postgresql+asyncpg://"
+        )
+    return raw

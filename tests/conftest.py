@@ -77,14 +77,14 @@ async def settings(test_root: Path) -> AsyncIterator[Settings]:
     )
     built.import_dir.mkdir(parents=True)
     built.export_dir.mkdir(parents=True)
-    await upgrade(built)
+    await upgrade(built.database)
     yield built
     await _admin(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
 
 
 @pytest.fixture(scope="session")
 async def engine(settings: Settings) -> AsyncIterator[AsyncEngine]:
-    engine = create_engine(settings)
+    engine = create_engine(settings.database)
     yield engine
     await engine.dispose()
 

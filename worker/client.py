@@ -33,14 +33,26 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from db.models import ContactImportError, ContactImportJob, Export, User, WaitlistEntry
-from db.session import create_engine, make_sessionmaker
+from db.session import create_engine, driver_connection, make_sessionmaker
 from jobs.email import drafts
 from jobs.email.caller_input import check_send_email, check_waitlist_signup
 from jobs.email.campaign import STEP_DUE_AFTER_SIGNUP
-from jobs.email.keys import caller_key, job_key, send_job, waitlist_kickoff_job_id
+from jobs.email.keys import caller_key, job_key, send_job
 from jobs.email.outbox import Draft, store_pending
 from worker.import_source import resolve_import_source
-from worker.job_ids import export_job_id, import_job_id, row_of_job_id
+from worker.routes import (
+    EXPORT_ROUTES,
+    KICKOFF_WAITLIST_FIRST_EMAIL,
+    PROCESS_CONTACTS_IMPORT,
+    SYNC_CONTACT,
+    ExportKind,
+    Route,
+    enqueue,
+    export_job_id,
+    import_job_id,
+    row_of_job_id,
+    waitlist_kickoff_job_id,
+)
 from worker.serialization import deserialize, serialize
 from worker.settings import Settings
 from worker.storage import export_key, make_storage, s3_client_factory
@@ -173,7 +185,7 @@ class JobsClient:
             job_serializer=serialize,
             job_deserializer=deserialize,
         )
-        engine = create_engine(settings, pool_size=5, pre_ping=True)
+        engine = create_engine(settings.database, pool_size=5, pre_ping=True)
         try:
             async with cls(redis=redis, sessions=make_sessionmaker(engine), settings=settings) as c:
                 yield c
@@ -232,12 +244,8 @@ class JobsClient:
             row: OwnedRow | None = await session.scalar(query)
         return row
 
-    async def _enqueue(
-        self, function: str, queue: str, arq_job_id: str | None, **kwargs: Any
-    ) -> str | None:
-        job = await self.redis.enqueue_job(
-            function, _queue_name=queue, _job_id=arq_job_id, **kwargs
-        )
+    async def _enqueue(self, route: Route, arq_job_id: str | None, **kwargs: Any) -> str | None:
+        job = await enqueue(self.redis, route, arq_job_id, **kwargs)
         return job.job_id if job is not None else None
 
     # -- imports ---------------------------------------------------------------------------
@@ -257,9 +265,7 @@ class JobsClient:
             session.add(row)
             await session.flush()
             await session.refresh(row)
-        await self._enqueue(
-            "process_contacts_import", "imports", import_job_id(row.id), job_id=str(row.id)
-        )
+        await self._enqueue(PROCESS_CONTACTS_IMPORT, import_job_id(row.id), job_id=str(row.id))
         return ImportStatus.of(row)
 
     # Reads and cancels take `user_id=`: the owner is part of the SQL (WHERE user_id = :u), and
@@ -333,7 +339,7 @@ class JobsClient:
         return await self._export("companies", user_id, company_ids)
 
     async def _export(
-        self, kind: Literal["contacts", "companies"], user_id: IdLike, ids: Sequence[IdLike] | None
+        self, kind: ExportKind, user_id: IdLike, ids: Sequence[IdLike] | None
     ) -> ExportStatus:
         owner = _uuid(user_id)
         # Parsed before the row exists, so an invalid id creates nothing; in a thread, because
@@ -346,8 +352,7 @@ class JobsClient:
             await session.refresh(row)
             if selection:
                 await _copy_export_items(session, row.id, selection)
-        function = "generate_contact_export" if kind == "contacts" else "generate_company_export"
-        await self._enqueue(function, "exports", export_job_id(row.id), export_id=str(row.id))
+        await self._enqueue(EXPORT_ROUTES[kind], export_job_id(row.id), export_id=str(row.id))
         return ExportStatus.of(row)
 
     async def export_status(
@@ -411,9 +416,7 @@ class JobsClient:
         assert job is not None  # the keys built above all map to a send job
         async with self.sessions.begin() as session:
             await store_pending(session, draft)
-        return EnqueuedJob(
-            job_id=await self._enqueue(job.function, "default", job.arq_job_id, **job.kwargs)
-        )
+        return EnqueuedJob(job_id=await self._enqueue(job.route, job.arq_job_id, **job.kwargs))
 
     async def join_waitlist(self, email: str, name: str | None = None) -> WaitlistSignup:
         """Add the email to the waitlist (once: a second sign-up keeps the first) and greet it.
@@ -441,15 +444,14 @@ class JobsClient:
         assert entry_id is not None  # inserted now, or it conflicted with an existing row
         if inserted is not None:
             await self._enqueue(
-                "kickoff_waitlist_first_email",
-                "default",
+                KICKOFF_WAITLIST_FIRST_EMAIL,
                 waitlist_kickoff_job_id(entry_id),
                 entry_id=str(entry_id),
             )
         return WaitlistSignup(id=entry_id, email=normalized, created=inserted is not None)
 
     async def sync_contact(self, email: str) -> EnqueuedJob:
-        return EnqueuedJob(job_id=await self._enqueue("sync_contact", "default", None, email=email))
+        return EnqueuedJob(job_id=await self._enqueue(SYNC_CONTACT, None, email=email))
 
     async def job_result(
         self, job_id: str, timeout_s: float | None = None, *, user_id: IdLike | None = None
@@ -457,7 +459,7 @@ class JobsClient:
         """Wait for an arq job's result (raises the job's error, rebuilt as `RemoteJobError`).
 
         With `user_id`, only the job of an import or export of that user is answered (its
-        arq id, `worker.job_ids`); any other id raises `LookupError`.
+        arq id, `worker.routes`); any other id raises `LookupError`.
         """
         if user_id is not None and not await self._owns_job(job_id, user_id):
             raise LookupError(f"no job {job_id}")
@@ -490,10 +492,8 @@ async def _copy_export_items(
                 _copy_text, export_id, ids[start : start + _COPY_CHUNK_IDS]
             )
 
-    connection = await (await session.connection()).get_raw_connection()
-    asyncpg_connection = connection.driver_connection
-    assert asyncpg_connection is not None
-    await asyncpg_connection.copy_to_table(
+    connection = await driver_connection(session)
+    await connection.copy_to_table(
         "export_items", source=chunks(), columns=("export_id", "item_id"), format="text"
     )
 

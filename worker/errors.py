@@ -1,20 +1,53 @@
-"""The errors that decide what happens to a failed job.
+"""The errors that decide what happens to a failed job, drawn in full (a test keeps it so).
 
-    WorkerError
-    ├── TransientError    retried with exponential backoff (connection lost, timeout, 429, 5xx)
-    │   ├── RateLimited   the provider told us how long to wait: we wait at least that long
-    │   └── ProviderFault the provider refuses our account (API key, sending domain): nothing
-    │                     is wrong with the job, so it waits for the fix without using a try
-    └── PermanentError    fails the job now; the message is recorded for a person to act on
+    WorkerError                    two texts: `str()` for operators, `public_message` for users
+    ├── TransientError             retried with exponential backoff (connection lost, timeout,
+    │   │                          429, 5xx)
+    │   ├── RateLimited            the provider told us how long to wait: we wait at least that
+    │   │                          long (429: every process waits, worker.ratelimit)
+    │   ├── ProviderFault          the provider refuses our account (API key, sending domain):
+    │   │                          nothing is wrong with the job, so it waits for the fix
+    │   │                          without using a try; sending halts everywhere
+    │   ├── DeliveryUnknown        (worker.email_providers.base) the request may have reached
+    │   │                          the provider (read timeout, connection dropped after
+    │   │                          sending): resent only where the provider deduplicates
+    │   │                          (Resend's Idempotency-Key); with SendGrid held for review
+    │   ├── ExportBusy             (jobs.exports.job) another worker is writing this export
+    │   └── ImportRunningElsewhere (jobs.imports.checkpoint) another runner owns this import
+    └── PermanentError             fails the job now; the message is recorded for a person to
+        │                          act on
+        ├── HardTimeLimitExceeded  ran past its hard time limit: never retried, it would run as
+        │                          long again
+        ├── WorkerDied             its worker died on every try (a poison pill): not run again
+        ├── FileFormatError        (jobs.imports.sniff) the file cannot be read as a contacts CSV
+        └── SourceChanged          (jobs.imports.sources) the import's file is not the one it
+                                   started on: never read on with other bytes
 
 Jobs raise these (or let library errors through: `worker.retry` classifies those) and
-never call arq's `Retry` themselves, so the retry policy lives in one place.
+never call arq's `Retry` themselves, so the retry policy lives in one place (`worker.retry`).
+A class drawn with a module lives there, next to the code that raises it.
 
 Every error has two texts. `str(error)` is the operator's: it goes to the logs and may name
 hosts, buckets, paths or the driver's detail (SQL values). `error.public_message` is what a
 user sees on the job's own row (an import's `message`, an export's `error`): plain words saying
 what to do. It defaults to `str(error)`, since errors raised on purpose are written for users
 ("the file is empty"); whoever wraps infrastructure text passes `public=` as well.
+
+Our other exceptions never reach a job's failure path, so they stand outside the tree:
+
+    ValueError
+    ├── PayloadRefused             (worker.serialization) bytes this project did not write:
+    │                              refused, never executed
+    └── ConsoleNotConfigured       (worker.web.auth) no CONSOLE_PASSWORD: the console must not
+                                   start
+    Exception
+    ├── ActionRefused              (worker.web.actions) a console action that does not apply to
+    │                              the row as it is now (HTTP 409)
+    ├── RemoteJobError             (worker.serialization) a failed job's exception, read back
+    │                              from its JSON form
+    ├── StartupRefused             (worker.preflight) this worker must not start; the message
+    │                              says what to change
+    └── UserError                  (worker.cli) an operator's mistake: one line, exit code 2
 """
 
 from __future__ import annotations
@@ -60,3 +93,11 @@ class ProviderFault(TransientError):
     def __init__(self, message: str, retry_after_s: float) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class HardTimeLimitExceeded(PermanentError):
+    """The job ran past its hard time limit and was stopped."""
+
+
+class WorkerDied(PermanentError):
+    """The job's worker process died on every try (a poison pill): the job is not run again."""

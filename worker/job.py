@@ -5,23 +5,23 @@ arq, so every job gets the same behaviour without repeating it:
 
 - logs carry the job id, name and try number;
 - `ctx["soft_deadline"]` tells a long job when to checkpoint and continue in a fresh try;
-- past the hard limit the job is stopped and recorded as failed. It is not retried: a job that
-  ran that long will run that long again (imports avoid it with the soft limit);
-- a transient failure becomes arq's `Retry` with exponential backoff, at most `MAX_RETRIES`
-  times; a permanent one (or the last transient one) fails now: the log line gets the whole
-  detail, and `on_failure` records the error's `public_message` on the job's own row (import,
-  export, email), plain words without hosts, buckets, paths or SQL values;
-- a job whose worker died on every allowed try (a poison pill) is failed, with that reason, on
-  the one extra try arq is given for it, instead of arq dropping it without calling our code;
-- a try cancelled by a shutdown goes back to the queue without using up a try, and so does
-  one that met a `ProviderFault` (the provider refused our account): it waits for the fix;
-- outcomes are counted in Redis for `python -m worker status` (worker/stats.py).
+- past the hard limit the job is stopped (and not retried: `worker.retry.decide`);
+- what a failure means is `worker.retry.decide`'s call (retry how soon, give the try back, or
+  fail), and a poison pill's is `worker.retry.worker_died`'s; this module carries it out with
+  arq: its `Retry(defer=...)`, its try counter, and for a failure a log line with the whole
+  detail while `on_failure` records the error's `public_message` on the job's own row
+  (import, export, email), plain words without hosts, buckets, paths or SQL values;
+- a try cancelled by a shutdown goes back to the queue without using up a try;
+- outcomes, durations and queue waits are counted in Redis for `python -m worker status` and
+  `/metrics` (worker/stats.py);
+- with OpenTelemetry installed, each try runs in a span of its own (worker/tracing.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -33,10 +33,11 @@ from arq.worker import Function, Retry
 
 from worker import stats
 from worker.context import Ctx
-from worker.errors import PermanentError, ProviderFault, RateLimited, TransientError, WorkerError
+from worker.errors import WorkerError
 from worker.logs import job_log_context
-from worker.retry import PUBLIC_INTERNAL_ERROR, classify, retry_delay_s
+from worker.retry import PUBLIC_INTERNAL_ERROR, Fail, arq_max_tries, decide, worker_died
 from worker.settings import Settings
+from worker.tracing import job_span
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +45,6 @@ JobCoroutine = Callable[..., Awaitable[Any]]
 FailureHook = Callable[[Ctx, dict[str, Any], str], Awaitable[None]]
 # arq's own timeout stays a backstop behind ours, so our failure record gets written first.
 ARQ_TIMEOUT_GRACE_S = 30.0
-
-
-class HardTimeLimitExceeded(PermanentError):
-    """The job ran past its hard time limit and was stopped."""
-
-
-class WorkerDied(PermanentError):
-    """The job's worker process died on every try (a poison pill): the job is not run again."""
 
 
 async def _give_try_back(ctx: Ctx) -> None:
@@ -96,18 +89,18 @@ class JobDefinition:
         settings = ctx["settings"]
         job_try = ctx["job_try"]
         job_id = ctx["job_id"]
-        with job_log_context(job_id=job_id, job=self.name, job_try=job_try):
-            deaths = await stats.try_started(ctx["redis"], ctx["queue_name"], job_id)
+        started_s, started_monotonic = time.time(), time.monotonic()
+        with (
+            job_log_context(job_id=job_id, job=self.name, job_try=job_try),
+            job_span(self.name, queue=ctx["queue_name"], job_id=job_id, job_try=job_try),
+        ):
+            deaths = await stats.try_started(ctx["redis"], ctx["queue_name"], job_id, self.name)
             outcome: stats.Outcome = "failed"
             error: str | None = None
             try:
-                if job_try > settings.max_retries + 1:
-                    # arq allows one try beyond ours (worker_settings), so a job whose worker
-                    # keeps dying reaches this line instead of arq failing it silently.
-                    raise WorkerDied(
-                        f"the worker died {deaths} times while running this job "
-                        f"(killed or out of memory); not trying again"
-                    )
+                died = worker_died(job_try, max_retries=settings.max_retries, deaths=deaths)
+                if died is not None:
+                    raise died.error
                 result = await self._run_with_limits(ctx, job_try, *args, **kwargs)
                 outcome = "completed"
                 return result
@@ -140,6 +133,8 @@ class JobDefinition:
                         job=self.name,
                         job_try=job_try,
                         error=error,
+                        duration_s=time.monotonic() - started_monotonic,
+                        queue_wait_s=stats.queue_wait_s(ctx["score"], started_s),
                     )
                 )
 
@@ -155,35 +150,19 @@ class JobDefinition:
             async with deadline:
                 return await self.coroutine(ctx, *args, **kwargs)
         except Exception as exc:
-            if deadline.expired():
-                failure: Exception = HardTimeLimitExceeded(
-                    f"stopped: ran past the hard time limit of {hard_s:g} s (JOB_TIMEOUT_S)"
-                )
-            else:
-                failure = classify(exc)
-            if isinstance(failure, ProviderFault):
-                # Not this job's fault and not one more tries would fix: wait for the operator
-                # (one probe per pause, worker.ratelimit) without using up a try.
+            decision = decide(
+                exc,
+                job_try=job_try,
+                max_retries=settings.max_retries,
+                base_delay_s=settings.retry_base_delay_s,
+                ran_past_hard_limit_s=hard_s if deadline.expired() else None,
+            )
+            if isinstance(decision, Fail):
+                raise decision.error from exc
+            if decision.give_try_back:
                 await _give_try_back(ctx)
-                defer_s = retry_delay_s(
-                    1, settings.retry_base_delay_s, retry_after_s=failure.retry_after_s
-                )
-                log.warning("provider refused the account, retry in %.1f s: %s", defer_s, failure)
-                raise Retry(defer=defer_s) from exc
-            if isinstance(failure, TransientError):
-                if job_try <= settings.max_retries:
-                    wait_s = failure.retry_after_s if isinstance(failure, RateLimited) else None
-                    defer_s = retry_delay_s(
-                        job_try, settings.retry_base_delay_s, retry_after_s=wait_s
-                    )
-                    log.warning("transient failure, retry in %.1f s: %s", defer_s, failure)
-                    raise Retry(defer=defer_s) from exc
-                failure = PermanentError(
-                    f"gave up after {job_try} tries; last error: {failure}",
-                    public=f"gave up after {job_try} tries: {failure.public_message}; "
-                    "try again later",
-                )
-            raise failure from exc
+            log.warning("%s, retry in %.1f s: %s", decision.why, decision.defer_s, decision.error)
+            raise Retry(defer=decision.defer_s) from exc
 
     async def _record_failure(self, ctx: Ctx, kwargs: dict[str, Any], message: str) -> None:
         if self.on_failure is None:
@@ -231,6 +210,6 @@ class CronSchedule:
             # unique=True: with several default workers, each tick is enqueued under one job id.
             unique=True,
             timeout=self.job.hard_timeout_s(settings) + ARQ_TIMEOUT_GRACE_S,
-            max_tries=settings.max_retries + 2,  # one beyond ours: see JobDefinition.run
+            max_tries=arq_max_tries(settings.max_retries),
             keep_result=settings.keep_result_s,
         )

@@ -1,4 +1,8 @@
-"""Structured logs: every line a job writes carries its job id, job name and try number."""
+"""Structured logs: every line a job writes carries its job id, job name and try number.
+
+JSON lines also carry the current span's `trace_id` and `span_id` when OpenTelemetry traces
+(worker/tracing.py), so a log line leads to its trace and back.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,8 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
+
+from worker.tracing import current_trace_ids
 
 # asyncio copies context variables into each task, so each running job sees its own values.
 _job_fields: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("job_fields")
@@ -40,6 +46,9 @@ class JsonFormatter(logging.Formatter):
             "msg": record.getMessage(),
             **getattr(record, "job", {}),
         }
+        trace_ids = current_trace_ids()
+        if trace_ids is not None:
+            entry["trace_id"], entry["span_id"] = trace_ids
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)

@@ -21,6 +21,8 @@ from worker import lease, preflight
 from worker.job import CronSchedule, JobDefinition
 from worker.lifecycle import shutdown, startup
 from worker.recycle import after_job_end as recycle_after_job_end
+from worker.retry import arq_max_tries
+from worker.routes import QUEUES, QueueName
 from worker.serialization import deserialize, serialize
 from worker.settings import Settings
 
@@ -29,7 +31,11 @@ HEALTH_CHECK_INTERVAL_S = 10
 
 @dataclass(frozen=True)
 class QueueConfig:
-    """What one queue runs and how many of its jobs one process runs at once."""
+    """What one queue runs and how many of its jobs one process runs at once.
+
+    Which jobs belong to which queue is in worker/routes.py; tests/foundation/test_routes.py
+    checks that these modules register exactly those.
+    """
 
     job_modules: tuple[str, ...]
     max_jobs: int
@@ -38,7 +44,7 @@ class QueueConfig:
     shutdown_grace_s: int
 
 
-QUEUES: dict[str, QueueConfig] = {
+QUEUE_CONFIGS: dict[QueueName, QueueConfig] = {
     # CPU-bound parsing and one COPY stream per import: more than two per 2-core box only queue.
     "imports": QueueConfig(("jobs.imports",), max_jobs=2, poll_delay_s=0.5, shutdown_grace_s=20),
     "exports": QueueConfig(("jobs.exports",), max_jobs=4, poll_delay_s=0.5, shutdown_grace_s=20),
@@ -50,11 +56,8 @@ QUEUES: dict[str, QueueConfig] = {
         shutdown_grace_s=10,
     ),
 }
-WORKER_CLASS_QUEUES = {
-    "ImportsWorker": "imports",
-    "ExportsWorker": "exports",
-    "DefaultWorker": "default",
-}
+# ImportsWorker, ExportsWorker, DefaultWorker (CONTRACT §4).
+WORKER_CLASS_QUEUES: dict[str, QueueName] = {f"{queue.title()}Worker": queue for queue in QUEUES}
 
 
 # Fault tests and benchmarks run real worker processes with jobs of their own: this variable
@@ -64,17 +67,17 @@ JOB_MODULES_ENV = "C360_JOB_MODULES"
 _MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
 
-def job_modules(queue: str) -> tuple[str, ...]:
+def job_modules(queue: QueueName) -> tuple[str, ...]:
     override = os.environ.get(JOB_MODULES_ENV, "").strip()
     if not override:
-        return QUEUES[queue].job_modules
+        return QUEUE_CONFIGS[queue].job_modules
     names = tuple(name.strip() for name in override.split(",") if name.strip())
     if bad := [name for name in names if not _MODULE_NAME.match(name)]:
         raise ValueError(f"{JOB_MODULES_ENV}: not a module name: {', '.join(bad)}")
     return names
 
 
-def queue_jobs(queue: str) -> tuple[list[JobDefinition], list[CronSchedule]]:
+def queue_jobs(queue: QueueName) -> tuple[list[JobDefinition], list[CronSchedule]]:
     """The jobs and cron schedules the queue's modules declare in `JOBS` and `CRON_JOBS`."""
     jobs: list[JobDefinition] = []
     crons: list[CronSchedule] = []
@@ -85,13 +88,13 @@ def queue_jobs(queue: str) -> tuple[list[JobDefinition], list[CronSchedule]]:
     return jobs, crons
 
 
-def health_check_key(queue: str) -> str:
+def health_check_key(queue: QueueName) -> str:
     """One key per worker process, so `status` can list every live worker, not just one."""
     return f"{queue}:health-check:{socket.gethostname()}:{os.getpid()}"
 
 
 def worker_settings(
-    queue: str,
+    queue: QueueName,
     settings: Settings,
     *,
     burst: bool = False,
@@ -106,7 +109,7 @@ def worker_settings(
     Raises `preflight.StartupRefused` for settings the queue must not run with.
     """
     preflight.check_settings(queue, settings)
-    config = QUEUES[queue]
+    config = QUEUE_CONFIGS[queue]
     if jobs is None:
         jobs, declared_crons = queue_jobs(queue)
         crons = declared_crons if crons is None else crons
@@ -132,7 +135,7 @@ def worker_settings(
         # MAX_RETRIES retries after the first try, plus one: our wrapper decides retries
         # itself, and a try beyond its limit only happens when the worker died on the last
         # one; JobDefinition.run then records the failure (arq would drop it silently).
-        "max_tries": settings.max_retries + 2,
+        "max_tries": arq_max_tries(settings.max_retries),
         "health_check_interval": HEALTH_CHECK_INTERVAL_S,
         "health_check_key": health_check_key(queue),
         "job_completion_wait": config.shutdown_grace_s,

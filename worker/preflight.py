@@ -11,13 +11,14 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from worker.routes import SEND_EMAIL, QueueName
 from worker.settings import Settings
 
 # Lease renewal (worker/lease.py) uses `PEXPIRE ... GT`, added in Redis 7.0: on 6.x every
 # renewal fails and each job longer than one lease runs again on a second worker.
 MIN_REDIS_VERSION = (7, 0)
-# The queue whose jobs send email (worker.main.QUEUES).
-EMAIL_QUEUE = "default"
+# The queue whose jobs send email (worker/routes.py).
+EMAIL_QUEUE: QueueName = SEND_EMAIL.queue
 
 
 class StartupRefused(Exception):

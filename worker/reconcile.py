@@ -38,15 +38,23 @@ from jobs.email.keys import REDRIVEN_PREFIXES, job_of_key, send_job
 from jobs.email.outbox import Draft
 from worker.context import Ctx
 from worker.job import CronSchedule, job
-from worker.job_ids import export_job_id, import_continuation_pointer, import_job_id
 from worker.lease import RUNNING_KEY_PREFIX
+from worker.routes import (
+    EXPORT_ROUTES,
+    PROCESS_CONTACTS_IMPORT,
+    Route,
+    enqueue,
+    export_job_id,
+    import_continuation_pointer,
+    import_job_id,
+)
 
 log = logging.getLogger(__name__)
 
 MIN_AGE_S = 60
 OPEN_STATUSES = ("pending", "processing")
-EXPORT_FUNCTIONS = {"contacts": "generate_contact_export", "companies": "generate_company_export"}
 OPEN_EMAIL_STATUSES = ("pending", "sending")
+EXPORTS = frozenset(EXPORT_ROUTES.values())
 # Oldest first, so a Redis that lost a large backlog is re-filled a page a minute, and a scan
 # stays one bounded query (over the partial index ix_email_messages_open).
 MAX_EMAILS_PER_RUN = 5000
@@ -57,8 +65,7 @@ class Expected:
     """A job PostgreSQL expects to exist: how the client enqueued it (worker/client.py)."""
 
     arq_id: str
-    function: str
-    queue: str
+    route: Route
     kwargs: dict[str, Any]
     # An outbox row's key: its job's arguments (the stored email) are read once it is lost.
     outbox_key: str | None = None
@@ -74,8 +81,7 @@ async def expected_jobs(sessions: async_sessionmaker[AsyncSession]) -> list[Expe
             )
         )
         expected = [
-            Expected(import_job_id(i), "process_contacts_import", "imports", {"job_id": str(i)})
-            for i in imports
+            Expected(import_job_id(i), PROCESS_CONTACTS_IMPORT, {"job_id": str(i)}) for i in imports
         ]
         exports = await session.execute(
             select(Export.id, Export.kind).where(
@@ -83,7 +89,7 @@ async def expected_jobs(sessions: async_sessionmaker[AsyncSession]) -> list[Expe
             )
         )
         expected += [
-            Expected(export_job_id(i), EXPORT_FUNCTIONS[kind], "exports", {"export_id": str(i)})
+            Expected(export_job_id(i), EXPORT_ROUTES[kind], {"export_id": str(i)})
             for i, kind in exports
         ]
         emails = await session.scalars(
@@ -99,7 +105,7 @@ async def expected_jobs(sessions: async_sessionmaker[AsyncSession]) -> list[Expe
         for key in emails:
             target = job_of_key(key)
             if target is not None:
-                expected.append(Expected(target[1], target[0], "default", {}, outbox_key=key))
+                expected.append(Expected(target[1], target[0], {}, outbox_key=key))
     return expected
 
 
@@ -117,7 +123,7 @@ async def forgotten(redis: ArqRedis, expected: list[Expected]) -> list[Expected]
     pointers = await redis.mget(
         [
             import_continuation_pointer(item.kwargs["job_id"])
-            if item.queue == "imports"
+            if item.route is PROCESS_CONTACTS_IMPORT
             else "c360:none"
             for item in expected
         ]
@@ -130,7 +136,7 @@ async def forgotten(redis: ArqRedis, expected: list[Expected]) -> list[Expected]
         for item, arq_ids in zip(expected, candidates, strict=True):
             pipe.exists(*(prefix + arq_id for arq_id in arq_ids for prefix in _TRACE_PREFIXES))
             for arq_id in arq_ids:
-                pipe.zscore(item.queue, arq_id)
+                pipe.zscore(item.route.queue, arq_id)
         replies = iter(await pipe.execute())
     lost = []
     for item, arq_ids in zip(expected, candidates, strict=True):
@@ -146,8 +152,10 @@ async def still_open(
 ) -> list[Expected]:
     """Those of `items` still open just before enqueueing (a job may have finished since the
     first read); an email comes back with its stored message as the job's arguments."""
-    import_ids = [uuid.UUID(i.kwargs["job_id"]) for i in items if i.queue == "imports"]
-    export_ids = [uuid.UUID(i.kwargs["export_id"]) for i in items if i.queue == "exports"]
+    import_ids = [
+        uuid.UUID(i.kwargs["job_id"]) for i in items if i.route is PROCESS_CONTACTS_IMPORT
+    ]
+    export_ids = [uuid.UUID(i.kwargs["export_id"]) for i in items if i.route in EXPORTS]
     email_keys = [i.outbox_key for i in items if i.outbox_key is not None]
     async with sessions() as session:
         open_imports = await session.scalars(
@@ -175,9 +183,7 @@ async def still_open(
         )
         emails = [send_job(Draft(*row)) for row in open_emails]
     return [item for item in items if item.arq_id in reopened] + [
-        Expected(job.arq_job_id, job.function, "default", job.kwargs)
-        for job in emails
-        if job is not None
+        Expected(job.arq_job_id, job.route, job.kwargs) for job in emails if job is not None
     ]
 
 
@@ -205,12 +211,9 @@ async def reconcile_jobs(ctx: Ctx) -> dict[str, int]:
     lost = await forgotten(redis, await expected_jobs(sessions))
     enqueued = 0
     for item in await still_open(sessions, lost) if lost else []:
-        job_ = await redis.enqueue_job(
-            item.function, _job_id=item.arq_id, _queue_name=item.queue, **item.kwargs
-        )
-        if job_ is not None:
+        if await enqueue(redis, item.route, item.arq_id, **item.kwargs) is not None:
             enqueued += 1
-            log.warning("re-enqueued %s on %s: Redis had lost it", item.arq_id, item.queue)
+            log.warning("re-enqueued %s on %s: Redis had lost it", item.arq_id, item.route.queue)
     pruned = await prune_dead_leases(redis)
     return {"enqueued": enqueued, "pruned_leases": pruned}
 

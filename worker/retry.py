@@ -5,6 +5,13 @@ PostgreSQL connection terminated by the server, serialization failures and deadl
 lookup that failed, a pool with no free connection, a connection refused or reset (also when
 SQLAlchemy wraps the driver's error). Everything else is permanent and fails the job at once
 with a message a person can act on.
+
+`decide` is the whole decision after a failed try, a pure function: `worker.job` only carries
+it out with arq (its `Retry`, its try counter). A try gets `MAX_RETRIES` retries with backoff;
+the last transient failure fails the job ("gave up after N tries"); a job stopped at its hard
+time limit is never retried; a `ProviderFault` waits for the operator's fix and gives its try
+back. `worker_died` fails a job whose worker died on every try, on the one extra try arq has
+(`arq_max_tries`). A try cancelled by a shutdown is not a failure: `worker.job` gives it back.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import errno
 import random
 import socket
 from collections.abc import Callable
+from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from time import time
 
@@ -22,7 +30,15 @@ import redis.exceptions
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
-from worker.errors import PermanentError, RateLimited, TransientError, WorkerError
+from worker.errors import (
+    HardTimeLimitExceeded,
+    PermanentError,
+    ProviderFault,
+    RateLimited,
+    TransientError,
+    WorkerDied,
+    WorkerError,
+)
 
 MAX_RETRY_DELAY_S = 3600.0
 # What users read on the job's row when a library failure stopped it; the driver's or the
@@ -196,3 +212,96 @@ def classify(exc: BaseException) -> WorkerError:
         # asyncpg raises bare OSError("Multiple exceptions: ...") when every address refuses.
         return TransientError(f"connection failed: {exc}", public=PUBLIC_UNREACHABLE)
     return PermanentError(_describe(exc), public=PUBLIC_INTERNAL_ERROR)
+
+
+@dataclass(frozen=True, slots=True)
+class RetryIn:
+    """Run the job again in `defer_s` seconds. `why` opens the log line.
+
+    `give_try_back`: the failure was not the job's (a refused account), so this try must not
+    count towards `MAX_RETRIES`.
+    """
+
+    defer_s: float
+    error: WorkerError
+    why: str
+    give_try_back: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Fail:
+    """Fail the job now: `error` goes to the log, its `public_message` to the job's row."""
+
+    error: WorkerError
+
+
+def decide(
+    exc: BaseException,
+    *,
+    job_try: int,
+    max_retries: int,
+    base_delay_s: float,
+    ran_past_hard_limit_s: float | None = None,
+    rng: Callable[[], float] = random.random,
+) -> RetryIn | Fail:
+    """What to do after try `job_try` (1 for the first) failed with `exc`.
+
+    `ran_past_hard_limit_s` is the hard limit when the job was stopped at it.
+    """
+    if ran_past_hard_limit_s is not None:
+        # Never retried: a job that ran that long will run that long again (imports avoid it
+        # by checkpointing at the soft limit).
+        return Fail(
+            HardTimeLimitExceeded(
+                f"stopped: ran past the hard time limit of {ran_past_hard_limit_s:g} s "
+                "(JOB_TIMEOUT_S)"
+            )
+        )
+    failure = classify(exc)
+    if isinstance(failure, ProviderFault):
+        # Not this job's fault and not one more tries would fix: wait for the operator (one
+        # probe per pause, worker.ratelimit) without using up a try, so the first try's step.
+        defer_s = retry_delay_s(1, base_delay_s, retry_after_s=failure.retry_after_s, rng=rng)
+        return RetryIn(defer_s, failure, "provider refused the account", give_try_back=True)
+    if not isinstance(failure, TransientError):
+        return Fail(failure)
+    if job_try <= max_retries:
+        wait_s = failure.retry_after_s if isinstance(failure, RateLimited) else None
+        defer_s = retry_delay_s(job_try, base_delay_s, retry_after_s=wait_s, rng=rng)
+        return RetryIn(defer_s, failure, "transient failure")
+    return Fail(
+        PermanentError(
+            f"gave up after {job_try} tries; last error: {failure}",
+            public=f"gave up after {job_try} tries: {failure.public_message}; try again later",
+        )
+    )
+
+
+def max_tries(max_retries: int) -> int:
+    """The tries a job (or an email's attempts) gets: the first and `max_retries` more."""
+    return max_retries + 1
+
+
+def arq_max_tries(max_retries: int) -> int:
+    """The tries arq allows: ours (the first and `max_retries` more) and one beyond.
+
+    `decide` stops retrying before arq would; the extra try only comes when the worker died
+    on the last of ours, and lets `worker_died` fail the job with its reason instead of arq
+    dropping it without calling our code.
+    """
+    return max_tries(max_retries) + 1
+
+
+def worker_died(job_try: int, *, max_retries: int, deaths: int) -> Fail | None:
+    """Fail, on the extra try (`arq_max_tries`), a job whose worker died on every try of ours.
+
+    `deaths` is how many tries ended with their worker gone (worker.stats).
+    """
+    if job_try <= max_tries(max_retries):
+        return None
+    return Fail(
+        WorkerDied(
+            f"the worker died {deaths} times while running this job (killed or out of memory); "
+            "not trying again"
+        )
+    )

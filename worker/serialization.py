@@ -7,14 +7,24 @@ fail that one job with a readable error and the worker goes on serving the other
 Wire format: a JSON object, or that JSON gzip-compressed (detected by the gzip magic bytes).
 Values JSON cannot carry travel as one-key objects: `{"$dt": iso}`, `{"$uuid": ...}`,
 `{"$exc": {"type": ..., "message": ...}}` (failed jobs' results, readable by any tool).
+
+A job's envelope may also carry the enqueuer's W3C trace context as a top-level field `trace`
+(`{"traceparent": ..., "tracestate": ...}`, set by `worker/tracing.py`), beside arq's own keys and
+never among the job's keywords. `deserialize` takes it out again and leaves it in a context
+variable: arq's `Worker.run_job` calls the deserializer in the task that then creates the job's
+task, which starts with a copy of that context, so the job wrapper reads the value of its own
+job. A payload without the field (an older client, a cron tick) runs as before.
 """
 
 from __future__ import annotations
 
+import contextvars
 import gzip
 import json
 import uuid
 import zlib
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from datetime import date, datetime
 from typing import Any
 
@@ -23,6 +33,17 @@ COMPRESS_ABOVE_BYTES = 1024
 # and short texts. The cap holds for the JSON text, compressed or not, at both ends.
 MAX_PAYLOAD_BYTES = 16 * 1024 * 1024
 GZIP_MAGIC = b"\x1f\x8b"
+
+TRACE_FIELD = "trace"
+TRACE_HEADERS = ("traceparent", "tracestate")
+# W3C Trace Context: a traceparent is 55 characters; a tracestate may be cut beyond 512.
+MAX_TRACE_HEADER_CHARS = 512
+_sending_trace: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
+    "sending_trace", default=None
+)
+_received_trace: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
+    "received_trace", default=None
+)
 
 
 class PayloadRefused(ValueError):
@@ -80,8 +101,38 @@ def _decode_object(obj: dict[str, Any]) -> Any:
     return obj
 
 
+@contextmanager
+def sending_trace_context(headers: Mapping[str, str]) -> Iterator[None]:
+    """Payloads serialized within carry `headers` (W3C trace context) in their envelope."""
+    token = _sending_trace.set(_trace_headers(headers))
+    try:
+        yield
+    finally:
+        _sending_trace.reset(token)
+
+
+def received_trace_context() -> dict[str, str] | None:
+    """The trace context of the payload this task deserialized last, if it carried one."""
+    return _received_trace.get()
+
+
+def _trace_headers(value: Any) -> dict[str, str] | None:
+    """The W3C headers in `value`; anything else (written by someone else) is dropped."""
+    if not isinstance(value, Mapping):
+        return None
+    headers = {
+        name: value[name]
+        for name in TRACE_HEADERS
+        if isinstance(value.get(name), str) and len(value[name]) <= MAX_TRACE_HEADER_CHARS
+    }
+    return headers if "traceparent" in headers else None
+
+
 def serialize(data: Any) -> bytes:
     """Encode a job or result for Redis; large payloads are gzip-compressed."""
+    trace = _sending_trace.get()
+    if trace is not None and isinstance(data, dict):
+        data = {**data, TRACE_FIELD: trace}
     raw = json.dumps(data, default=_encode_value, separators=(",", ":"), ensure_ascii=False)
     encoded = raw.encode()
     if len(encoded) > MAX_PAYLOAD_BYTES:
@@ -125,6 +176,9 @@ def deserialize(payload: bytes) -> Any:
     if payload[:1] != b"{":
         raise PayloadRefused(f"not a JSON job payload ({_describe(payload)}); refusing it")
     try:
-        return json.loads(payload, object_hook=_decode_object)
+        data = json.loads(payload, object_hook=_decode_object)
     except (UnicodeDecodeError, ValueError) as exc:
         raise PayloadRefused(f"not a valid JSON job payload ({exc}); refusing it") from None
+    trace = data.pop(TRACE_FIELD, None) if isinstance(data, dict) else None
+    _received_trace.set(_trace_headers(trace))
+    return data

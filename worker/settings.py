@@ -63,6 +63,12 @@ class Settings(BaseSettings):
     import_batch_rows: int = Field(default=5000, gt=0)
     import_max_stored_errors: int = Field(default=1000, ge=0)
 
+    # The web console (worker/web): no default password, `python -m worker console` refuses
+    # to start without one. METRICS_TOKEN lets a Prometheus scraper in without the password.
+    console_user: str = Field(default="admin", min_length=1)
+    console_password: SecretStr | None = None
+    metrics_token: SecretStr | None = None
+
     @field_validator("database_url")
     @classmethod
     def _database_url_is_async_postgres(cls, value: str) -> str:
@@ -83,7 +89,7 @@ class Settings(BaseSettings):
         # Accept the plain scheme users copy from elsewhere, but always talk asyncpg.
         return url.set(drivername="postgresql+asyncpg").render_as_string(hide_password=False)
 
-    @field_validator("email_api_key", "marketing_api_key")
+    @field_validator("email_api_key", "marketing_api_key", "console_password", "metrics_token")
     @classmethod
     def _empty_secret_is_unset(cls, value: SecretStr | None) -> SecretStr | None:
         # `EMAIL_API_KEY=` (an .env line left empty) must read as missing, so a provider that

@@ -1,7 +1,14 @@
-"""Counters and recent failures our job wrapper keeps in Redis, for `python -m worker status`.
+"""Counters and recent failures our job wrapper keeps in Redis, for `python -m worker status`
+and the console's `/metrics` (worker/metrics.py): kept in Redis, so every worker process adds
+into the same numbers and one scrape covers the cluster.
 
 - `c360:stats:<queue>`: hash of `completed`, `failed`, `retried` (Retry or requeued after a
   shutdown cancel) and `died` (tries whose worker died, seen at the next try);
+- `c360:metrics:<queue>`: the same outcomes per job function, and per function two histograms
+  of the tries that ended through our code: how long the try ran, and how long the job waited
+  from its due time (arq's score: the enqueue time, or the deferred/retry time) to the try's
+  start. A histogram is one counter per bucket (`BUCKET_BOUNDS_S`) plus a sum; the field
+  layout is private to this module (`record` writes it, `job_metrics` reads it);
 - `c360:failures`: the last `MAX_FAILURES` failures, newest first, as JSON;
 - `c360:unfinished:<job id>`: tries of one job that started and did not end through our code,
   i.e. whose worker died. It tells a poison pill ("the worker died N times") from a job that
@@ -14,10 +21,13 @@ time bound so that a stalled Redis does not hold the job either.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import json
 import logging
+import math
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
 from redis.asyncio import Redis
@@ -30,13 +40,46 @@ UNFINISHED_KEY_PREFIX = "c360:unfinished:"
 MAX_FAILURES = 100
 # Same lifetime as arq's own retry counter (arq.worker: `expire(retry_key, 88400)`).
 UNFINISHED_TTL_S = 88_400
+METRICS_KEY_PREFIX = "c360:metrics:"
 BOOKKEEPING_TIMEOUT_S = 2.0
 
 Outcome = Literal["completed", "failed", "retried"]
+OUTCOMES = ("completed", "failed", "retried", "died")
+# Upper bounds (seconds) of every duration and queue-wait bucket, +Inf implied: an email send
+# takes milliseconds, an import up to JOB_TIMEOUT_S (30 min), a backlog may wait an hour.
+# Safe to change: `job_metrics` folds buckets stored under other bounds into these.
+BUCKET_BOUNDS_S = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+    10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
+)  # fmt: skip
+Histogram = Literal["duration", "wait"]
+# Field separator in the metrics hash: job names are Python identifiers, so never contain it.
+_SEP = "|"
 
 
 def stats_key(queue: str) -> str:
     return STATS_KEY_PREFIX + queue
+
+
+def metrics_key(queue: str) -> str:
+    return METRICS_KEY_PREFIX + queue
+
+
+def _bucket_label(seconds: float) -> str:
+    """The `le` of the smallest bucket holding `seconds`, as stored (`repr` of the bound)."""
+    index = bisect.bisect_left(BUCKET_BOUNDS_S, seconds)
+    return repr(BUCKET_BOUNDS_S[index]) if index < len(BUCKET_BOUNDS_S) else "+Inf"
+
+
+def _observe(pipe: Any, key: str, job: str, histogram: Histogram, seconds: float) -> None:
+    seconds = max(seconds, 0.0)
+    pipe.hincrby(key, _SEP.join((job, histogram, _bucket_label(seconds))), 1)
+    pipe.hincrbyfloat(key, _SEP.join((job, histogram + "_sum")), seconds)
+
+
+def queue_wait_s(due_ms: int | None, started_s: float) -> float | None:
+    """Seconds from a job's due time (arq's score, in ms) to `started_s` (Unix time)."""
+    return None if due_ms is None else max(started_s - due_ms / 1000, 0.0)
 
 
 async def record(
@@ -48,12 +91,20 @@ async def record(
     job: str = "-",
     job_try: int = 1,
     error: str | None = None,
+    duration_s: float | None = None,
+    queue_wait_s: float | None = None,
 ) -> None:
+    """Count a try's outcome and observe its duration and queue wait: one round trip."""
     if redis is None:
         return
     try:
         async with asyncio.timeout(BOOKKEEPING_TIMEOUT_S), redis.pipeline() as pipe:
             pipe.hincrby(stats_key(queue), outcome, 1)
+            pipe.hincrby(metrics_key(queue), _SEP.join((job, outcome)), 1)
+            if duration_s is not None:
+                _observe(pipe, metrics_key(queue), job, "duration", duration_s)
+            if queue_wait_s is not None:
+                _observe(pipe, metrics_key(queue), job, "wait", queue_wait_s)
             if outcome == "failed":
                 failure = {
                     "at_s": round(time.time(), 3),
@@ -70,10 +121,11 @@ async def record(
         log.warning("could not record job stats: %s", exc)
 
 
-async def try_started(redis: Redis | None, queue: str, job_id: str) -> int:
+async def try_started(redis: Redis | None, queue: str, job_id: str, job: str = "-") -> int:
     """Count this try as unfinished; return how many earlier tries never finished (deaths).
 
-    Each death is added to the queue's `died` counter once, at the first try that sees it.
+    Each death is added to the queue's and the job function's `died` counters once, at the
+    first try that sees it.
     """
     if redis is None:
         return 0
@@ -91,6 +143,7 @@ async def try_started(redis: Redis | None, queue: str, job_id: str) -> int:
                 async with redis.pipeline() as pipe:
                     pipe.hset(key, "reported", str(deaths))
                     pipe.hincrby(stats_key(queue), "died", new_deaths)
+                    pipe.hincrby(metrics_key(queue), _SEP.join((job, "died")), new_deaths)
                     await pipe.execute()
     except Exception as exc:
         log.warning("could not count the try of %s: %s", job_id, exc)
@@ -117,4 +170,56 @@ async def try_ended(redis: Redis | None, job_id: str, *, final: bool) -> None:
 def summary(raw: dict[Any, Any]) -> dict[str, int]:
     """A stats hash as `{completed, failed, retried, died}` with zeros filled in."""
     decoded = {(k.decode() if isinstance(k, bytes) else str(k)): int(v) for k, v in raw.items()}
-    return {name: decoded.get(name, 0) for name in ("completed", "failed", "retried", "died")}
+    return {name: decoded.get(name, 0) for name in OUTCOMES}
+
+
+@dataclass
+class HistogramCounts:
+    """One histogram as Prometheus wants it: cumulative counts per `le`, +Inf last, and a sum."""
+
+    buckets: list[int] = field(default_factory=lambda: [0] * (len(BUCKET_BOUNDS_S) + 1))
+    sum_s: float = 0.0
+
+    @property
+    def count(self) -> int:
+        return self.buckets[-1]
+
+    def labelled(self) -> list[tuple[str, int]]:
+        bounds = [repr(bound) for bound in BUCKET_BOUNDS_S] + ["+Inf"]
+        return list(zip(bounds, self.buckets, strict=True))
+
+
+@dataclass
+class FunctionMetrics:
+    outcomes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(OUTCOMES, 0))
+    duration: HistogramCounts = field(default_factory=HistogramCounts)
+    wait: HistogramCounts = field(default_factory=HistogramCounts)
+
+
+def job_metrics(raw: Mapping[Any, Any]) -> dict[str, FunctionMetrics]:
+    """A queue's metrics hash (HGETALL) as per-function outcomes and cumulative histograms."""
+    functions: dict[str, FunctionMetrics] = {}
+    per_bucket: dict[tuple[str, str], list[int]] = {}
+    for raw_name, raw_value in raw.items():
+        name = raw_name.decode() if isinstance(raw_name, bytes) else str(raw_name)
+        value = raw_value.decode() if isinstance(raw_value, bytes) else str(raw_value)
+        job, _, rest = name.partition(_SEP)
+        metrics = functions.setdefault(job, FunctionMetrics())
+        histogram, _, le = rest.partition(_SEP)
+        if rest in OUTCOMES:
+            metrics.outcomes[rest] = int(value)
+        elif rest in ("duration_sum", "wait_sum"):
+            getattr(metrics, rest.removesuffix("_sum")).sum_s = float(value)
+        elif histogram in ("duration", "wait") and le:
+            counts = per_bucket.setdefault((job, histogram), [0] * (len(BUCKET_BOUNDS_S) + 1))
+            # A bound no longer listed goes to the next listed one above it, which still
+            # holds every value it held: cumulative counts stay right after a change.
+            bound = math.inf if le == "+Inf" else float(le)
+            counts[bisect.bisect_left(BUCKET_BOUNDS_S, bound)] += int(value)
+    for (job, histogram), counts in per_bucket.items():
+        cumulative = getattr(functions[job], histogram).buckets
+        running = 0
+        for index, count in enumerate(counts):
+            running += count
+            cumulative[index] = running
+    return functions

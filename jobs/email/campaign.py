@@ -28,6 +28,7 @@ from jobs.email.outbox import AfterSettled, Outcome, deliver, fail_message
 from worker.context import Ctx
 from worker.errors import PermanentError
 from worker.job import job
+from worker.retry import max_tries
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +145,7 @@ async def send_waitlist_campaign_hourly(ctx: Ctx) -> dict[str, Any]:
     every step not sent stays due, unskipped and with no attempt counted, for a later tick.
     """
     now = datetime.now(UTC)
-    max_attempts = ctx["settings"].max_retries + 1
+    max_attempts = max_tries(ctx["settings"].max_retries)
     counts: Counter[str] = Counter()
     cursor: tuple[datetime, uuid.UUID] | None = None
     pages = 0

@@ -5,7 +5,7 @@ A caller's `idempotency_key` lives in its own namespace, `caller/<key>`, so no c
 platform email (`welcome/`, `waitlist/`, `trial-reminder/`, `trial-expired/`, `job/`): a
 `send_email` keyed `trial-expired/<user_id>` is the row `caller/trial-expired/<user_id>` and
 can neither settle nor fail the real notice. The arq job id stays the caller's own key
-(`email:<key>`), so arq still refuses a duplicate enqueue while the job exists.
+(`email:<key>`, worker/routes.py), so arq still refuses a duplicate enqueue while the job exists.
 
 The client writes these emails to the outbox (`pending`) before it enqueues them, and
 `send_job` turns such a row back into the job that sends it, so the reconciler can re-enqueue
@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from jobs.email.outbox import Draft
+from worker.routes import SEND_EMAIL, SEND_WELCOME_EMAIL, Route, caller_email_job_id, welcome_job_id
 
 CALLER_PREFIX = "caller/"
 JOB_PREFIX = "job/"
@@ -41,27 +42,23 @@ def welcome_key(user_id: uuid.UUID | str) -> str:
     return f"{WELCOME_PREFIX}{uuid.UUID(str(user_id))}"
 
 
-def waitlist_kickoff_job_id(entry_id: uuid.UUID | str) -> str:
-    return f"waitlist:{entry_id}"
-
-
 @dataclass(frozen=True, slots=True)
 class SendJob:
     """How the client enqueues the email of one outbox row (CONTRACT §5 names and arguments)."""
 
-    function: str
+    route: Route
     arq_job_id: str
     kwargs: dict[str, Any]
 
 
-def job_of_key(key: str) -> tuple[str, str] | None:
-    """`(function, arq job id)` of the job that sends outbox row `key`; None for cron keys."""
+def job_of_key(key: str) -> tuple[Route, str] | None:
+    """`(route, arq job id)` of the job that sends outbox row `key`; None for cron keys."""
     if key.startswith(CALLER_PREFIX):
-        return "send_email", f"email:{key.removeprefix(CALLER_PREFIX)}"
+        return SEND_EMAIL, caller_email_job_id(key.removeprefix(CALLER_PREFIX))
     if key.startswith(JOB_PREFIX):
-        return "send_email", key.removeprefix(JOB_PREFIX)
+        return SEND_EMAIL, key.removeprefix(JOB_PREFIX)
     if key.startswith(WELCOME_PREFIX):
-        return "send_welcome_email", f"welcome:{key.removeprefix(WELCOME_PREFIX)}"
+        return SEND_WELCOME_EMAIL, welcome_job_id(key.removeprefix(WELCOME_PREFIX))
     return None
 
 
@@ -70,9 +67,9 @@ def send_job(draft: Draft) -> SendJob | None:
     target = job_of_key(draft.key)
     if target is None:
         return None
-    function, arq_job_id = target
-    if function == "send_welcome_email":
-        return SendJob(function, arq_job_id, {"user_id": draft.key.removeprefix(WELCOME_PREFIX)})
+    route, arq_job_id = target
+    if route is SEND_WELCOME_EMAIL:
+        return SendJob(route, arq_job_id, {"user_id": draft.key.removeprefix(WELCOME_PREFIX)})
     caller = draft.key.removeprefix(CALLER_PREFIX) if draft.key.startswith(CALLER_PREFIX) else None
     kwargs = {"to": draft.to, "subject": draft.subject, "html": draft.html, "text": draft.text}
-    return SendJob(function, arq_job_id, kwargs | {"idempotency_key": caller})
+    return SendJob(route, arq_job_id, kwargs | {"idempotency_key": caller})

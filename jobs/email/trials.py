@@ -22,6 +22,7 @@ from jobs.email.fanout import halted, send_page
 from jobs.email.outbox import SETTLED, Outcome, deliver
 from worker.context import Ctx
 from worker.job import job
+from worker.retry import max_tries
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ async def check_trial_expirations(ctx: Ctx) -> dict[str, Any]:
     refuses the account the tick stops, and no plan expires without its notice.
     """
     now = datetime.now(UTC)
-    max_attempts = ctx["settings"].max_retries + 1
+    max_attempts = max_tries(ctx["settings"].max_retries)
 
     async def remind(user: Row[Any]) -> Outcome:
         # Whole days left, as people count them: 2 days 5 hours is "2 days", 5 hours is "1 day".

@@ -25,13 +25,14 @@ import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any, cast
+from typing import Any
 
 import asyncpg
 from sqlalchemy import select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from db.models import Export
+from db.session import driver_connection
 from jobs.exports.errors import file_errors
 from jobs.exports.progress import ProgressSink
 from jobs.exports.query import ExportKind, export_query
@@ -42,8 +43,10 @@ from worker.storage import export_key
 
 log = logging.getLogger(__name__)
 
-# hashtextextended: a 64-bit key from a namespaced string, so other jobs that lock their own
-# ids ("import:<uuid>") never collide with exports.
+# hashtextextended: a 64-bit key from the export id, prefixed so that another job hashing its own
+# id the same way gets other keys. Imports do not hash: their key is the import id's first 8
+# bytes (`jobs.imports.checkpoint.lock_key`). Both keys come from random ids no caller chooses,
+# so an export and an import colliding is negligible.
 _TRY_LOCK = text("SELECT pg_try_advisory_xact_lock(hashtextextended('export:' || :id, 0))")
 
 
@@ -203,8 +206,7 @@ async def export_lock(engine: AsyncEngine, eid: uuid.UUID) -> AsyncIterator[asyn
         try:
             if not await conn.scalar(_TRY_LOCK, {"id": str(eid)}):
                 raise ExportBusy(f"export {eid} is being written by another worker; will retry")
-            raw = await conn.get_raw_connection()
-            yield cast(asyncpg.Connection, raw.driver_connection)
+            yield await driver_connection(conn)
         except BaseException:
             # Keep the error that stopped the export: after a lost connection the rollback
             # fails too ("the underlying connection is closed") and would hide the cause.

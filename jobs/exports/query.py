@@ -23,6 +23,7 @@ from __future__ import annotations
 from typing import Literal
 
 from jobs.exports.csv_format import COMPANY_COLUMNS, CONTACT_COLUMNS, tags_sql, timestamp_sql
+from jobs.imports.columns import TEXT_COLUMNS
 
 ExportKind = Literal["contacts", "companies"]
 
@@ -35,17 +36,13 @@ def _safe(column_sql: str) -> str:
 
 def contacts_query(*, has_selection: bool) -> str:
     """Contacts of user `$1` (only the ids selected for export `$2` when `has_selection`)."""
+    # The imported columns (`jobs.imports.columns`) as stored, but the company by its name.
+    text_cells = {name: _safe(f"c.{name}") for name in TEXT_COLUMNS}
     cells = {
         "id": "c.id::text",
         "email": _safe("c.email"),
-        "first_name": _safe("c.first_name"),
-        "last_name": _safe("c.last_name"),
-        "phone": _safe("c.phone"),
+        **text_cells,
         "company": _safe("co.name"),
-        "job_title": _safe("c.job_title"),
-        "city": _safe("c.city"),
-        "country": _safe("c.country"),
-        "linkedin_url": _safe("c.linkedin_url"),
         # Neutralised after joining: a first tag `=cmd` must not start the cell as a formula.
         # nullif: no tags (`{}`) is an empty cell like NULL, not a quoted `""`.
         "tags": _safe(f"nullif({tags_sql('c.tags')}, '')"),

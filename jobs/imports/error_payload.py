@@ -1,10 +1,10 @@
 """A row error's `payload` as JSON text, bounded whatever the row (CONTRACT §8 row errors).
 
-A record may be up to 16 MiB (`reader.MAX_RECORD_CHARS`): 200,000 delimiters made a payload of
-200,000 keys and 4 MB of JSON. So the payload keeps at most the header's width of fields, each
-value clipped to `MAX_PAYLOAD_VALUE_CHARS`, and stops adding fields at `MAX_PAYLOAD_BYTES`; one
-last entry says how many fields were left out. The JSON is built here, on the import's parsing
-thread (the validator runs there), so the event loop only sends the text.
+A record may be up to 16 MiB (`record_parser.MAX_RECORD_CHARS`): 200,000 delimiters made a
+payload of 200,000 keys and 4 MB of JSON. So the payload keeps at most the header's width of
+fields, each value clipped to `MAX_PAYLOAD_VALUE_CHARS`, and stops adding fields at
+`MAX_PAYLOAD_BYTES`; one last entry says how many fields were left out. The JSON is built here,
+on the import's parsing thread (the validator runs there), so the event loop only sends the text.
 """
 
 from __future__ import annotations

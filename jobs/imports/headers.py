@@ -1,4 +1,4 @@
-"""Map a CSV header onto the canonical contact columns (CONTRACT §8 aliases).
+"""Map a CSV header onto the canonical contact columns (CONTRACT §8 aliases, in `columns`).
 
 Names match case-insensitively, ignoring white space, `-` and `_`, so "E-mail", "e_mail" and
 "EMAIL" are one column. The first column that maps to a canonical name wins; a later one
@@ -11,53 +11,10 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from jobs.imports.columns import COLUMNS
 from jobs.imports.sniff import FileFormatError
 
-CANONICAL_COLUMNS = (
-    "email",
-    "first_name",
-    "last_name",
-    "phone",
-    "company",
-    "job_title",
-    "city",
-    "country",
-    "linkedin_url",
-    "tags",
-)
-
-_ALIASES: dict[str, tuple[str, ...]] = {
-    "email": ("email", "emailaddress", "mail", "emailaddr", "primaryemail"),
-    "first_name": ("firstname", "givenname", "forename", "first"),
-    "last_name": ("lastname", "surname", "familyname", "last"),
-    "phone": (
-        "phone",
-        "phonenumber",
-        "mobile",
-        "mobilephone",
-        "mobilenumber",
-        "cellphone",
-        "telephone",
-        "tel",
-    ),
-    "company": (
-        "company",
-        "companyname",
-        "organization",
-        "organisation",
-        "organizationname",
-        "organisationname",
-        "employer",
-    ),
-    "job_title": ("title", "jobtitle", "position"),
-    "city": ("city", "town"),
-    "country": ("country", "countryname", "country/region"),
-    "linkedin_url": ("linkedin", "linkedinurl", "linkedinprofile", "linkedinprofileurl"),
-    "tags": ("tags", "tag", "labels"),
-}
-ALIASES: dict[str, str] = {
-    alias: canonical for canonical, aliases in _ALIASES.items() for alias in aliases
-}
+ALIASES: dict[str, str] = {alias: column.name for column in COLUMNS for alias in column.aliases}
 
 _IGNORED_IN_NAMES = re.compile(r"[\s\-_\ufeff]+")
 _MAX_LISTED_HEADERS = 30

@@ -18,9 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jobs.imports.headers import HeaderMap, list_names, map_header
-from jobs.imports.merge import PreparedBatch, prepare
-from jobs.imports.progress import (
+from jobs.imports.checkpoint import (
     FINAL_STATUSES,
     ImportRow,
     ImportRunningElsewhere,
@@ -31,15 +29,20 @@ from jobs.imports.progress import (
     record_failure,
     update,
 )
-from jobs.imports.reader import CsvReader, NumberedRow
+from jobs.imports.headers import HeaderMap, list_names, map_header
+from jobs.imports.merge import PreparedBatch, prepare
+from jobs.imports.reader import CsvReader
+from jobs.imports.record_parser import NumberedRow
 from jobs.imports.sources import LocalFile, PinnedSource, S3Object
 from jobs.imports.validate import ContactRow, RowError, Validator
 from worker.context import Ctx
 from worker.errors import PermanentError
 from worker.import_source import resolve_import_source, user_import_dir
 from worker.job import job
-from worker.job_ids import (
+from worker.routes import (
     CONTINUATION_POINTER_TTL_S,
+    PROCESS_CONTACTS_IMPORT,
+    enqueue,
     import_continuation_job_id,
     import_continuation_pointer,
 )
@@ -52,7 +55,6 @@ VALIDATE_SLICE_ROWS = 1000  # the validator's own cache-friendly slice
 # Parsing holds the GIL for a whole step (one C call): smaller steps let the loop thread
 # answer database replies sooner. 64 KiB is ~500 rows, ~5 ms.
 PARSE_STEP_BYTES = 64 << 10
-JOB_NAME = "process_contacts_import"
 
 
 AfterBatch = Callable[[ImportRow], Awaitable[None]]
@@ -149,9 +151,7 @@ async def _run_locked(
     # After the lock is released, so the continuation does not find it taken. A crash before
     # this line leaves this arq job unfinished: arq runs it again and it resumes the same way.
     continuation_id = import_continuation_job_id(import_id, last.processed_rows)
-    await ctx["redis"].enqueue_job(
-        JOB_NAME, job_id=str(import_id), _job_id=continuation_id, _queue_name=ctx["queue_name"]
-    )
+    await enqueue(ctx["redis"], PROCESS_CONTACTS_IMPORT, continuation_id, job_id=str(import_id))
     # The reconciler looks for the import under this id too, not just `import:<id>`.
     await ctx["redis"].set(
         import_continuation_pointer(import_id), continuation_id, ex=CONTINUATION_POINTER_TTL_S

@@ -29,13 +29,18 @@ import uuid
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
+import asyncpg
+
+from jobs.imports.columns import CANONICAL_COLUMNS, COLUMNS, ContactColumn
 from jobs.imports.staging_copy import copy_text
 from jobs.imports.validate import ContactRow, RowError
 
 STAGING_TABLE = "import_staging"
-STAGING_COLUMNS = ContactRow._fields
+STAGING_COLUMNS = ("row_number", *CANONICAL_COLUMNS)  # `ContactRow`'s fields, the COPY order
+_STAGING_DEFINITION = ", ".join(
+    ["row_number integer", *(f"{column.name} {column.staging_type}" for column in COLUMNS)]
+)
 
 # Commits do not wait for the WAL flush (see the module docstring). ON COMMIT DELETE ROWS:
 # the table outlives the batch (no catalog churn per batch) but never
@@ -43,8 +48,7 @@ STAGING_COLUMNS = ContactRow._fields
 CREATE_STAGING = f"""
 SET LOCAL synchronous_commit = off;
 CREATE TEMPORARY TABLE IF NOT EXISTS {STAGING_TABLE} (
-    row_number integer, email text, first_name text, last_name text, phone text,
-    company text, job_title text, city text, country text, linkedin_url text, tags text[]
+    {_STAGING_DEFINITION}
 ) ON COMMIT DELETE ROWS
 """
 
@@ -60,17 +64,17 @@ ORDER BY ord
 ON CONFLICT (user_id, lower(name)) DO NOTHING
 """
 
-VALUE_COLUMNS = (
-    "first_name",
-    "last_name",
-    "phone",
-    "company_id",
-    "job_title",
-    "city",
-    "country",
-    "linkedin_url",
-    "tags",
-)
+
+def _staged_value(column: ContactColumn) -> str:
+    # The company arrives by name; it is stored as the id the join on companies finds.
+    return "co.id" if column.name == "company" else f"s.{column.name}"
+
+
+# What the merge writes into `contacts`, all in `columns.COLUMNS` order: the columns, the
+# staged values, and the columns an update may change (all but the email, the conflict key).
+_INSERT_COLUMNS = ", ".join(column.contacts_column for column in COLUMNS)
+_INSERT_VALUES = ", ".join(map(_staged_value, COLUMNS))
+VALUE_COLUMNS = tuple(column.contacts_column for column in COLUMNS if column.name != "email")
 SET_CLAUSE = ",\n    ".join(f"{col} = COALESCE(EXCLUDED.{col}, c.{col})" for col in VALUE_COLUMNS)
 CHANGED_CLAUSE = " OR ".join(
     f"(EXCLUDED.{col} IS NOT NULL AND EXCLUDED.{col} IS DISTINCT FROM c.{col})"
@@ -81,10 +85,8 @@ CHANGED_CLAUSE = " OR ".join(
 # data-modifying CTE, which PostgreSQL runs whether or not the query reads it.
 MERGE_CONTACTS = f"""
 WITH merged AS (
-    INSERT INTO contacts AS c (user_id, email, first_name, last_name, phone, company_id,
-                               job_title, city, country, linkedin_url, tags)
-    SELECT $1, s.email, s.first_name, s.last_name, s.phone, co.id,
-           s.job_title, s.city, s.country, s.linkedin_url, s.tags
+    INSERT INTO contacts AS c (user_id, {_INSERT_COLUMNS})
+    SELECT $1, {_INSERT_VALUES}
     FROM {STAGING_TABLE} AS s
     LEFT JOIN companies AS co ON co.user_id = $1 AND lower(co.name) = lower(s.company)
     ON CONFLICT (user_id, lower(email)) DO UPDATE SET
@@ -131,7 +133,9 @@ def part_of(email: str) -> int:
     return zlib.crc32(email.encode()) % PARTS
 
 
-async def upsert_companies(connection: Any, user_id: uuid.UUID, names: list[str]) -> None:
+async def upsert_companies(
+    connection: asyncpg.Connection, user_id: uuid.UUID, names: list[str]
+) -> None:
     """The batch's companies, before its parts (in file order: the first spelling wins)."""
     if names:
         await connection.execute(UPSERT_COMPANIES, user_id, names)
@@ -199,7 +203,7 @@ def _overlay(before: ContactRow, after: ContactRow) -> ContactRow:
 
 
 async def merge_part(
-    connection: Any,
+    connection: asyncpg.Connection,
     user_id: uuid.UUID,
     import_id: uuid.UUID,
     part: PreparedPart,
@@ -210,10 +214,11 @@ async def merge_part(
     # Both statements in one round trip (simple query protocol, no parameters).
     await connection.execute(CREATE_STAGING)
     if part.staging_rows:
-        # A memoryview, not bytes: asyncpg would take bytes for a file name.
+        # A memoryview, not bytes: asyncpg would take bytes for a file name. asyncpg documents
+        # buffer-protocol sources (`copy_to_table`); asyncpg-stubs' source type leaves them out.
         await connection.copy_to_table(
             STAGING_TABLE,
-            source=memoryview(part.staging_copy),
+            source=memoryview(part.staging_copy),  # type: ignore[arg-type]
             columns=STAGING_COLUMNS,
             format="text",
         )

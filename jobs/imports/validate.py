@@ -15,23 +15,12 @@ from itertools import chain, compress, count, repeat
 from operator import itemgetter, not_
 from typing import NamedTuple
 
+from jobs.imports.columns import CANONICAL_COLUMNS, COLUMNS, MAX_FIELD_CHARS, TEXT_COLUMNS
 from jobs.imports.error_payload import payload_json
-from jobs.imports.headers import CANONICAL_COLUMNS, HeaderMap
-from jobs.imports.reader import NumberedRow
+from jobs.imports.headers import HeaderMap
+from jobs.imports.record_parser import NumberedRow
 
-MAX_FIELD_CHARS = 64 * 1024  # any field, any column (also ignored ones)
-MAX_CHARS: dict[str, int] = {
-    "email": 254,  # RFC 5321 path limit (256) minus the angle brackets
-    "first_name": 255,
-    "last_name": 255,
-    "phone": 64,
-    "company": 255,
-    "job_title": 255,
-    "city": 255,
-    "country": 255,
-    "linkedin_url": 2048,
-    "tags": MAX_FIELD_CHARS,  # bounded per tag and by count instead
-}
+MAX_CHARS: dict[str, int] = {column.name: column.max_chars for column in COLUMNS}
 MAX_LOCAL_PART_CHARS = 64  # RFC 5321 4.5.3.1.1
 MAX_TAG_CHARS = 64
 MAX_TAGS = 50
@@ -60,7 +49,8 @@ LINKEDIN_URL_PROBLEM = "linkedin_url: not an http(s) URL"
 
 
 class ContactRow(NamedTuple):
-    """A valid row, in the column order of the staging table's COPY."""
+    """A valid row: `row_number`, then `columns.COLUMNS` by name and in order (the staging
+    table's COPY order); tests/imports/test_columns.py keeps the two lists equal."""
 
     row_number: int
     email: str  # trimmed, lower-cased
@@ -200,7 +190,7 @@ class Validator:
             urls = stripped["linkedin_url"]
             bad.update(compress(count(), map(not_, map(_is_http_url_or_empty, urls))))
         output: list[Iterable[object]] = [numbers, map(str.lower, emails)]
-        for name in CANONICAL_COLUMNS[1:-1]:
+        for name in TEXT_COLUMNS:
             values = stripped.get(name)
             output.append(repeat(None) if values is None else [v or None for v in values])
         if "tags" in stripped:
@@ -241,25 +231,26 @@ class Validator:
                 problems.add(f"{self._field_name(index)}: contains a NUL byte")
             if len(value) > MAX_FIELD_CHARS and index not in self._mapped:
                 problems.add(f"{self._field_name(index)}: longer than {MAX_FIELD_CHARS} characters")
-        values: list[str | None] = []
+        values: dict[str, str | None] = {}
         for name in CANONICAL_COLUMNS:
             index = self.header_map.indexes.get(name, len(fields))  # absent or past the row's end
-            values.append(fields[index].strip() or None if index < len(fields) else None)
-        if problem := email_problem(values[0]):
+            values[name] = fields[index].strip() or None if index < len(fields) else None
+        email = values["email"]
+        if problem := email_problem(email):
             problems.add(problem)
-        for name, cleaned in zip(CANONICAL_COLUMNS, values, strict=True):
+        for name, cleaned in values.items():
             if cleaned is not None and len(cleaned) > MAX_CHARS[name] and name != "email":
                 problems.add(f"{name}: longer than {MAX_CHARS[name]} characters")
-        if not _is_http_url_or_empty(values[8] or ""):
+        if not _is_http_url_or_empty(values["linkedin_url"] or ""):
             problems.add(LINKEDIN_URL_PROBLEM)
-        tags, problem = split_tags(values[9])
+        tags, problem = split_tags(values["tags"])
         if problem:
             problems.add(problem)
-        email = values[0]
         if problems.count or email is None:
             payload = payload_json(self.header_map.payload_keys, fields)
             return RowError(number, problems.message(), payload)
-        return _contact(number, email, values, tags)
+        texts = (values[name] for name in TEXT_COLUMNS)
+        return ContactRow._make((number, email.lower(), *texts, tags))
 
     def _field_name(self, index: int) -> str:
         """The name a field's problems are reported under; past the header, "column N"."""
@@ -286,22 +277,3 @@ class _Problems:
 
 _row_number = itemgetter(0)
 _fields = itemgetter(1)
-
-
-def _contact(
-    number: int, email: str, values: list[str | None], tags: list[str] | None
-) -> ContactRow:
-    _, first_name, last_name, phone, company, job_title, city, country, linkedin_url, _ = values
-    return ContactRow(
-        number,
-        email.lower(),
-        first_name,
-        last_name,
-        phone,
-        company,
-        job_title,
-        city,
-        country,
-        linkedin_url,
-        tags,
-    )

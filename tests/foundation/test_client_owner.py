@@ -19,7 +19,7 @@ from tests.support.users import new_user
 from worker.client import JobsClient
 from worker.context import Ctx
 from worker.job import job
-from worker.job_ids import (
+from worker.routes import (
     export_job_id,
     import_continuation_job_id,
     import_job_id,
@@ -180,7 +180,7 @@ async def test_job_result_answers_only_the_jobs_of_the_users_own_rows(
     a, b = users
     mine, theirs = await _import_of(sessions, a), await _import_of(sessions, b)
     their_export = await _export_of(sessions, b)
-    # Results a worker stored under the deterministic ids (worker/job_ids.py).
+    # Results a worker stored under the deterministic ids (worker/routes.py).
     stored = {
         import_job_id(mine): "mine",
         import_continuation_job_id(mine, 7): "mine, continued",

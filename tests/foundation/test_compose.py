@@ -16,7 +16,7 @@ import pytest
 import yaml
 from sqlalchemy.engine import make_url
 
-from worker.main import QUEUES
+from worker.routes import QUEUES
 from worker.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,6 +28,7 @@ REQUIRED = {
     "S3_ACCESS_KEY": "minio-root-Hk4",
     "S3_SECRET_KEY": "minio-secret-Wd93",
     "EMAIL_PROVIDER": "resend",
+    "CONSOLE_PASSWORD": "console-Pw73",
 }
 SECRETS = {
     "POSTGRES_PASSWORD",
@@ -36,6 +37,8 @@ SECRETS = {
     "S3_SECRET_KEY",
     "EMAIL_API_KEY",
     "MARKETING_API_KEY",
+    "CONSOLE_PASSWORD",
+    "METRICS_TOKEN",
 }
 # Values that were once defaults in this file and must never come back.
 OLD_DEFAULTS = ("contact360-secret", "POSTGRES_PASSWORD:-", "S3_ACCESS_KEY:-", "S3_SECRET_KEY:-")
@@ -70,7 +73,7 @@ def compose(text: str) -> dict[str, Any]:
 def test_the_expected_services_exist(compose: dict[str, Any]) -> None:
     services = compose["services"]
     workers = {f"worker-{queue}" for queue in QUEUES}
-    assert {"postgres", "redis", "s3", "s3-bucket", "migrate"} | workers == set(services)
+    assert {"postgres", "redis", "s3", "s3-bucket", "migrate", "console"} | workers == set(services)
     assert "--appendonly yes" in " ".join(services["redis"]["command"])
     for name in ("postgres", "redis", "s3"):
         assert services[name]["healthcheck"]["test"], name
@@ -105,7 +108,7 @@ def test_no_port_is_published_beyond_loopback(compose: dict[str, Any]) -> None:
                 assert str(port).startswith("127.0.0.1:"), (name, port)
             published[name] = port
     # Only what make run and local tools use; MinIO (every tenant's exports) publishes nothing.
-    assert set(published) <= {"postgres", "redis"}, published
+    assert set(published) <= {"postgres", "redis", "console"}, published
 
 
 def test_every_secret_is_required_and_none_has_a_default(
@@ -124,6 +127,24 @@ def test_every_secret_is_required_and_none_has_a_default(
     # Optional keys are passed through from the environment only when set: no value here.
     env = compose["x-worker"]["environment"]
     assert env["EMAIL_API_KEY"] is None and env["MARKETING_API_KEY"] is None
+
+
+def test_the_console_requires_its_password_and_is_valid_settings(
+    compose: dict[str, Any],
+) -> None:
+    service = compose["services"]["console"]
+    assert service["command"][:4] == ["python", "-m", "worker", "console"]
+    assert service["ports"] == ["127.0.0.1:8000:8000"]
+    raw = service["environment"]
+    assert raw["CONSOLE_PASSWORD"].startswith("${CONSOLE_PASSWORD:?")
+    assert raw["METRICS_TOKEN"] is None  # optional: passed through only when set
+    env = {k: substitute(str(v), REQUIRED) for k, v in raw.items() if v is not None}
+    setting_names = {name.upper() for name in Settings.model_fields}
+    values = {k.lower(): v for k, v in env.items() if k in setting_names}
+    settings = Settings(**values, email_api_key="re_from_the_environment")
+    assert settings.console_password is not None
+    assert settings.console_password.get_secret_value() == REQUIRED["CONSOLE_PASSWORD"]
+    assert settings.console_user == "admin"
 
 
 def test_redis_requires_the_password_and_its_healthcheck_authenticates(
@@ -180,7 +201,7 @@ def test_a_missing_secret_stops_substitution_with_its_name(
 def test_env_example_names_every_required_variable_and_holds_no_secret() -> None:
     lines = (ROOT / ".env.example").read_text().splitlines()
     values = dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
-    assert set(REQUIRED) | {"EMAIL_API_KEY"} <= set(values)
+    assert set(REQUIRED) | {"EMAIL_API_KEY", "METRICS_TOKEN"} <= set(values)
     for name in SECRETS & set(values):
         assert values[name] == "", name  # the operator fills them in
     assert values["EMAIL_PROVIDER"] == ""

@@ -37,12 +37,12 @@ async def _tables(settings: Settings) -> set[str]:
 async def test_migrate_creates_the_database_then_upgrades_and_downgrades(
     scratch_settings: Settings,
 ) -> None:
-    await upgrade(scratch_settings)  # the database does not exist yet
+    await upgrade(scratch_settings.database)  # the database does not exist yet
     expected = {table.name for table in Base.metadata.sorted_tables}
     assert await _tables(scratch_settings) == expected | {"alembic_version"}
-    await downgrade(scratch_settings, "base")
+    await downgrade(scratch_settings.database, "base")
     assert await _tables(scratch_settings) == {"alembic_version"}
-    await upgrade(scratch_settings)
+    await upgrade(scratch_settings.database)
     assert await _tables(scratch_settings) == expected | {"alembic_version"}
 
 
@@ -55,9 +55,11 @@ async def test_contract_inserts_work_with_defaults(settings: Settings) -> None:
             "INSERT INTO contacts (user_id, email) VALUES ($1, $2)", user_id, "Ann@Example.com"
         )
         user = await connection.fetchrow("SELECT plan, trial_ends_at > now() AS open FROM users")
-        assert (user["plan"], user["open"]) == ("trial", True)
+        assert user is not None and (user["plan"], user["open"]) == ("trial", True)
         contact = await connection.fetchrow("SELECT id, created_at, updated_at FROM contacts")
-        assert contact["id"] is not None and contact["created_at"] is not None
+        assert (
+            contact is not None and contact["id"] is not None and contact["created_at"] is not None
+        )
         with pytest.raises(asyncpg.UniqueViolationError):
             await connection.execute(
                 "INSERT INTO contacts (user_id, email) VALUES ($1, $2)", user_id, "ann@example.COM"

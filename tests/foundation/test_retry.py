@@ -1,4 +1,5 @@
-"""The retry policy: what is transient, the backoff values, and how a real worker applies them."""
+"""The retry policy: what is transient, the backoff values, the decision after a failed try,
+and how a real worker applies them."""
 
 from __future__ import annotations
 
@@ -24,15 +25,22 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from tests.conftest import RunBurst
+from worker import errors
 from worker.context import Ctx
 from worker.errors import PermanentError, RateLimited, TransientError
 from worker.job import job
 from worker.retry import (
     PUBLIC_DATABASE_ERROR,
     PUBLIC_INTERNAL_ERROR,
+    PUBLIC_UNREACHABLE,
+    Fail,
+    RetryIn,
+    arq_max_tries,
     classify,
+    decide,
     retry_after_from_headers,
     retry_delay_s,
+    worker_died,
 )
 from worker.serialization import RemoteJobError
 from worker.settings import Settings
@@ -159,6 +167,72 @@ async def test_sql_error_is_permanent(sessions: async_sessionmaker[AsyncSession]
     failure = classify(caught.value)
     assert type(failure) is PermanentError
     assert "no_such_table" in str(failure)
+
+
+def _decide(exc: BaseException, job_try: int, **options: Any) -> RetryIn | Fail:
+    """`decide` with MAX_RETRIES=3, a 60 s base and the jitter at its low end."""
+    return decide(exc, job_try=job_try, max_retries=3, base_delay_s=60, rng=lambda: 0.0, **options)
+
+
+def test_decide_retries_a_transient_failure_with_the_backoff_of_its_try() -> None:
+    failure = httpx.ConnectError("refused")
+    first = _decide(failure, job_try=1)
+    assert isinstance(first, RetryIn) and (first.defer_s, first.why) == (30.0, "transient failure")
+    assert type(first.error) is TransientError and str(first.error) == "HTTP ConnectError: refused"
+    later = _decide(failure, job_try=3)
+    assert isinstance(later, RetryIn) and later.defer_s == 120.0 and not later.give_try_back
+
+
+def test_decide_waits_at_least_as_long_as_a_rate_limit_asks() -> None:
+    limited = RateLimited("429", retry_after_s=500)
+    assert _decide(limited, job_try=1) == RetryIn(500.0, limited, "transient failure")
+
+
+def test_decide_gives_up_after_the_last_retry_with_plain_words_for_the_row() -> None:
+    failure = _decide(httpx.ConnectError("refused"), job_try=4)
+    assert isinstance(failure, Fail) and type(failure.error) is PermanentError
+    assert str(failure.error) == "gave up after 4 tries; last error: HTTP ConnectError: refused"
+    assert failure.error.public_message == (
+        f"gave up after 4 tries: {PUBLIC_UNREACHABLE}; try again later"
+    )
+    never = decide(TimeoutError(), job_try=1, max_retries=0, base_delay_s=60)
+    assert isinstance(never, Fail) and str(never.error).startswith("gave up after 1 tries")
+
+
+def test_decide_fails_a_permanent_failure_at_once() -> None:
+    own = PermanentError("row 7: email missing")
+    assert _decide(own, job_try=1) == Fail(own)
+    bug = _decide(KeyError("email"), job_try=1)
+    assert isinstance(bug, Fail) and type(bug.error) is PermanentError
+    assert str(bug.error) == "KeyError: 'email'"
+    assert bug.error.public_message == PUBLIC_INTERNAL_ERROR
+
+
+def test_decide_never_retries_a_job_stopped_at_its_hard_limit() -> None:
+    """asyncio.timeout raises TimeoutError, which alone would be transient."""
+    stopped = _decide(TimeoutError(), job_try=1, ran_past_hard_limit_s=0.3)
+    assert isinstance(stopped, Fail) and type(stopped.error) is errors.HardTimeLimitExceeded
+    assert str(stopped.error) == "stopped: ran past the hard time limit of 0.3 s (JOB_TIMEOUT_S)"
+
+
+def test_decide_lets_a_provider_fault_wait_for_the_fix_without_using_a_try() -> None:
+    fault = errors.ProviderFault("resend answered 401: invalid_api_key", retry_after_s=0.0)
+    # Past the last retry too, and with the first try's backoff, not the fourth's.
+    assert _decide(fault, job_try=4) == RetryIn(
+        30.0, fault, "provider refused the account", give_try_back=True
+    )
+    paused = _decide(errors.ProviderFault("403", retry_after_s=300.0), job_try=1)
+    assert isinstance(paused, RetryIn) and paused.defer_s == 300.0
+
+
+def test_a_job_whose_worker_died_on_every_try_fails_on_arqs_extra_try() -> None:
+    assert arq_max_tries(3) == 5
+    assert worker_died(4, max_retries=3, deaths=3) is None  # the last of ours: run it
+    died = worker_died(5, max_retries=3, deaths=4)
+    assert isinstance(died, Fail) and type(died.error) is errors.WorkerDied
+    assert str(died.error) == (
+        "the worker died 4 times while running this job (killed or out of memory); not trying again"
+    )
 
 
 tries: list[int] = []

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from worker.main import QUEUES
+from worker.routes import QUEUES
 from worker.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -98,7 +98,7 @@ async def test_job_logs_carry_job_id_name_and_try(arq_redis: ArqRedis, run_burst
 
 def test_queues_register_the_contract_job_names() -> None:
     """CONTRACT §5: the names arq knows, per queue, and the default queue's UTC crons."""
-    registered = {queue: main.queue_jobs(queue) for queue in main.QUEUES}
+    registered = {queue: main.queue_jobs(queue) for queue in main.QUEUE_CONFIGS}
     names = {queue: {d.name for d in jobs} for queue, (jobs, _) in registered.items()}
     assert names["imports"] == {"process_contacts_import"}
     assert names["exports"] == {"generate_contact_export", "generate_company_export"}

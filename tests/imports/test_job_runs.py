@@ -12,10 +12,10 @@ from arq.worker import Retry
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-import jobs.imports.progress as progress
+import jobs.imports.checkpoint as checkpoint
+from jobs.imports.checkpoint import ImportRow, ImportRunningElsewhere, apply_batch, record_failure
 from jobs.imports.job import run_import
 from jobs.imports.merge import prepare
-from jobs.imports.progress import ImportRow, ImportRunningElsewhere, apply_batch, record_failure
 from tests.conftest import RunBurst
 from tests.imports.conftest import contacts, counts, run_job, start_import
 from tests.support.users import new_user
@@ -119,7 +119,7 @@ async def test_resume_after_interruption_ends_like_an_uninterrupted_run(
             await run_import(small, import_id, after_batch=stop)
     else:
         # The task is cancelled inside batch 4's transaction, after its rows were merged.
-        real_merge = progress.merge_part
+        real_merge = checkpoint.merge_part
         task: asyncio.Task[Any] | None = None
 
         async def merge_then_die(connection: Any, *args: Any, **kwargs: Any) -> Any:
@@ -130,7 +130,7 @@ async def test_resume_after_interruption_ends_like_an_uninterrupted_run(
                 await asyncio.sleep(0)
             return merged
 
-        monkeypatch.setattr(progress, "merge_part", merge_then_die)
+        monkeypatch.setattr(checkpoint, "merge_part", merge_then_die)
         task = asyncio.create_task(run_import(small, import_id))
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -150,7 +150,7 @@ async def test_resume_after_one_part_committed_redoes_only_the_other(
 ) -> None:
     user = await new_user(sessions)
     import_id = await start_import(jobs_client, user, sample_csv())
-    real_merge = progress.merge_part
+    real_merge = checkpoint.merge_part
     victim: list[int] = []
 
     async def one_part_dies(connection: Any, *args: Any, **kwargs: Any) -> Any:
@@ -166,7 +166,7 @@ async def test_resume_after_one_part_committed_redoes_only_the_other(
             await asyncio.sleep(0.01)
         raise AssertionError("the other part never committed")
 
-    monkeypatch.setattr(progress, "merge_part", one_part_dies)
+    monkeypatch.setattr(checkpoint, "merge_part", one_part_dies)
     with pytest.raises(Interrupted):
         await run_import(_small_batches(ctx), import_id)
     monkeypatch.undo()
@@ -291,7 +291,7 @@ async def test_a_terminated_database_connection_retries_and_resumes(
     user = await new_user(sessions)
     import_id = await start_import(jobs_client, user, sample_csv())
     small = _small_batches(ctx)
-    real_merge = progress.merge_part
+    real_merge = checkpoint.merge_part
     url = small["settings"].database
 
     async def killed_in_batch_three(connection: Any, *args: Any, **kwargs: Any) -> Any:
@@ -304,7 +304,7 @@ async def test_a_terminated_database_connection_retries_and_resumes(
                 await admin.close()
         return await real_merge(connection, *args, **kwargs)
 
-    monkeypatch.setattr(progress, "merge_part", killed_in_batch_three)
+    monkeypatch.setattr(checkpoint, "merge_part", killed_in_batch_three)
     with pytest.raises(Retry):  # transient: arq retries it with backoff
         await run_job(small, import_id)
     monkeypatch.undo()

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from jobs.imports.reader import CsvReader, FileFormatError, NumberedRow, RecordCounter
+from jobs.imports.counting import RecordCounter
+from jobs.imports.reader import CsvReader, FileFormatError
+from jobs.imports.record_parser import NumberedRow
 from jobs.imports.sources import bytes_source, local_file_source, rechunk
 
 

@@ -18,8 +18,8 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 import jobs.imports.job as import_job
+from jobs.imports.checkpoint import ImportRow
 from jobs.imports.job import run_import
-from jobs.imports.progress import ImportRow
 from jobs.imports.reader import CsvReader
 from jobs.imports.sniff import SNIFF_BYTES
 from jobs.imports.sources import CHANGED_MESSAGE

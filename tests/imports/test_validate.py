@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from jobs.imports.columns import CANONICAL_COLUMNS
 from jobs.imports.error_payload import MORE_FIELDS_KEY
-from jobs.imports.headers import CANONICAL_COLUMNS, map_header
-from jobs.imports.reader import CsvReader, FileFormatError, NumberedRow
+from jobs.imports.headers import map_header
+from jobs.imports.reader import CsvReader, FileFormatError
+from jobs.imports.record_parser import NumberedRow
 from jobs.imports.sources import local_file_source
 from jobs.imports.validate import ContactRow, RowError, ValidatedBatch, Validator
 

@@ -42,7 +42,7 @@ from tests.support.users import new_user
 from worker.client import JobsClient
 from worker.import_source import user_import_dir
 from worker.lease import running_key
-from worker.main import QUEUES
+from worker.main import QUEUE_CONFIGS
 from worker.reconcile import reconcile_jobs
 from worker.serialization import deserialize, serialize
 from worker.settings import Settings
@@ -288,10 +288,10 @@ async def test_sigterm_drains_then_cancels_requeues_and_the_next_pickup_resumes_
         checkpoint = (await import_row(db, import_id))[1]
         first.send_signal(signal.SIGTERM)
         stopped_at = time.monotonic()
-        assert await processes.wait_exit(first, QUEUES["imports"].shutdown_grace_s + 15) == 0
+        assert await processes.wait_exit(first, QUEUE_CONFIGS["imports"].shutdown_grace_s + 15) == 0
         drained_s = time.monotonic() - stopped_at
         await holder.rollback()
-    grace_s = QUEUES["imports"].shutdown_grace_s
+    grace_s = QUEUE_CONFIGS["imports"].shutdown_grace_s
     assert grace_s - 1 < drained_s < grace_s + 15, processes.log(first)
     # Cancelled back to the queue: unclaimed, its try given back, the checkpoint untouched.
     assert await redis_raw.zscore("imports", arq_id) is not None

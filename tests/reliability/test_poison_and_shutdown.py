@@ -20,7 +20,7 @@ from tests.reliability.conftest import (
     worker_pids,
     worker_ready,
 )
-from worker.main import QUEUES
+from worker.main import QUEUE_CONFIGS
 from worker.settings import Settings
 from worker.stats import FAILURES_KEY, stats_key
 
@@ -66,7 +66,7 @@ async def test_sigterm_lets_a_running_job_finish_and_run_exits(
     supervisor.send_signal(signal.SIGTERM)
     stopped_at = time.monotonic()
     assert await processes.wait_exit(supervisor, 15) == 0
-    assert time.monotonic() - stopped_at < QUEUES["default"].shutdown_grace_s
+    assert time.monotonic() - stopped_at < QUEUE_CONFIGS["default"].shutdown_grace_s
     assert await db.done() == {"short"}
     assert len(await db.runs("short")) == 1
 
@@ -81,7 +81,7 @@ async def test_sigterm_past_the_grace_cancels_and_requeues_without_using_a_try(
     )
     await wait_for(lambda: db.runs("long"), 20, "the job to start")
     supervisor.send_signal(signal.SIGTERM)
-    grace_s = QUEUES["default"].shutdown_grace_s
+    grace_s = QUEUE_CONFIGS["default"].shutdown_grace_s
     assert await processes.wait_exit(supervisor, grace_s + 10) == 0
     # Back in the queue, unclaimed, and the cancelled try was given back.
     assert await redis_raw.zscore("default", "long") is not None

@@ -13,10 +13,10 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from tests.conftest import REDIS_OWNER_KEY, RunBurst
 from worker import reconcile
-from worker.job_ids import import_continuation_job_id, import_continuation_pointer
 from worker.lease import running_key
-from worker.main import QUEUES
+from worker.main import QUEUE_CONFIGS
 from worker.reconcile import reconcile_jobs
+from worker.routes import import_continuation_job_id, import_continuation_pointer
 from worker.serialization import deserialize
 
 
@@ -141,7 +141,7 @@ async def test_dead_workers_lease_entries_are_pruned(
 
 
 def test_the_reconciler_is_a_minutely_cron_of_the_default_queue() -> None:
-    assert "worker.reconcile" in QUEUES["default"].job_modules
+    assert "worker.reconcile" in QUEUE_CONFIGS["default"].job_modules
     (schedule,) = reconcile.CRON_JOBS
     assert (schedule.job.name, schedule.hour, schedule.minute) == ("reconcile_jobs", None, None)
     assert [reconcile_jobs] == reconcile.JOBS
@@ -175,7 +175,7 @@ async def test_only_open_one_off_emails_are_expected_and_cron_emails_are_left_to
 
     expected = await reconcile.expected_jobs(sessions)
 
-    assert sorted((e.arq_id, e.function, e.queue) for e in expected) == [
+    assert sorted((e.arq_id, e.route.name, e.route.queue) for e in expected) == [
         ("0123abcd", "send_email", "default"),
         ("email:mid-send", "send_email", "default"),
         ("email:open", "send_email", "default"),

@@ -8,7 +8,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from worker.main import QUEUES
+from worker.routes import QUEUES
 from worker.settings import Settings
 
 
@@ -28,7 +28,7 @@ async def run_migrate(args: argparse.Namespace, settings: Settings) -> int:
     # Imported here: Alembic costs every worker process ~6.5 MB of RSS it never uses.
     from db.migrate import upgrade
 
-    await upgrade(settings)
+    await upgrade(settings.database)
     print(f"database {settings.database.database} is at the latest schema")
     return 0
 

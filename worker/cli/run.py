@@ -22,7 +22,8 @@ from arq.worker import Worker
 
 from worker import preflight
 from worker.lease import shorten_initial_claim
-from worker.main import QUEUES, worker_settings
+from worker.main import worker_settings
+from worker.routes import QUEUES
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -1,14 +1,14 @@
 """The provider interface and the one place HTTP outcomes become worker errors.
 
-TransientError                   retry with backoff
-├── DeliveryUnknown              the request may have reached the provider (read timeout,
-│                                connection dropped after sending): resend only where the
-│                                provider deduplicates (Resend's Idempotency-Key); with
-│                                SendGrid mark the message for review instead
-├── RateLimited(retry_after_s)   429: every process waits (see worker.ratelimit)
-└── ProviderFault(retry_after_s) 401/403 and sending-domain refusals: the account is at fault,
-                                 not the message; sending halts everywhere, rows stay pending
-PermanentError                   other 4xx: record the provider's message, do not retry
+What an answer means (the errors themselves are drawn in `worker.errors`):
+
+- a 2xx: sent; 429: `RateLimited(retry_after_s)`, every process waits (see worker.ratelimit);
+- 401/403 and sending-domain refusals: `ProviderFault(retry_after_s)`, the account is at fault,
+  not the message; sending halts everywhere, rows stay pending;
+- 5xx (and a provider's own transient statuses): `TransientError`, retried with backoff;
+- other 4xx: `PermanentError`, the provider's message is recorded and nothing is retried;
+- a failed exchange: `TransientError` when nothing can have been sent, `DeliveryUnknown` when
+  the request may have reached the provider (resend only where it deduplicates).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The import's row in `contact_import_jobs`: ownership, checkpoints, and final states.
+"""The import's exactly-once commit protocol on its row in `contact_import_jobs`: ownership,
+checkpoints, and final states.
 
 Exactly-once effect rests on two guards:
 
@@ -24,13 +25,13 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from typing import Any, TypeVar, cast
+from dataclasses import dataclass, fields
+from typing import Any, TypeVar
 
-import asyncpg
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from db.session import driver_connection
 from jobs.imports.merge import (
     ALL_PARTS,
     BatchCounts,
@@ -105,11 +106,8 @@ async def import_lock(engine: AsyncEngine, import_id: uuid.UUID) -> AsyncIterato
                     raise
 
 
-_COLUMNS = (
-    "id, user_id, file_path, status, total_rows, processed_rows, error_count, "
-    "created_count, updated_count, cancel_requested, batch_rows, batch_parts_done, "
-    "source_pin, source_encoding"
-)
+# The job row's columns an `ImportRow` holds; rows are read back by name (`ImportRow(**row)`).
+_COLUMNS = ", ".join(field.name for field in fields(ImportRow))
 
 
 async def load(
@@ -122,7 +120,7 @@ async def load(
                 {"id": import_id},
             )
         ).one_or_none()
-    return None if row is None else ImportRow(*row)
+    return None if row is None else ImportRow(**row._mapping)
 
 
 async def update(
@@ -165,7 +163,7 @@ async def apply_batch(
         ).one_or_none()
         if found is None:
             raise ImportRunningElsewhere()  # deleted under us: the next try finds it gone
-        row = ImportRow(*found)
+        row = ImportRow(**found._mapping)
         if (
             row.status != "processing"
             or row.processed_rows != expected_processed_rows
@@ -179,8 +177,8 @@ async def apply_batch(
             return BatchOutcome(None, row)
         # Its own short transaction (idempotent, redone with a resumed batch): the parts'
         # transactions see the companies committed.
-        connection = await (await session.connection()).get_raw_connection()
-        await upsert_companies(connection.driver_connection, row.user_id, batch.company_names)
+        connection = await driver_connection(session)
+        await upsert_companies(connection, row.user_id, batch.company_names)
     # Every batch stores its errors up to the cap in the transaction that counts them, so
     # the rows stored so far are exactly min(error_count, cap): the first `cap` bad rows.
     room = max(0, max_stored_errors - row.error_count)
@@ -239,7 +237,7 @@ async def _apply_part(
     bit = 1 << index
     async with sessions() as session:
         pooled = await session.connection()
-        connection = cast(asyncpg.Connection, (await pooled.get_raw_connection()).driver_connection)
+        connection = await driver_connection(pooled)
         try:
             async with connection.transaction():
                 counts = await merge_part(connection, row.user_id, row.id, part, stored_errors_room)
@@ -263,7 +261,7 @@ async def _apply_part(
                 # The rollback did not finish (cancelled again while rolling back, or the
                 # connection broke): never give the pool a connection inside a transaction.
                 await pooled.invalidate()
-    return counts, ImportRow(*after)
+    return counts, ImportRow(**after)
 
 
 async def _all(awaitables: list[Awaitable[_T]]) -> list[_T]:
