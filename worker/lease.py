@@ -31,6 +31,8 @@ from arq.connections import ArqRedis
 from arq.constants import in_progress_key_prefix
 from arq.worker import Worker
 
+from worker.context import as_ctx
+
 log = logging.getLogger(__name__)
 
 LEASE_MS = 15_000
@@ -132,27 +134,20 @@ async def renewing(leases: Leases) -> AsyncIterator[Leases]:
             await task
 
 
-def _leases(ctx: dict[str, Any]) -> Leases | None:
-    leases = ctx.get("leases")
-    return leases if isinstance(leases, Leases) else None
-
-
-async def on_job_start(ctx: dict[str, Any]) -> None:
+async def on_job_start(arq_ctx: dict[str, Any]) -> None:
     """arq hook: take the short lease before the job's code runs."""
-    if (leases := _leases(ctx)) is None:
-        return
+    ctx = as_ctx(arq_ctx)
     try:
-        await leases.acquire(ctx["job_id"])
+        await ctx["leases"].acquire(ctx["job_id"])
     except Exception as exc:
         # The job is remembered, so the next renewal retries; never fail a job over this.
         log.warning("could not shorten the lease of %s: %s", ctx["job_id"], exc)
 
 
-async def on_job_end(ctx: dict[str, Any]) -> None:
+async def on_job_end(arq_ctx: dict[str, Any]) -> None:
     """arq hook (before arq's finish_job): stop renewing the job's lease."""
-    if (leases := _leases(ctx)) is None:
-        return
+    ctx = as_ctx(arq_ctx)
     try:
-        await leases.release(ctx["job_id"])
+        await ctx["leases"].release(ctx["job_id"])
     except Exception as exc:
         log.warning("could not release the lease of %s: %s", ctx["job_id"], exc)

@@ -21,6 +21,8 @@ from typing import Any
 
 import psutil
 
+from worker.context import as_ctx
+
 log = logging.getLogger(__name__)
 
 BYTES_PER_MB = 1024 * 1024
@@ -62,13 +64,10 @@ class Recycler:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-async def after_job_end(ctx: dict[str, Any]) -> None:
+async def after_job_end(arq_ctx: dict[str, Any]) -> None:
     """arq hook, after the job's result is stored: count it and recycle when a limit is hit."""
-    recycler = ctx.get("recycler")
-    if not isinstance(recycler, Recycler):
-        return
     try:
-        recycler.job_done()
+        as_ctx(arq_ctx)["recycler"].job_done()
     except Exception:
         # psutil failing must not crash the worker's job task.
         log.exception("recycling check failed")

@@ -172,6 +172,10 @@ async def deliver(
     the row `pending` and its attempt not counted: no number of them ever fails a message.
     """
     sessions, provider = ctx["sessions"], ctx["email_provider"]
+    if provider is None:
+        # Only a worker started without EMAIL_PROVIDER has none, and the default queue (the
+        # one with the send jobs) refuses to start so (preflight.check_settings).
+        raise RuntimeError("this worker has no email provider: EMAIL_PROVIDER is not set")
     resend_ok = safe_to_resend(provider)
     try:
         # Before the claim: the wait for a slot must not age the claim towards its lease.
@@ -218,9 +222,7 @@ async def _claimer_ended(ctx: Ctx, key: str) -> bool:
     job at a time), or by a job whose in-progress lease is gone (its worker died). Unknown
     (no record, Redis unreachable) counts as still running.
     """
-    redis, job_id = ctx.get("redis"), ctx.get("job_id")
-    if redis is None or job_id is None:
-        return False
+    redis, job_id = ctx["redis"], ctx["job_id"]
     try:
         claimer = await redis.get(CLAIMER_KEY_PREFIX + key)
         if claimer is None:
@@ -234,9 +236,7 @@ async def _claimer_ended(ctx: Ctx, key: str) -> bool:
 
 
 async def _record_claimer(ctx: Ctx, key: str) -> None:
-    redis, job_id = ctx.get("redis"), ctx.get("job_id")
-    if redis is None or job_id is None:
-        return
+    redis, job_id = ctx["redis"], ctx["job_id"]
     try:
         await redis.set(CLAIMER_KEY_PREFIX + key, job_id, px=int(SEND_LEASE_S * 1000))
     except Exception as exc:
