@@ -4,9 +4,10 @@
 
 Fills a database of its own (dropped at the end) and Redis db BENCH_REDIS_DB (default 11;
 refused unless empty, the test rig's or left by an earlier run of this bench; flushed before
-and after) with 100,000 queued `send_email` jobs (arq's payload keys and queue entries, due over the last
-hour), 10,000 import rows and 100,000 outbox rows, then serves the console as production does
-(`python -m worker console`, uvicorn, its own process, on a loopback port) and reports:
+and after) with 100,000 queued `send_email` jobs (arq's payload keys and queue entries, due
+over the last hour), 10,000 import rows and 100,000 outbox rows, then serves the console as
+production does (`python -m worker console`, uvicorn, its own process, on a loopback port)
+and reports:
 
 - p50/p95/max latency of sequential requests with a signed-in session: `/api/overview`, the
   imports list (the page and its JSON API, first and a filtered page), and for scale the email
@@ -41,7 +42,7 @@ from redis.asyncio import Redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from worker.lease import running_key  # noqa: E402 (after the path: run as a script)
+from worker.lease import WORKERS_KEY, running_key  # noqa: E402 (after the path: a script)
 from worker.routes import QUEUES, SEND_EMAIL  # noqa: E402
 from worker.serialization import serialize  # noqa: E402
 from worker.stats import FAILURES_KEY, MAX_FAILURES, stats_key  # noqa: E402
@@ -106,11 +107,13 @@ async def fill_redis(redis: Redis) -> None:
             await pipe.execute()
     async with redis.pipeline(transaction=False) as pipe:
         for queue in QUEUES:
-            # Two live workers per queue, each running three jobs (arq's health-check key, our
-            # lease mirror); a long TTL, since nothing here renews them.
+            # Two live workers per queue, each running three jobs (arq's health-check key, the
+            # worker registry, our lease mirror); long-lived, since nothing here renews them.
             for pid in (101, 102):
                 worker = f"bench-host:{pid}"
-                pipe.set(f"{queue}:health-check:{worker}", "j_complete=0 j_ongoing=3", px=600_000)
+                heartbeat = f"{queue}:health-check:{worker}"
+                pipe.set(heartbeat, "j_complete=0 j_ongoing=3", px=600_000)
+                pipe.zadd(WORKERS_KEY, {heartbeat: now_ms + 600_000})  # as if just announced
                 for _ in range(3):
                     entry = f'{{"worker": "{worker}", "started_ms": {now_ms}, '
                     entry += f'"lease_until_ms": {now_ms + 600_000}}}'
