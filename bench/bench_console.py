@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import os
 import random
-import signal
 import socket
 import statistics
 import subprocess
@@ -36,11 +35,12 @@ from pathlib import Path
 
 import asyncpg
 import httpx
-import psutil
 from redis.asyncio import Redis
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench_email import cpu_s, start, stop  # noqa: E402 (this folder: run as a script)
 
 from worker.lease import WORKERS_KEY, running_key  # noqa: E402 (after the path: a script)
 from worker.routes import QUEUES, SEND_EMAIL  # noqa: E402
@@ -69,11 +69,6 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def cpu_s(pid: int) -> float:
-    proc = psutil.Process(pid)
-    return sum(p.cpu_times().user + p.cpu_times().system for p in [proc, *proc.children(True)])
-
-
 # ---- the backlog ------------------------------------------------------------------------------
 
 
@@ -93,9 +88,9 @@ async def fill_redis(redis: Redis) -> None:
     from arq.jobs import serialize_job
 
     now_ms = int(time.time() * 1000)
-    for start in range(0, QUEUED_JOBS, 5_000):
+    for first in range(0, QUEUED_JOBS, 5_000):
         async with redis.pipeline(transaction=False) as pipe:
-            for i in range(start, min(start + 5_000, QUEUED_JOBS)):
+            for i in range(first, min(first + 5_000, QUEUED_JOBS)):
                 job_id = uuid.uuid4().hex
                 due_ms = now_ms - 3_600_000 + i * 3_600_000 // QUEUED_JOBS  # over the last hour
                 kwargs = {"to": f"r{i}@example.com", "subject": "Backlog", "html": "<p>hi</p>"}
@@ -293,13 +288,8 @@ async def main() -> None:
             flush=True,
         )
         # Set-up before any timing: blocking here costs the measurements nothing.
-        console = subprocess.Popen(  # noqa: ASYNC220
-            [sys.executable, "-m", "worker", "console", "--host", "127.0.0.1", "--port", str(port)],
-            env=env,
-            cwd=ROOT,
-            stdout=log.open("wb"),
-            stderr=subprocess.STDOUT,
-        )
+        command = [sys.executable, "-m", "worker", "console", "--host", "127.0.0.1"]
+        console = start([*command, "--port", str(port)], env, log)
         await wait_healthy(base_url, console, log)
         cookies = await sign_in(base_url)
         print("| request (signed in, one at a time) | requests | p50 ms | p95 ms | max ms |")
@@ -320,12 +310,7 @@ async def main() -> None:
         print(await dashboards(base_url, cookies, console.pid, args.poll_s), flush=True)
     finally:
         if console is not None:
-            console.send_signal(signal.SIGTERM)
-            try:
-                console.wait(30)
-            except subprocess.TimeoutExpired:
-                console.kill()
-                console.wait()
+            stop(console)
         await redis.flushdb()
         if rig:
             await redis.set(RIG_MARKER, "1")
