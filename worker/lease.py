@@ -13,6 +13,12 @@ lives. A SIGKILLed import would wait ~30 minutes. We keep the key short instead:
 
 `c360:running:<queue>` (job id -> JSON with worker and lease expiry) mirrors the leases for
 `python -m worker status`; entries of dead workers are recognisable by their past expiry.
+
+`c360:workers` lists every worker process by its heartbeat key (`health_check_key`), scored by
+when the process last said so (at start and with each renewal): `status` and the console find
+the live workers there instead of SCANning the keyspace, which at 10^5 queued jobs blocked
+Redis ~200 ms per look (bench/bench_console.py). Each renewal also drops entries no process
+refreshed within `WORKER_SEEN_WINDOW_MS`, i.e. those of killed processes.
 """
 
 from __future__ import annotations
@@ -39,6 +45,9 @@ LEASE_MS = 15_000
 # Three renewals per lease: one slow Redis round trip or a busy loop does not lose the lease.
 RENEW_EVERY_S = 5.0
 RUNNING_KEY_PREFIX = "c360:running:"
+WORKERS_KEY = "c360:workers"
+# Twelve renewal periods: a busy loop or a slow Redis does not drop a live worker's entry.
+WORKER_SEEN_WINDOW_MS = 60_000
 
 
 def running_key(queue: str) -> str:
@@ -47,6 +56,11 @@ def running_key(queue: str) -> str:
 
 def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def health_check_key(queue: str) -> str:
+    """arq's heartbeat key of this process: one per process, so every live worker is listed."""
+    return f"{queue}:health-check:{worker_name()}"
 
 
 def shorten_initial_claim(worker: Worker) -> None:
@@ -111,10 +125,19 @@ class Leases:
                 await pipe.execute()
             return len(self.started_ms)
 
+    async def announce(self) -> None:
+        """List this process in WORKERS_KEY, and drop the entries of processes gone silent."""
+        now_ms = int(time.time() * 1000)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zadd(WORKERS_KEY, {health_check_key(self.queue): now_ms})
+            pipe.zremrangebyscore(WORKERS_KEY, "-inf", now_ms - WORKER_SEEN_WINDOW_MS)
+            await pipe.execute()
+
     async def renew_forever(self) -> None:
         while True:
             await asyncio.sleep(RENEW_EVERY_S)
             try:
+                await self.announce()
                 await self.renew()
             except Exception as exc:
                 # Redis away: arq's own loop fails too and the process restarts; until then
@@ -125,6 +148,7 @@ class Leases:
 @contextlib.asynccontextmanager
 async def renewing(leases: Leases) -> AsyncIterator[Leases]:
     """Run the renewal task for as long as the worker runs (entered in `lifecycle.startup`)."""
+    await leases.announce()
     task = asyncio.create_task(leases.renew_forever(), name="c360-lease-renewal")
     try:
         yield leases
@@ -132,6 +156,10 @@ async def renewing(leases: Leases) -> AsyncIterator[Leases]:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+        try:
+            await leases.redis.zrem(WORKERS_KEY, health_check_key(leases.queue))
+        except Exception as exc:  # the entry then ages out of WORKER_SEEN_WINDOW_MS
+            log.warning("could not remove this worker from %s: %s", WORKERS_KEY, exc)
 
 
 async def on_job_start(arq_ctx: dict[str, Any]) -> None:
