@@ -30,7 +30,11 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 IMPORT_STATUSES = ("pending", "processing", "completed", "failed", "cancelled")
 EXPORT_STATUSES = ("pending", "processing", "completed", "failed")
 EXPORT_KINDS = ("contacts", "companies")
-EMAIL_STATUSES = ("pending", "sending", "sent", "failed", "review")
+EMAIL_STATUSES = ("pending", "sending", "sent", "failed", "review", "suppressed")
+# CONTRACT §13: bounce, complaint and manual stop all email to the address; unsubscribe only
+# campaign email (jobs/email/suppression.py decides which email is which).
+SUPPRESSION_REASONS = ("bounce", "complaint", "unsubscribe", "manual")
+EMAIL_EVENT_PROVIDERS = ("resend", "sendgrid")
 
 
 def _one_of(column: str, values: tuple[str, ...]) -> str:
@@ -248,6 +252,43 @@ class EmailMessage(Base):
     created_at: Mapped[datetime] = _created_at()
     updated_at: Mapped[datetime] = _updated_at()
     sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class EmailSuppression(Base):
+    """An address we must not email (all email, or for `unsubscribe` campaign email only)."""
+
+    __tablename__ = "email_suppressions"
+    __table_args__ = (
+        CheckConstraint(_one_of("reason", SUPPRESSION_REASONS), name="reason_known"),
+        # The outbox claim looks addresses up by `lower(to_email)`: one spelling per address.
+        CheckConstraint("email = lower(email)", name="email_lower_case"),
+    )
+
+    email: Mapped[str] = mapped_column(Text, primary_key=True)
+    reason: Mapped[str] = mapped_column(Text)
+    # Who or what added it: `resend:<svix-id>`, `sendgrid:<sg_event_id>`, `cli:<user>`.
+    source: Mapped[str] = mapped_column(Text, server_default="")
+    created_at: Mapped[datetime] = _created_at()
+
+
+class EmailEvent(Base):
+    """A signed provider webhook event, stored once (a replay hits the unique index)."""
+
+    __tablename__ = "email_events"
+    __table_args__ = (
+        CheckConstraint(_one_of("provider", EMAIL_EVENT_PROVIDERS), name="provider_known"),
+        Index("uq_email_events_provider_event", "provider", "event_id", unique=True),
+    )
+
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    provider: Mapped[str] = mapped_column(Text)
+    # Resend: the `svix-id` header; SendGrid: the event's `sg_event_id`.
+    event_id: Mapped[str] = mapped_column(Text)
+    event_type: Mapped[str] = mapped_column(Text)
+    payload: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default="{}")
+    received_at: Mapped[datetime] = _created_at()
+    # Set in the transaction that applies the event (jobs/email/events.py).
+    processed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class JobCheckpoint(Base):

@@ -48,11 +48,8 @@ ARQ_TIMEOUT_GRACE_S = 30.0
 
 
 async def _give_try_back(ctx: Ctx) -> None:
-    redis = ctx.get("redis")
-    if redis is None or "job_id" not in ctx:
-        return
     try:
-        await redis.decr(retry_key_prefix + ctx["job_id"])
+        await ctx["redis"].decr(retry_key_prefix + ctx["job_id"])
     except Exception as exc:
         log.warning("could not give the try of a cancelled job back: %s", exc)
 
@@ -90,14 +87,14 @@ class JobDefinition:
 
     async def run(self, ctx: Ctx, *args: Any, **kwargs: Any) -> Any:
         settings = ctx["settings"]
-        job_try = ctx.get("job_try", 1)
-        job_id = ctx.get("job_id", "-")
+        job_try = ctx["job_try"]
+        job_id = ctx["job_id"]
         started_s, started_monotonic = time.time(), time.monotonic()
         with (
             job_log_context(job_id=job_id, job=self.name, job_try=job_try),
             job_span(self.name, queue=ctx["queue_name"], job_id=job_id, job_try=job_try),
         ):
-            deaths = await stats.try_started(ctx.get("redis"), ctx["queue_name"], job_id, self.name)
+            deaths = await stats.try_started(ctx["redis"], ctx["queue_name"], job_id, self.name)
             outcome: stats.Outcome = "failed"
             error: str | None = None
             try:
@@ -123,7 +120,7 @@ class JobDefinition:
                 await self._record_failure(ctx, kwargs, public or PUBLIC_INTERNAL_ERROR)
                 raise
             finally:
-                redis = ctx.get("redis")
+                redis = ctx["redis"]
                 await asyncio.shield(
                     stats.try_ended(redis, job_id, final=outcome in ("completed", "failed"))
                 )
@@ -137,7 +134,7 @@ class JobDefinition:
                         job_try=job_try,
                         error=error,
                         duration_s=time.monotonic() - started_monotonic,
-                        queue_wait_s=stats.queue_wait_s(ctx.get("score"), started_s),
+                        queue_wait_s=stats.queue_wait_s(ctx["score"], started_s),
                     )
                 )
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib
 import os
 import re
-import socket
 from dataclasses import dataclass
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -88,11 +87,6 @@ def queue_jobs(queue: QueueName) -> tuple[list[JobDefinition], list[CronSchedule
     return jobs, crons
 
 
-def health_check_key(queue: QueueName) -> str:
-    """One key per worker process, so `status` can list every live worker, not just one."""
-    return f"{queue}:health-check:{socket.gethostname()}:{os.getpid()}"
-
-
 def worker_settings(
     queue: QueueName,
     settings: Settings,
@@ -137,7 +131,7 @@ def worker_settings(
         # one; JobDefinition.run then records the failure (arq would drop it silently).
         "max_tries": arq_max_tries(settings.max_retries),
         "health_check_interval": HEALTH_CHECK_INTERVAL_S,
-        "health_check_key": health_check_key(queue),
+        "health_check_key": lease.health_check_key(queue),
         "job_completion_wait": config.shutdown_grace_s,
         "job_serializer": serialize,
         "job_deserializer": deserialize,

@@ -7,10 +7,11 @@ Every Redis figure is O(log n) or O(workers), never O(queued jobs): queued and d
 ZCOUNTs on the queue's sorted set (score <= now: due; score > now: deferred or retrying),
 running jobs come from the lease mirror `c360:running:<queue>` (worker/lease.py), counters and
 recent failures from worker/stats.py, and live workers from arq's per-process health-check
-keys (`QUEUE:health-check:HOST:PID`, found by SCAN, which costs one round trip per 10,000 keys),
-each with its own hash (start time, RSS: worker/process_info.py), read in the same round trip as
-the heartbeats. The jobs-per-minute chart is 60 per-minute hashes (worker/stats.py), one round
-trip whatever the number of jobs.
+keys (`QUEUE:health-check:HOST:PID`), listed by the workers themselves in `c360:workers`
+(worker/lease.py): a SCAN for them would cost O(every key), queued jobs' payloads included.
+Each worker has its own hash (start time, RSS: worker/process_info.py), read in the same round
+trip as the heartbeats. The jobs-per-minute chart is 60 per-minute hashes (worker/stats.py), one
+round trip whatever the number of jobs.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from db.models import ContactImportJob, Export
 from db.session import create_engine, make_sessionmaker
 from worker import process_info
-from worker.lease import running_key
+from worker.lease import WORKER_SEEN_WINDOW_MS, WORKERS_KEY, running_key
 from worker.main import HEALTH_CHECK_INTERVAL_S
 from worker.routes import QUEUES
 from worker.settings import Settings
@@ -66,10 +67,9 @@ async def redis_status(client: aioredis.Redis, now_ms: int) -> dict[str, Any]:
             # The lowest score is the job due longest ago (arq scores by due time, in ms).
             pipe.zrange(queue, 0, 0, withscores=True)
         pipe.lrange(FAILURES_KEY, 0, RECENT_FAILURES - 1)
-        replies = await pipe.execute()
-    health_keys = [
-        key.decode() async for key in client.scan_iter(match="*:health-check:*", count=10_000)
-    ]
+        pipe.zrangebyscore(WORKERS_KEY, now_ms - WORKER_SEEN_WINDOW_MS, "+inf")
+        *replies, registered = await pipe.execute()
+    health_keys = sorted(key.decode() for key in registered)
     async with client.pipeline(transaction=False) as pipe:
         for key in health_keys:
             pipe.get(key)

@@ -26,6 +26,7 @@ from typing import Any, cast
 
 from redis.asyncio import Redis
 
+from worker.context import as_ctx
 from worker.process_info import resident_bytes
 
 log = logging.getLogger(__name__)
@@ -86,17 +87,15 @@ async def count_recycle(redis: Redis | None, queue: str) -> None:
         log.warning("could not count this recycle: %s", exc)
 
 
-async def after_job_end(ctx: dict[str, Any]) -> None:
+async def after_job_end(arq_ctx: dict[str, Any]) -> None:
     """arq hook, after the job's result is stored: count it and recycle when a limit is hit."""
-    recycler = ctx.get("recycler")
-    if not isinstance(recycler, Recycler):
-        return
+    ctx = as_ctx(arq_ctx)
     try:
-        reason = recycler.job_done()
+        reason = ctx["recycler"].job_done()
     except Exception:
         # psutil failing must not crash the worker's job task.
         log.exception("recycling check failed")
         return
     if reason is not None:
-        await count_recycle(ctx.get("redis"), ctx["queue_name"])
-        recycler.recycle(reason)
+        await count_recycle(ctx["redis"], ctx["queue_name"])
+        ctx["recycler"].recycle(reason)

@@ -19,7 +19,7 @@ def send_email_key(ctx: Ctx, idempotency_key: str | None) -> str:
     """`caller/<the caller's key>`, or `job/<arq job id>`: every retry of one job shares it."""
     if idempotency_key:
         return caller_key(idempotency_key)
-    return job_key(ctx.get("job_id", "-"))
+    return job_key(ctx["job_id"])
 
 
 def _result(outcome: Outcome) -> dict[str, Any]:

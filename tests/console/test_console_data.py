@@ -13,6 +13,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from tests.conftest import RunBurst
+from tests.support.heartbeats import fake_heartbeat
 from worker.client import JobsClient
 from worker.lease import running_key
 from worker.observe import collect
@@ -37,7 +38,7 @@ async def test_overview_equals_what_redis_holds_and_what_status_shows(
         json.dumps({"worker": "h:1", "started_ms": now_ms, "lease_until_ms": now_ms + 9000}),
     )
     await redis_raw.hset(stats_key("default"), mapping={"completed": 5, "failed": 2, "died": 1})
-    await redis_raw.set("default:health-check:h:9", "Dec-01 j_complete=5", px=8000)
+    await fake_heartbeat(redis_raw, "default:health-check:h:9", "Dec-01 j_complete=5", ttl_ms=8000)
 
     overview = (await client.get("/api/overview")).json()
 

@@ -14,7 +14,8 @@ import httpx
 import pytest
 from botocore.exceptions import ClientError
 
-from tests.exports.conftest import TEST_CLIENT_CONFIG, TEST_PART_SIZE_BYTES
+from tests.exports.conftest import TEST_CLIENT_CONFIG
+from tests.support.s3_server import TEST_PART_SIZE_BYTES
 from worker.errors import PermanentError, TransientError
 from worker.settings import Settings
 from worker.storage import (

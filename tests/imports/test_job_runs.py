@@ -17,7 +17,8 @@ from jobs.imports.checkpoint import ImportRow, ImportRunningElsewhere, apply_bat
 from jobs.imports.job import run_import
 from jobs.imports.merge import prepare
 from tests.conftest import RunBurst
-from tests.imports.conftest import contacts, counts, new_user, run_job, start_import
+from tests.imports.conftest import contacts, counts, run_job, start_import
+from tests.support.users import new_user
 from worker.client import JobsClient
 from worker.context import Ctx
 

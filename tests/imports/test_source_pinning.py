@@ -26,13 +26,13 @@ from jobs.imports.sources import CHANGED_MESSAGE
 from tests.imports.conftest import (
     contacts,
     counts,
-    new_user,
     run_job,
     start_import,
     user_dir,
     write_file,
 )
 from tests.support.s3_server import S3TestServer
+from tests.support.users import new_user
 from worker.client import JobsClient
 from worker.context import Ctx
 from worker.errors import PermanentError

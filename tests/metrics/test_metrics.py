@@ -26,6 +26,7 @@ from tests.conftest import RunBurst
 from tests.imports.conftest import start_import
 from tests.reliability.conftest import Processes, worker_env
 from tests.reliability.test_status import fails, flaky, succeeds
+from tests.support.heartbeats import fake_heartbeat
 from worker.client import JobsClient
 from worker.metrics import render_metrics
 from worker.observe import redis_status
@@ -123,7 +124,7 @@ async def test_exposition_equals_the_rows_and_counters_after_a_known_workload(
     await arq_redis.enqueue_job("succeeds", _queue_name="default")
     await arq_redis.enqueue_job("succeeds", _queue_name="default")
     await arq_redis.enqueue_job("succeeds", _queue_name="default", _defer_by=3600)
-    await redis_raw.set(*HEARTBEAT, px=60_000)
+    await fake_heartbeat(redis_raw, *HEARTBEAT, ttl_ms=60_000)
     await RateLimiter(redis_raw, 1.0).pause_for(600)
     await RateLimiter(redis_raw, 1.0, key_prefix=MARKETING_PREFIX).halt(600, "key re_Secret")
 

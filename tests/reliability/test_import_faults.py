@@ -38,6 +38,7 @@ from tests.reliability.conftest import (
     worker_env,
     worker_ready,
 )
+from tests.support.users import new_user
 from worker.client import JobsClient
 from worker.import_source import user_import_dir
 from worker.lease import running_key
@@ -98,16 +99,6 @@ async def snapshot(sessions: Sessions, user: uuid.UUID) -> dict[str, tuple[Any, 
         for name, sql in _SNAPSHOT_SQL.items():
             found[name] = tuple((await session.execute(text(sql), {"u": user})).one())
     return found
-
-
-async def new_user(sessions: Sessions) -> uuid.UUID:
-    user = uuid.uuid4()
-    async with sessions.begin() as session:
-        await session.execute(
-            text("INSERT INTO users (id, email) VALUES (:id, :email)"),
-            {"id": user, "email": f"faults-{user.hex[:8]}@example.com"},
-        )
-    return user
 
 
 async def import_row(db: Db, import_id: uuid.UUID) -> tuple[str, int]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import time
 from typing import Any
 
@@ -17,7 +18,8 @@ from tests.conftest import RunBurst
 from tests.reliability.conftest import Db, Processes, wait_for, worker_env, worker_ready
 from worker.context import Ctx
 from worker.job import job
-from worker.lease import LEASE_MS, Leases, running_key
+from worker.lease import LEASE_MS, WORKER_SEEN_WINDOW_MS, WORKERS_KEY, Leases, running_key
+from worker.observe import redis_status
 from worker.settings import Settings
 
 
@@ -104,3 +106,27 @@ async def _rerun(db: Db) -> list[Any]:
     if len(runs) < 2:
         return []
     return runs
+
+
+async def test_workers_list_themselves_for_status_and_drop_processes_gone_silent(
+    settings: Settings, processes: Processes, redis_raw: aioredis.Redis
+) -> None:
+    """status finds workers in `c360:workers`, not by SCAN: a process adds itself at start
+    (dropping entries nobody refreshed within the window) and removes itself on a clean stop."""
+    now_ms = int(time.time() * 1000)
+    killed = "default:health-check:gone-host:1"
+    await redis_raw.zadd(WORKERS_KEY, {killed: now_ms - 2 * WORKER_SEEN_WINDOW_MS})
+    worker = processes.start("work", "default", env=worker_env(settings))
+    await wait_for(lambda: worker_ready(redis_raw, "default", worker.pid), 20, "the worker")
+
+    registered = {key.decode() for key in await redis_raw.zrange(WORKERS_KEY, 0, -1)}
+    own = f"default:health-check:{socket.gethostname()}:{worker.pid}"
+    assert registered == {own}
+    status = await redis_status(redis_raw, int(time.time() * 1000))
+    assert [w["worker"] for w in status["queues"]["default"]["workers"]] == [
+        f"{socket.gethostname()}:{worker.pid}"
+    ]
+
+    worker.send_signal(signal.SIGTERM)
+    assert await processes.wait_exit(worker, 30) == 0
+    assert await redis_raw.zrange(WORKERS_KEY, 0, -1) == []

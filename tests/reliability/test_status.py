@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from tests.conftest import RunBurst
 from tests.reliability.conftest import REPO_ROOT, free_port
+from tests.support.heartbeats import fake_heartbeat
 from worker.context import Ctx
 from worker.errors import TransientError
 from worker.job import job
@@ -52,8 +53,8 @@ async def _fill(redis_raw: aioredis.Redis) -> None:
         pipe.hset(stats_key("default"), mapping={"completed": 7, "failed": 2, "retried": 3})
         failure = {"at_s": 1.0, "queue": "default", "job_id": "j1", "job": "send_email"}
         pipe.lpush(FAILURES_KEY, json.dumps({**failure, "try": 4, "error": "boom"}))
-        pipe.set(*HEARTBEAT, px=8000)
         await pipe.execute()
+    await fake_heartbeat(redis_raw, *HEARTBEAT, ttl_ms=8000)
 
 
 async def test_status_counts_with_100000_queued_jobs(
@@ -88,7 +89,7 @@ async def test_status_counts_with_100000_queued_jobs(
     env = {**os.environ, "DATABASE_URL": settings.database_url, "REDIS_URL": settings.redis_url}
     # The heartbeat lives 8 s; on a loaded machine the checks above can take that long, and
     # the CLI must still find the worker alive.
-    await redis_raw.set(*HEARTBEAT, px=8000)
+    await fake_heartbeat(redis_raw, *HEARTBEAT, ttl_ms=8000)
     as_json = await _status_cli(env, "--json")
     assert json.loads(as_json)["queues"]["default"]["queued"] == QUEUED
     table = await _status_cli(env)

@@ -27,6 +27,10 @@ from moto.server import ThreadedMotoServer
 
 #: AWS's (and moto's default) minimum for every part but the last.
 AWS_MIN_PART_SIZE_BYTES = 5 * 1024 * 1024
+#: The tests' part size, so multipart is exercised with kilobytes, not megabytes. The tests'
+#: server lowers moto's minimum to the same value, so moto still rejects any non-last part
+#: smaller than ours.
+TEST_PART_SIZE_BYTES = 256 * 1024
 
 FAKE_CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "testing",
