@@ -129,7 +129,7 @@ class Leases:
             return len(self.started_ms)
 
     async def announce(self) -> None:
-        """List this process in WORKERS_KEY with its hash (start, RSS); drop processes gone silent."""
+        """List this process (and its start time and RSS); drop processes gone silent."""
         now_ms = int(time.time() * 1000)
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.zadd(WORKERS_KEY, {health_check_key(self.queue): now_ms})
