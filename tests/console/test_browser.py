@@ -9,7 +9,6 @@ purpose. With C360_SCREENSHOTS=1 the overview test writes docs/console-overview.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import re
 import time
@@ -28,11 +27,12 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from bench.make_contacts_csv import main as make_contacts_csv
+from db.models import EmailMessage
 from tests.conftest import RunBurst
 from tests.console.conftest import PASSWORD
 from tests.reliability.conftest import REPO_ROOT, Processes, free_port, wait_for, worker_env
 from worker.client import JobsClient
-from worker.lease import running_key
+from worker.lease import Leases, running_key
 from worker.routes import QUEUES
 from worker.settings import Settings
 from worker.stats import stats_key
@@ -197,16 +197,6 @@ async def same_document(page: Page) -> bool:
     return bool(await page.evaluate("window.__c360SameDocument === true"))
 
 
-async def new_user(sessions: Sessions) -> uuid.UUID:
-    user = uuid.uuid4()
-    async with sessions.begin() as session:
-        await session.execute(
-            text("INSERT INTO users (id, email) VALUES (:id, :email)"),
-            {"id": user, "email": f"browser-{user.hex[:8]}@example.com"},
-        )
-    return user
-
-
 def write_import(settings: Settings, user: uuid.UUID, name: str, body: str) -> None:
     folder = settings.import_dir / str(user)
     folder.mkdir(parents=True, exist_ok=True)
@@ -275,12 +265,7 @@ async def test_the_overview_shows_what_redis_holds_and_follows_it_live(
     for n in range(4):
         await arq_redis.enqueue_job("send_email", _queue_name="default", _job_id=f"mail-{n}")
     await arq_redis.enqueue_job("export_contacts", _queue_name="exports", _defer_by=900)
-    now_ms = int(time.time() * 1000)
-    await redis_raw.hset(
-        running_key("imports"),
-        "import:x",
-        json.dumps({"worker": "h:1", "started_ms": now_ms, "lease_until_ms": now_ms + 60_000}),
-    )
+    await Leases(arq_redis, "imports").acquire("import:x")  # a job some worker runs
     counters = {
         "default": {"completed": 1284, "failed": 7, "retried": 19, "died": 1},
         "imports": {"completed": 42, "failed": 1, "retried": 3},
@@ -332,17 +317,16 @@ async def test_the_overview_shows_what_redis_holds_and_follows_it_live(
 async def test_a_running_imports_bar_advances_without_a_reload(
     tab: Tab,
     settings: Settings,
-    sessions: Sessions,
     jobs_client: JobsClient,
+    user_id: uuid.UUID,
     tmp_path: Path,
 ) -> None:
     page = tab.page
-    user = await new_user(sessions)
     rows = 100_000
-    folder = settings.import_dir / str(user)
+    folder = settings.import_dir / str(user_id)
     folder.mkdir(parents=True)
     make_contacts_csv([str(folder / "big.csv"), "--rows", str(rows), "--seed", "12"])
-    import_id = (await jobs_client.import_contacts(user, "big.csv")).id
+    import_id = (await jobs_client.import_contacts(user_id, "big.csv")).id
 
     await sign_in(page)
     await page.goto(f"/imports/{import_id}")
@@ -380,12 +364,11 @@ async def test_a_running_imports_bar_advances_without_a_reload(
 
 
 async def test_cancel_from_the_imports_list_cancels_the_import(
-    tab: Tab, settings: Settings, sessions: Sessions, jobs_client: JobsClient
+    tab: Tab, settings: Settings, jobs_client: JobsClient, user_id: uuid.UUID
 ) -> None:
     page = tab.page
-    user = await new_user(sessions)
-    write_import(settings, user, "a.csv", "email\nann@example.com\n")
-    import_id = (await jobs_client.import_contacts(user, "a.csv")).id  # no worker: it waits
+    write_import(settings, user_id, "a.csv", "email\nann@example.com\n")
+    import_id = (await jobs_client.import_contacts(user_id, "a.csv")).id  # no worker: it waits
 
     await sign_in(page)
     await page.goto("/imports")
@@ -403,16 +386,11 @@ async def test_cancel_from_the_imports_list_cancels_the_import(
 
 
 async def test_a_header_made_of_markup_shows_as_text_and_runs_no_script(
-    tab: Tab,
-    settings: Settings,
-    sessions: Sessions,
-    jobs_client: JobsClient,
-    run_burst: RunBurst,
+    tab: Tab, settings: Settings, jobs_client: JobsClient, run_burst: RunBurst, user_id: uuid.UUID
 ) -> None:
     page = tab.page
-    user = await new_user(sessions)
-    write_import(settings, user, "xss.csv", f"email,{XSS}\nann@example.com,1\n")
-    import_id = (await jobs_client.import_contacts(user, "xss.csv")).id
+    write_import(settings, user_id, "xss.csv", f"email,{XSS}\nann@example.com,1\n")
+    import_id = (await jobs_client.import_contacts(user_id, "xss.csv")).id
     await run_burst("imports")
     message = (await jobs_client.import_status(import_id)).message
     assert message is not None and XSS in message
@@ -448,15 +426,15 @@ async def test_a_header_made_of_markup_shows_as_text_and_runs_no_script(
 
 
 async def test_a_failed_export_retried_from_its_button_completes(
-    tab: Tab, sessions: Sessions, jobs_client: JobsClient, run_burst: RunBurst
+    tab: Tab, sessions: Sessions, jobs_client: JobsClient, run_burst: RunBurst, user_id: uuid.UUID
 ) -> None:
     page = tab.page
-    user = await new_user(sessions)
     async with sessions.begin() as session:
         await session.execute(
-            text("INSERT INTO contacts (user_id, email) VALUES (:u, 'a@example.com')"), {"u": user}
+            text("INSERT INTO contacts (user_id, email) VALUES (:u, 'a@example.com')"),
+            {"u": user_id},
         )
-    export_id = (await jobs_client.export_contacts(user)).id
+    export_id = (await jobs_client.export_contacts(user_id)).id
     await run_burst("exports")
     # Fail it the way the job's on_failure does.
     async with sessions.begin() as session:
@@ -493,33 +471,26 @@ async def test_every_page_loads_polls_and_keeps_its_ids_without_a_js_error(
     sessions: Sessions,
     jobs_client: JobsClient,
     run_burst: RunBurst,
+    user_id: uuid.UUID,
 ) -> None:
     page = tab.page
-    user = await new_user(sessions)
-    write_import(settings, user, "done.csv", "email\nann@example.com\nnot-an-email\n")
-    finished = (await jobs_client.import_contacts(user, "done.csv")).id
+    write_import(settings, user_id, "done.csv", "email\nann@example.com\nnot-an-email\n")
+    finished = (await jobs_client.import_contacts(user_id, "done.csv")).id
+    write_import(settings, user_id, "no-email.csv", "name\nAnn\n")
+    failed_import = (await jobs_client.import_contacts(user_id, "no-email.csv")).id
     await run_burst("imports")
-    write_import(settings, user, "waiting.csv", "email\nbob@example.com\n")
-    waiting = (await jobs_client.import_contacts(user, "waiting.csv")).id
-    failed_import = uuid.uuid4()
+    assert (await jobs_client.import_status(failed_import)).status == "failed"
+    write_import(settings, user_id, "waiting.csv", "email\nbob@example.com\n")
+    waiting = (await jobs_client.import_contacts(user_id, "waiting.csv")).id
+    # An email the provider may or may not have sent: held for review.
     email_id = uuid.uuid4()
+    held = EmailMessage(
+        id=email_id, idempotency_key="k1", to_email="x@example.com", subject="s", html="h",
+        status="review", provider="resend", attempts=3, last_error="timeout",
+    )  # fmt: skip
     async with sessions.begin() as session:
-        await session.execute(
-            text(
-                "INSERT INTO contact_import_jobs (id, user_id, file_path, status, message)"
-                " VALUES (:id, :u, 'gone.csv', 'failed', 'file not found')"
-            ),
-            {"id": failed_import, "u": user},
-        )
-        await session.execute(
-            text(
-                "INSERT INTO email_messages (id, idempotency_key, to_email, subject, html,"
-                " status, provider, attempts, last_error)"
-                " VALUES (:id, 'k1', 'x@example.com', 's', 'h', 'review', 'resend', 3, 'timeout')"
-            ),
-            {"id": email_id},
-        )
-    export_id = (await jobs_client.export_contacts(user)).id
+        session.add(held)
+    export_id = (await jobs_client.export_contacts(user_id)).id
     await run_burst("exports")
 
     # Each page's ids, checked after a poll: console.js rebuilds lists from <template> rows.
