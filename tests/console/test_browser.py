@@ -188,6 +188,17 @@ async def next_poll(page: Page, *, now: bool = False) -> None:
     )
 
 
+async def written_by_script(page: Page) -> None:
+    """Wait until console.js has written an answer into this document at least once.
+
+    Lists poll; one import's page follows server-sent events, which for a finished import write
+    the page once and end, so "the next poll" may never come there.
+    """
+    await page.wait_for_function(
+        "() => Boolean(document.getElementById('page').dataset.updatedAt)", timeout=WAIT_MS
+    )
+
+
 async def mark_document(page: Page) -> None:
     """Tag the loaded document; `same_document` is true only while no reload has happened."""
     await page.evaluate("window.__c360SameDocument = true")
@@ -402,7 +413,7 @@ async def test_a_header_made_of_markup_shows_as_text_and_runs_no_script(
         for _ in ("as rendered by the server", "as written by console.js"):
             await expect(cell).to_contain_text(XSS)  # the markup is the text
             assert await page.locator("main img").count() == 0
-            await next_poll(page, now=True)
+            await written_by_script(page)
 
     # And were markup ever to slip in, the CSP refuses its inline handler. The page answers
     # when the browser reports the violation, or (a CSP that lets it run) after 5 s.
@@ -516,7 +527,7 @@ async def test_every_page_loads_polls_and_keeps_its_ids_without_a_js_error(
     for path, ids in pages.items():
         await page.goto(path)
         await expect(page.locator("main#page")).to_be_visible()
-        await next_poll(page, now=True)
+        await written_by_script(page)
         for selector in ids:
             assert await page.locator(selector).count() == 1, f"{path}: no {selector}"
         assert await page.locator("#logout").count() == 1
