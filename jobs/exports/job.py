@@ -31,11 +31,11 @@ import asyncpg
 from sqlalchemy import select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from db.models import Export
+from db.models import Export, ExportKind
 from db.session import driver_connection
 from jobs.exports.errors import file_errors
 from jobs.exports.progress import ProgressSink
-from jobs.exports.query import ExportKind, export_query
+from jobs.exports.query import export_query
 from worker.context import Ctx
 from worker.errors import PermanentError, TransientError
 from worker.job import job
