@@ -34,6 +34,7 @@ from tests.support.users import new_user
 from worker.client import JobsClient
 from worker.job import AnyJob, CronSchedule
 from worker.main import worker_settings
+from worker.routes import QueueName
 from worker.serialization import deserialize, serialize
 from worker.settings import Settings
 
@@ -145,7 +146,7 @@ async def run_burst(settings: Settings) -> AsyncIterator[RunBurst]:
     workers: list[Worker] = []
 
     async def run(
-        queue: str,
+        queue: QueueName,
         *,
         jobs: list[AnyJob] | None = None,
         crons: list[CronSchedule] | None = None,
