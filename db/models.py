@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal, get_args
 
 from sqlalchemy import (
     BigInteger,
@@ -27,10 +27,18 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-IMPORT_STATUSES = ("pending", "processing", "completed", "failed", "cancelled")
-EXPORT_STATUSES = ("pending", "processing", "completed", "failed")
-EXPORT_KINDS = ("contacts", "companies")
-EMAIL_STATUSES = ("pending", "sending", "sent", "failed", "review", "suppressed")
+# One Literal per column: the model's type, the client's pydantic types (worker/client.py), the
+# CHECK constraints below and the console's filters all read it. The constraints in a migrated
+# database must allow exactly these values (tests/foundation/test_migrations.py), so a new
+# status comes with a migration.
+ImportStatusName = Literal["pending", "processing", "completed", "failed", "cancelled"]
+ExportStatusName = Literal["pending", "processing", "completed", "failed"]
+ExportKind = Literal["contacts", "companies"]
+EmailStatusName = Literal["pending", "sending", "sent", "failed", "review", "suppressed"]
+IMPORT_STATUSES: tuple[ImportStatusName, ...] = get_args(ImportStatusName)
+EXPORT_STATUSES: tuple[ExportStatusName, ...] = get_args(ExportStatusName)
+EXPORT_KINDS: tuple[ExportKind, ...] = get_args(ExportKind)
+EMAIL_STATUSES: tuple[EmailStatusName, ...] = get_args(EmailStatusName)
 # CONTRACT §13: bounce, complaint and manual stop all email to the address; unsubscribe only
 # campaign email (jobs/email/suppression.py decides which email is which).
 SUPPRESSION_REASONS = ("bounce", "complaint", "unsubscribe", "manual")
@@ -38,6 +46,7 @@ EMAIL_EVENT_PROVIDERS = ("resend", "sendgrid")
 
 
 def _one_of(column: str, values: tuple[str, ...]) -> str:
+    """A CHECK constraint's text, spelt as migration 0001 spells it: `status IN ('a', 'b')`."""
     return f"{column} IN ({', '.join(repr(v) for v in values)})"
 
 
@@ -126,7 +135,7 @@ class ContactImportJob(Base):
     id: Mapped[uuid.UUID] = _uuid_pk()
     user_id: Mapped[uuid.UUID] = _user_fk()
     file_path: Mapped[str] = mapped_column(Text)
-    status: Mapped[str] = mapped_column(Text, server_default="pending")
+    status: Mapped[ImportStatusName] = mapped_column(Text, server_default="pending")
     total_rows: Mapped[int | None] = mapped_column(Integer)
     processed_rows: Mapped[int] = _counter()
     # The batch after `processed_rows` is merged in email-hash parts, one transaction each:
@@ -175,8 +184,8 @@ class Export(Base):
 
     id: Mapped[uuid.UUID] = _uuid_pk()
     user_id: Mapped[uuid.UUID] = _user_fk()
-    kind: Mapped[str] = mapped_column(Text)
-    status: Mapped[str] = mapped_column(Text, server_default="pending")
+    kind: Mapped[ExportKind] = mapped_column(Text)
+    status: Mapped[ExportStatusName] = mapped_column(Text, server_default="pending")
     # False: every row of the user; True: only the ids listed in export_items.
     has_selection: Mapped[bool] = mapped_column(Boolean, server_default="false")
     row_count: Mapped[int] = _counter()
@@ -244,7 +253,7 @@ class EmailMessage(Base):
     subject: Mapped[str] = mapped_column(Text)
     html: Mapped[str] = mapped_column(Text)
     text_body: Mapped[str | None] = mapped_column("text", Text)
-    status: Mapped[str] = mapped_column(Text, server_default="pending")
+    status: Mapped[EmailStatusName] = mapped_column(Text, server_default="pending")
     provider: Mapped[str | None] = mapped_column(Text)
     provider_message_id: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = _counter()

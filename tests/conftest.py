@@ -32,8 +32,9 @@ from db.session import create_engine, make_sessionmaker
 from tests.support.ctx import CtxOpener
 from tests.support.users import new_user
 from worker.client import JobsClient
-from worker.job import CronSchedule, JobDefinition
+from worker.job import AnyJob, CronSchedule
 from worker.main import worker_settings
+from worker.routes import QueueName
 from worker.serialization import deserialize, serialize
 from worker.settings import Settings
 
@@ -145,9 +146,9 @@ async def run_burst(settings: Settings) -> AsyncIterator[RunBurst]:
     workers: list[Worker] = []
 
     async def run(
-        queue: str,
+        queue: QueueName,
         *,
-        jobs: list[JobDefinition] | None = None,
+        jobs: list[AnyJob] | None = None,
         crons: list[CronSchedule] | None = None,
         settings_: Settings | None = None,
         **overrides: Any,

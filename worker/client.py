@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import datetime
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 import aioboto3
 from arq.connections import ArqRedis, create_pool
@@ -32,7 +32,16 @@ from sqlalchemy import ColumnElement, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from db.models import ContactImportError, ContactImportJob, Export, User, WaitlistEntry
+from db.models import (
+    ContactImportError,
+    ContactImportJob,
+    Export,
+    ExportKind,
+    ExportStatusName,
+    ImportStatusName,
+    User,
+    WaitlistEntry,
+)
 from db.session import create_engine, driver_connection, make_sessionmaker
 from jobs.email import drafts
 from jobs.email.caller_input import check_send_email, check_waitlist_signup
@@ -45,7 +54,6 @@ from worker.routes import (
     KICKOFF_WAITLIST_FIRST_EMAIL,
     PROCESS_CONTACTS_IMPORT,
     SYNC_CONTACT,
-    ExportKind,
     Route,
     enqueue,
     export_job_id,
@@ -68,7 +76,7 @@ _COPY_CHUNK_IDS = 50_000
 
 class ImportStatus(BaseModel):
     id: uuid.UUID
-    status: str
+    status: ImportStatusName
     total_rows: int | None
     processed_rows: int
     error_count: int
@@ -110,8 +118,8 @@ class ImportRowError(BaseModel):
 
 class ExportStatus(BaseModel):
     id: uuid.UUID
-    kind: Literal["contacts", "companies"]
-    status: str
+    kind: ExportKind
+    status: ExportStatusName
     row_count: int
     file_path: str | None
     error: str | None

@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from worker.email_providers import EmailProvider
 from worker.marketing import MarketingProvider
 from worker.ratelimit import RateLimiter
+from worker.routes import QueueName
 from worker.settings import Settings
 from worker.storage import Storage
 
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
 class WorkerGiven(TypedDict):
     # Given when the worker is built (worker.main.worker_settings).
     settings: Settings
-    queue_name: str
+    queue_name: QueueName
     # arq's own pool, set by arq before it calls `on_startup`.
     redis: ArqRedis
 

@@ -1,7 +1,9 @@
 """How every job runs: log context, soft and hard time limits, the retry policy, failure records.
 
-Jobs are plain coroutines `async def name(ctx: Ctx, **kwargs)`. `JobDefinition` wraps one for
-arq, so every job gets the same behaviour without repeating it:
+Jobs are plain coroutines `async def name(ctx: Ctx, **kwargs) -> SomeResult`. `JobDefinition`
+wraps one for arq, so every job gets the same behaviour without repeating it; it is generic in
+the coroutine's parameters and result (`JobDefinition[P, R]`), so `run(ctx, ...)` and
+`coroutine(ctx, ...)` are checked against the job's own signature:
 
 - logs carry the job id, name and try number;
 - `ctx["soft_deadline"]` tells a long job when to checkpoint and continue in a fresh try;
@@ -24,7 +26,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, cast
 
 from arq.constants import retry_key_prefix
 from arq.cron import CronJob, cron
@@ -41,7 +43,10 @@ from worker.tracing import job_span
 
 log = logging.getLogger(__name__)
 
-JobCoroutine = Callable[..., Awaitable[Any]]
+P = ParamSpec("P")
+R = TypeVar("R")
+# A job's coroutine: the ctx, then the job's own arguments (CONTRACT §5).
+JobCoroutine = Callable[Concatenate[Ctx, P], Awaitable[R]]
 FailureHook = Callable[[Ctx, dict[str, Any], str], Awaitable[None]]
 # arq's own timeout stays a backstop behind ours, so our failure record gets written first.
 ARQ_TIMEOUT_GRACE_S = 30.0
@@ -55,10 +60,10 @@ async def _give_try_back(ctx: Ctx) -> None:
 
 
 @dataclass(frozen=True)
-class JobDefinition:
+class JobDefinition(Generic[P, R]):
     """A job coroutine and how it runs; `to_arq` builds arq's `Function` once settings are known."""
 
-    coroutine: JobCoroutine
+    coroutine: JobCoroutine[P, R]
     name: str
     # None: JOB_TIMEOUT_S. Short jobs set a cap so a crashed one is not held for 30 minutes.
     timeout_cap_s: float | None = None
@@ -69,7 +74,7 @@ class JobDefinition:
         return limit_s if self.timeout_cap_s is None else min(limit_s, self.timeout_cap_s)
 
     def arq_coroutine(self) -> WorkerCoroutine:
-        async def run(arq_ctx: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        async def run(arq_ctx: dict[str, Any], *args: P.args, **kwargs: P.kwargs) -> R:
             return await self.run(cast(Ctx, arq_ctx), *args, **kwargs)
 
         run.__qualname__ = run.__name__ = self.name
@@ -85,7 +90,7 @@ class JobDefinition:
             max_tries=None,
         )
 
-    async def run(self, ctx: Ctx, *args: Any, **kwargs: Any) -> Any:
+    async def run(self, ctx: Ctx, *args: P.args, **kwargs: P.kwargs) -> R:
         settings = ctx["settings"]
         job_try = ctx["job_try"]
         job_id = ctx["job_id"]
@@ -138,7 +143,9 @@ class JobDefinition:
                     )
                 )
 
-    async def _run_with_limits(self, ctx: Ctx, job_try: int, *args: Any, **kwargs: Any) -> Any:
+    async def _run_with_limits(
+        self, ctx: Ctx, job_try: int, *args: P.args, **kwargs: P.kwargs
+    ) -> R:
         """The job under its soft and hard limits; failures become `Retry` or a `WorkerError`."""
         settings = ctx["settings"]
         loop = asyncio.get_running_loop()
@@ -174,15 +181,19 @@ class JobDefinition:
             log.exception("could not record the failure of %s", self.name)
 
 
+# Any job, whatever its arguments and result: what a queue's worker registers.
+AnyJob = JobDefinition[..., Any]
+
+
 def job(
     *,
     name: str | None = None,
     timeout_cap_s: float | None = None,
     on_failure: FailureHook | None = None,
-) -> Callable[[JobCoroutine], JobDefinition]:
-    """Decorator: `@job(on_failure=...)` over `async def process_x(ctx: Ctx, ...)`."""
+) -> Callable[[JobCoroutine[P, R]], JobDefinition[P, R]]:
+    """Decorator: `@job(on_failure=...)` over `async def process_x(ctx: Ctx, ...) -> XResult`."""
 
-    def wrap(coroutine: JobCoroutine) -> JobDefinition:
+    def wrap(coroutine: JobCoroutine[P, R]) -> JobDefinition[P, R]:
         return JobDefinition(
             coroutine=coroutine,
             name=name or coroutine.__name__,
@@ -197,7 +208,8 @@ def job(
 class CronSchedule:
     """A job that the default worker enqueues on a UTC schedule (arq's `cron`, unique per tick)."""
 
-    job: JobDefinition
+    # A cron job takes no arguments of its own: arq calls it with the ctx alone.
+    job: JobDefinition[[], Any]
     hour: int | set[int] | None = None
     minute: int | set[int] | None = None
 

@@ -17,7 +17,7 @@ from arq.cron import CronJob
 from arq.worker import Function
 
 from worker import lease, preflight
-from worker.job import CronSchedule, JobDefinition
+from worker.job import AnyJob, CronSchedule
 from worker.lifecycle import shutdown, startup
 from worker.recycle import after_job_end as recycle_after_job_end
 from worker.retry import arq_max_tries
@@ -76,9 +76,9 @@ def job_modules(queue: QueueName) -> tuple[str, ...]:
     return names
 
 
-def queue_jobs(queue: QueueName) -> tuple[list[JobDefinition], list[CronSchedule]]:
+def queue_jobs(queue: QueueName) -> tuple[list[AnyJob], list[CronSchedule]]:
     """The jobs and cron schedules the queue's modules declare in `JOBS` and `CRON_JOBS`."""
-    jobs: list[JobDefinition] = []
+    jobs: list[AnyJob] = []
     crons: list[CronSchedule] = []
     for module_name in job_modules(queue):
         module = importlib.import_module(module_name)
@@ -93,7 +93,7 @@ def worker_settings(
     *,
     burst: bool = False,
     recycle: bool = False,
-    jobs: list[JobDefinition] | None = None,
+    jobs: list[AnyJob] | None = None,
     crons: list[CronSchedule] | None = None,
 ) -> dict[str, Any]:
     """Keyword arguments for `arq.Worker` serving `queue`; tests pass their own `jobs`.

@@ -20,13 +20,13 @@ from typing import Any, Literal, get_args
 from arq.connections import ArqRedis
 from arq.jobs import Job
 
+from db.models import ExportKind
 from worker.tracing import enqueue_span
 
 QueueName = Literal["imports", "exports", "default"]
 QUEUES: tuple[QueueName, ...] = get_args(QueueName)
 
 RowKind = Literal["import", "export"]
-ExportKind = Literal["contacts", "companies"]
 
 # How long the pointer to an import's continuation lives; far beyond any import's run time.
 CONTINUATION_POINTER_TTL_S = 7 * 24 * 3600

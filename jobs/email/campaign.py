@@ -16,15 +16,15 @@ import logging
 import uuid
 from collections import Counter
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Literal, TypedDict
 
 from sqlalchemy import Row, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from db.models import WaitlistEntry
 from jobs.email import drafts
-from jobs.email.fanout import halted, send_page
-from jobs.email.outbox import AfterSettled, Outcome, deliver, fail_message
+from jobs.email.fanout import SendCounts, as_result, halted, send_page
+from jobs.email.outbox import AfterSettled, Outcome, SendResult, deliver, fail_message
 from worker.context import Ctx
 from worker.errors import PermanentError
 from worker.job import job
@@ -75,6 +75,19 @@ async def _send_step(ctx: Ctx, entry: Row[Any], step: int, max_attempts: int | N
     return await deliver(ctx, draft, after=hook, max_attempts=max_attempts)
 
 
+class KickoffSkipped(TypedDict):
+    """The entry had step 1 already, or unsubscribed or converted: nothing was sent."""
+
+    entry_id: str
+    status: Literal["skipped"]
+
+
+class CampaignTickResult(SendCounts, total=True):
+    """The hourly tick's pages read and what became of each due step."""
+
+    pages: int
+
+
 async def _fail_kickoff(ctx: Ctx, kwargs: dict[str, Any], reason: str) -> None:
     entry_id = uuid.UUID(str(kwargs["entry_id"]))
     await fail_message(ctx, f"waitlist/{entry_id}/1", reason)
@@ -85,7 +98,7 @@ async def _fail_kickoff(ctx: Ctx, kwargs: dict[str, Any], reason: str) -> None:
 
 
 @job(timeout_cap_s=SEND_JOB_CAP_S, on_failure=_fail_kickoff)
-async def kickoff_waitlist_first_email(ctx: Ctx, entry_id: str) -> dict[str, Any]:
+async def kickoff_waitlist_first_email(ctx: Ctx, entry_id: str) -> SendResult | KickoffSkipped:
     """Send waitlist step 1 now and schedule step 2 at sign-up + 2 days.
 
     Twice is harmless: the step's outbox key `waitlist/<entry_id>/1` sends once, and the entry
@@ -135,7 +148,7 @@ def _due_page(now: datetime, cursor: tuple[datetime, uuid.UUID] | None) -> Any:
 
 
 @job(timeout_cap_s=CRON_TIME_CAP_S)
-async def send_waitlist_campaign_hourly(ctx: Ctx) -> dict[str, Any]:
+async def send_waitlist_campaign_hourly(ctx: Ctx) -> CampaignTickResult:
     """Send every waitlist step due up to now, 1,000 entries a page, 100 sends at a time.
 
     Twice in one hour sends nothing new: a sent step has moved its entry's `next_email_at`
@@ -174,4 +187,4 @@ async def send_waitlist_campaign_hourly(ctx: Ctx) -> dict[str, Any]:
             counts["stopped_early"] = 1
             break
     log.info("waitlist campaign: %s", dict(counts))
-    return {"pages": pages, **counts}
+    return {"pages": pages, **as_result(counts)}

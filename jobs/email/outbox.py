@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 from arq.constants import in_progress_key_prefix
 from sqlalchemy import text
@@ -67,6 +67,17 @@ class Draft:
     text: str | None = None
 
 
+class SendResult(TypedDict):
+    """What a job that sends one email returns (`Outcome.summary`)."""
+
+    key: str
+    status: Status
+    # True when the row was settled before this run: nothing was sent now.
+    duplicate: bool
+    provider_message_id: str | None
+    error: str | None
+
+
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """What the outbox row says after `deliver`; `fresh` is False when it was settled before."""
@@ -81,7 +92,7 @@ class Outcome:
     def settled(self) -> bool:
         return self.status != "pending"
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> SendResult:
         return {
             "key": self.key,
             "status": self.status,

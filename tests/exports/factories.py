@@ -15,7 +15,7 @@ from arq.jobs import Job
 from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from db.models import Company, Contact, Export
+from db.models import Company, Contact, Export, ExportItem
 from tests.support.users import new_user
 from worker.serialization import deserialize
 
@@ -116,7 +116,7 @@ async def new_export(
         assert export_id is not None
         if ids:
             await session.execute(
-                insert(Export.__table__.metadata.tables["export_items"]),
+                insert(ExportItem),
                 [{"export_id": export_id, "item_id": i} for i in set(ids)],
             )
     return export_id

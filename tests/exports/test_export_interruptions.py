@@ -14,6 +14,7 @@ import asyncpg
 import pytest
 from arq.connections import ArqRedis
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.pool import QueuePool
 
 from jobs.exports.job import generate_contact_export
 from tests.conftest import RunBurst
@@ -174,4 +175,5 @@ async def test_cancelled_export_leaves_no_partial_file_or_upload_and_reruns_clea
     ctx["storage"] = real
     result = await generate_contact_export.run(ctx, export_id=str(export_id))
     assert (result["status"], result["row_count"], result["written"]) == ("completed", ROWS, True)
-    assert ctx["engine"].pool.checkedout() == 0
+    pool = ctx["engine"].pool
+    assert isinstance(pool, QueuePool) and pool.checkedout() == 0

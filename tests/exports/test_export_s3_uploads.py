@@ -13,7 +13,6 @@ from typing import Any
 
 import pytest
 from arq.connections import ArqRedis
-from botocore.exceptions import ClientError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from jobs.exports.job import generate_contact_export
@@ -27,7 +26,7 @@ from tests.exports.factories import (
     user_with_contacts,
 )
 from tests.support.ctx import CtxOpener, startup_with
-from tests.support.s3_server import TEST_PART_SIZE_BYTES
+from tests.support.s3_server import TEST_PART_SIZE_BYTES, client_error
 from worker.client import JobsClient
 from worker.settings import Settings
 from worker.storage import LocalStorage, S3ClientFactory, S3Storage
@@ -59,9 +58,7 @@ class _FlakyClient:
     async def upload_part(self, **kwargs: Any) -> Any:
         self._plan.calls += 1
         if self._plan.calls in self._plan.fail_on:
-            error = {"Code": self._plan.code, "Message": "injected"}
-            meta = {"HTTPStatusCode": self._plan.status}
-            raise ClientError({"Error": error, "ResponseMetadata": meta}, "UploadPart")
+            raise client_error(self._plan.code, self._plan.status, "injected")
         return await self._client.upload_part(**kwargs)
 
 

@@ -15,6 +15,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from jobs.imports import process_contacts_import
+from jobs.imports.job import ImportResult
 from tests.support.ctx import CtxOpener
 from worker.client import ImportStatus, JobsClient
 from worker.context import Ctx
@@ -69,7 +70,7 @@ async def start_import(
     return status.id
 
 
-async def run_job(ctx: Ctx, import_id: uuid.UUID) -> Any:
+async def run_job(ctx: Ctx, import_id: uuid.UUID) -> ImportResult:
     """The job as arq runs it: through the wrapper (limits, retry policy, failure record)."""
     return await process_contacts_import.run(ctx, job_id=str(import_id))
 

@@ -16,6 +16,7 @@ from arq.constants import in_progress_key_prefix
 
 from tests.conftest import RunBurst
 from tests.reliability.conftest import Db, Processes, wait_for, worker_env, worker_ready
+from tests.support.redis_replies import reply
 from worker.context import Ctx
 from worker.job import job
 from worker.lease import LEASE_MS, WORKER_SEEN_WINDOW_MS, WORKERS_KEY, Leases, running_key
@@ -26,7 +27,8 @@ from worker.settings import Settings
 @job()
 async def probe_lease(ctx: Ctx) -> dict[str, Any]:
     redis = ctx["redis"]
-    entry = await redis.hget(running_key("default"), ctx["job_id"])  # type: ignore[misc]
+    entry = await reply(redis.hget(running_key("default"), ctx["job_id"]))
+    assert entry is not None, "a running job's lease is mirrored for status"
     return {
         "pttl_ms": await redis.pttl(in_progress_key_prefix + ctx["job_id"]),
         "entry": json.loads(entry),
@@ -46,7 +48,7 @@ async def test_a_running_job_holds_a_short_lease_mirrored_for_status(
     assert seen["entry"]["worker"].endswith(f":{os.getpid()}")
     assert seen["entry"]["lease_until_ms"] > time.time() * 1000
     # Finished: the mirror entry is gone and arq deleted the in-progress key.
-    assert await redis_raw.hlen(running_key("default")) == 0
+    assert await reply(redis_raw.hlen(running_key("default"))) == 0
     assert not await redis_raw.exists(in_progress_key_prefix + "probe-1")
 
 
@@ -67,7 +69,10 @@ async def test_renewal_extends_leases_but_never_shortens_a_cron_keep_or_revives_
     assert not await redis_raw.exists(in_progress_key_prefix + "finished")
     await leases.release("running")
     assert await leases.renew() == 2
-    assert sorted(await redis_raw.hkeys(running_key("default"))) == [b"cron-finished", b"finished"]
+    assert sorted(await reply(redis_raw.hkeys(running_key("default")))) == [
+        b"cron-finished",
+        b"finished",
+    ]
 
 
 @pytest.mark.slow

@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from tests.conftest import RunBurst
 from tests.reliability.conftest import REPO_ROOT, free_port
 from tests.support.heartbeats import fake_heartbeat
+from tests.support.redis_replies import reply
 from worker.context import Ctx
 from worker.errors import TransientError
 from worker.job import job
@@ -142,9 +143,9 @@ async def test_the_job_wrapper_counts_outcomes_and_keeps_failures(
     for name in ("succeeds", "fails", "flaky"):
         await arq_redis.enqueue_job(name, _job_id=name, _queue_name="default")
     await run_burst("default", jobs=[succeeds, fails, flaky])
-    counts = await redis_raw.hgetall(stats_key("default"))
+    counts = await reply(redis_raw.hgetall(stats_key("default")))
     assert counts == {b"completed": b"2", b"failed": b"1", b"retried": b"1"}
-    (failure,) = [json.loads(raw) for raw in await redis_raw.lrange(FAILURES_KEY, 0, -1)]
+    (failure,) = [json.loads(raw) for raw in await reply(redis_raw.lrange(FAILURES_KEY, 0, -1))]
     assert (failure["job_id"], failure["job"], failure["try"]) == ("fails", "fails", 1)
     assert failure["error"] == "ValueError: the input is wrong"
     # Finished jobs leave no death-count key behind.

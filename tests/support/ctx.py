@@ -18,6 +18,7 @@ from arq.connections import ArqRedis
 
 from worker.context import Ctx, Resources, as_ctx
 from worker.lifecycle import shutdown, startup
+from worker.routes import QueueName
 from worker.settings import Settings
 
 
@@ -53,7 +54,7 @@ class CtxOpener:
         self._opened: list[dict[str, Any]] = []
 
     async def __call__(
-        self, queue: str, *, settings: Settings | None = None, **resources: Any
+        self, queue: QueueName, *, settings: Settings | None = None, **resources: Any
     ) -> Ctx:
         arq_ctx: dict[str, Any] = {
             "settings": settings or self.settings,
