@@ -41,8 +41,10 @@ EXPORT_KINDS: tuple[ExportKind, ...] = get_args(ExportKind)
 EMAIL_STATUSES: tuple[EmailStatusName, ...] = get_args(EmailStatusName)
 # CONTRACT §13: bounce, complaint and manual stop all email to the address; unsubscribe only
 # campaign email (jobs/email/suppression.py decides which email is which).
-SUPPRESSION_REASONS = ("bounce", "complaint", "unsubscribe", "manual")
-EMAIL_EVENT_PROVIDERS = ("resend", "sendgrid")
+SuppressionReason = Literal["bounce", "complaint", "unsubscribe", "manual"]
+EmailEventProvider = Literal["resend", "sendgrid"]
+SUPPRESSION_REASONS: tuple[SuppressionReason, ...] = get_args(SuppressionReason)
+EMAIL_EVENT_PROVIDERS: tuple[EmailEventProvider, ...] = get_args(EmailEventProvider)
 
 
 def _one_of(column: str, values: tuple[str, ...]) -> str:

@@ -22,7 +22,15 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 from arq.connections import ArqRedis
-from playwright.async_api import Browser, ConsoleMessage, Dialog, Page, async_playwright, expect
+from playwright.async_api import (
+    Browser,
+    ConsoleMessage,
+    Dialog,
+    Page,
+    Response,
+    async_playwright,
+    expect,
+)
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -31,6 +39,7 @@ from db.models import EmailMessage
 from tests.conftest import RunBurst
 from tests.console.conftest import PASSWORD
 from tests.reliability.conftest import REPO_ROOT, Processes, free_port, wait_for, worker_env
+from tests.support.redis_replies import reply
 from worker.client import JobsClient
 from worker.lease import Leases, running_key
 from worker.routes import QUEUES
@@ -142,14 +151,13 @@ async def tab(browser: Browser, console_url: str) -> AsyncIterator[Tab]:
     page.on("dialog", on_dialog)
     page.on("console", on_console)
     page.on("pageerror", lambda exc: watched.errors.append(f"{page.url}: uncaught {exc}"))
+
     # Which URL failed: the console's "Failed to load resource" line does not say.
-    page.on(
-        "response",
-        lambda answer: (
-            answer.status >= 400
-            and watched.errors.append(f"answer {answer.status} for {answer.url}")
-        ),
-    )
+    def on_response(answer: Response) -> None:
+        if answer.status >= 400:
+            watched.errors.append(f"answer {answer.status} for {answer.url}")
+
+    page.on("response", on_response)
     try:
         yield watched
     finally:
@@ -258,12 +266,14 @@ async def test_sign_in_sets_an_httponly_strict_cookie_and_sign_out_clears_it(tab
 async def redis_counts(redis_raw: aioredis.Redis, queue: str) -> dict[str, int]:
     """What Redis holds for one queue, read without the console's code."""
     now_ms = int(time.time() * 1000)
-    stats = {k.decode(): int(v) for k, v in (await redis_raw.hgetall(stats_key(queue))).items()}
+    stats = {
+        k.decode(): int(v) for k, v in (await reply(redis_raw.hgetall(stats_key(queue)))).items()
+    }
     workers = [k async for k in redis_raw.scan_iter(match=f"{queue}:health-check:*")]
     return {
         "queued": await redis_raw.zcount(queue, "-inf", now_ms),
         "deferred": await redis_raw.zcount(queue, f"({now_ms}", "+inf"),
-        "running": await redis_raw.hlen(running_key(queue)),
+        "running": await reply(redis_raw.hlen(running_key(queue))),
         "workers": len(workers),
         **{name: stats.get(name, 0) for name in ("completed", "failed", "retried", "died")},
     }
@@ -283,7 +293,7 @@ async def test_the_overview_shows_what_redis_holds_and_follows_it_live(
         "exports": {"completed": 310, "retried": 2},
     }
     for queue, values in counters.items():
-        await redis_raw.hset(stats_key(queue), mapping=values)
+        await reply(redis_raw.hset(stats_key(queue), mapping=values))
     # A real worker process heartbeats on the exports queue (its only job is deferred).
     procs = Processes(tmp_path)
     try:
@@ -309,7 +319,7 @@ async def test_the_overview_shows_what_redis_holds_and_follows_it_live(
         # Two more jobs and a failure: the page follows without a reload.
         await arq_redis.enqueue_job("send_email", _queue_name="default", _job_id="mail-4")
         await arq_redis.enqueue_job("send_email", _queue_name="default", _job_id="mail-5")
-        await redis_raw.hincrby(stats_key("default"), "failed", 1)
+        await reply(redis_raw.hincrby(stats_key("default"), "failed", 1))
         await expect(page.locator("#q-default-queued")).to_have_text("6", timeout=WAIT_MS)
         await expect(page.locator("#q-default-failed")).to_have_text("8", timeout=WAIT_MS)
         assert await same_document(page)

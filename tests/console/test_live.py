@@ -28,6 +28,7 @@ from tests.imports.conftest import start_import
 from tests.reliability import conftest as reliability
 from tests.reliability.conftest import Processes, wait_for, worker_env
 from tests.reliability.test_status import fails, flaky, succeeds
+from tests.support.redis_replies import reply
 from worker.client import JobsClient
 from worker.observe import collect
 from worker.routes import QUEUES
@@ -54,8 +55,8 @@ async def test_the_per_minute_buckets_equal_the_jobs_run(
     client, _ = operator
     first_minute = int(time.time() // 60)
     # Out of the window (an hour ago) and at its oldest edge (59 minutes ago).
-    await redis_raw.hset(minute_key(first_minute - CHART_MINUTES), "default|completed", 99)
-    await redis_raw.hset(minute_key(first_minute - CHART_MINUTES + 1), "imports|failed", 7)
+    await reply(redis_raw.hset(minute_key(first_minute - CHART_MINUTES), "default|completed", "99"))
+    await reply(redis_raw.hset(minute_key(first_minute - CHART_MINUTES + 1), "imports|failed", "7"))
     for job in ("succeeds", "succeeds", "succeeds", "fails", "flaky"):
         await arq_redis.enqueue_job(job, _queue_name="default")
     await run_burst("default", jobs=[succeeds, fails, flaky])
@@ -66,7 +67,7 @@ async def test_the_per_minute_buckets_equal_the_jobs_run(
     ran = {o: sum(series["queues"]["default"][o]) for o in OUTCOMES}
     assert ran == {"completed": 4, "failed": 1, "retried": 1, "died": 0}
     # Every try the job wrapper counted is in the chart (the stats counters are cumulative).
-    assert ran == summary(await redis_raw.hgetall(stats_key("default")))
+    assert ran == summary(await reply(redis_raw.hgetall(stats_key("default"))))
     for counts in series["queues"]["default"].values():
         assert len(counts) == CHART_MINUTES
         # Only the minutes the burst ran in hold its tries (normally the last one).
@@ -177,12 +178,12 @@ async def served(console_settings: Settings) -> AsyncIterator[str]:
 
 async def _read_events(response: httpx.Response, into: asyncio.Queue[tuple[str, Any]]) -> None:
     """Parse the stream into (event name, JSON data); ("closed", None) when it ends."""
-    name, data = "message", []
+    name, data = "message", list[str]()
     async for line in response.aiter_lines():
         if line == "":
             if data:
                 await into.put((name, json.loads("\n".join(data))))
-            name, data = "message", []
+            name, data = "message", list[str]()
         elif line.startswith("event:"):
             name = line.removeprefix("event:").strip()
         elif line.startswith("data:"):
