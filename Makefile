@@ -4,7 +4,8 @@ PYTHON ?= python3
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: venv run test lint format bench bench-import bench-export bench-email bench-recovery services
+.PHONY: venv run test lint format bench bench-import bench-export bench-email bench-recovery \
+	bench-console services
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,7 +30,7 @@ test: venv
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy worker jobs db
+	$(VENV)/bin/mypy worker jobs db tests
 
 format: venv
 	$(VENV)/bin/ruff check --fix .
@@ -38,7 +39,7 @@ format: venv
 services:
 	scripts/services.sh test
 
-bench: bench-import bench-export bench-email bench-recovery
+bench: bench-import bench-export bench-email bench-recovery bench-console
 
 bench-import: venv services
 	$(PY) bench/bench_import.py
@@ -52,3 +53,7 @@ bench-email: venv services
 
 bench-recovery: venv services
 	$(PY) bench/bench_recovery.py
+
+## The console under a backlog of 10^5 jobs and outbox rows: latency, and 50 polling dashboards.
+bench-console: venv services
+	$(PY) bench/bench_console.py

@@ -15,6 +15,14 @@ start-up excluded). Setups:
   transport, with arq's defaults (max_jobs=10, poll_delay=0.5) and with max_jobs=500;
 - Celery 5 prefork, 4 processes, blocking `httpx.Client` sends (skipped if celery is missing).
 
+Then the cost of the metrics and trace hooks of the job wrapper (worker/job.py), in interleaved
+rounds of `send_email` runs (the order rotates each round): "without" is a worker whose
+duration and queue-wait histograms (worker/stats.py) and trace span (worker/tracing.py) are
+patched off in the worker process itself (`bench_email.py ours-worker without`: no switch in
+the product); "SDK, no provider" the worker as shipped with OpenTelemetry installed and nothing
+configured; "provider + batch" a TracerProvider with a BatchSpanProcessor to an exporter that
+drops every span. Reported: the median sends/s of each, and the median of the per-round ratios.
+
 Uses a database of its own (dropped at the end) and Redis db BENCH_REDIS_DB (default 13),
 which must be empty or the test rig's own (TEST_REDIS_DB); it is flushed before and after.
 """
@@ -24,7 +32,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -148,6 +158,54 @@ def make_celery_app() -> Any:
 celery_app = make_celery_app() if os.environ.get("BENCH_CELERY") == "1" else None
 
 
+# ---- ours with and without the hooks: `bench_email.py ours-worker VARIANT` -------------------
+
+HOOK_VARIANTS = {
+    "without": "without histograms and span",
+    "sdk": "SDK installed, no provider",
+    "batch": "provider + BatchSpanProcessor, no-op exporter",
+}
+
+
+def run_ours_worker(variant: str) -> int:
+    """`python -m worker work default` in this process, its hooks set up as `variant` says."""
+    from worker import stats, tracing
+    from worker.cli import main as worker_main
+
+    if variant == "without":
+        record = stats.record
+
+        async def counts_only(*args: Any, **kwargs: Any) -> None:
+            await record(*args, **(kwargs | {"duration_s": None, "queue_wait_s": None}))
+
+        stats.record = counts_only  # type: ignore[assignment]
+        tracing.enabled = lambda: False  # type: ignore[assignment]
+    elif variant == "batch":
+        from opentelemetry import trace
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import (
+            BatchSpanProcessor,
+            SpanExporter,
+            SpanExportResult,
+        )
+
+        class Drop(SpanExporter):
+            dropped = 0
+
+            def export(self, spans: Any) -> SpanExportResult:
+                Drop.dropped += len(spans)
+                return SpanExportResult.SUCCESS
+
+        provider = TracerProvider()
+        provider.add_span_processor(BatchSpanProcessor(Drop()))
+        trace.set_tracer_provider(provider)
+        code = worker_main(["work", "default"])
+        provider.shutdown()
+        print(f"spans exported: {Drop.dropped}", flush=True)  # the bench checks it
+        return code
+    return worker_main(["work", "default"])
+
+
 # ---- the harness -------------------------------------------------------------------------------
 
 
@@ -196,6 +254,8 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description="email throughput benchmark")
     parser.add_argument("--emails", type=int, default=2000)
     parser.add_argument("--slow-emails", type=int, default=300, help="for the ~20/s baselines")
+    parser.add_argument("--hook-rounds", type=int, default=5, help="0: skip the hooks' cost")
+    parser.add_argument("--only-hooks", action="store_true", help="skip the side-by-side table")
     args = parser.parse_args()
     n, slow_n = args.emails, args.slow_emails
 
@@ -239,13 +299,16 @@ async def main() -> None:
         subprocess.run(migrate, env=env, cwd=ROOT, check=True)  # noqa: ASYNC221 (set-up, untimed)
         db = await asyncpg.connect(f"{PG_SERVER}/{database}")
         print(f"provider answers in 200 ms; logs in {logs}\n")
-        print("| setup | emails | sends/s | worker CPU ms/send |\n|---|---|---|---|", flush=True)
-        results += await bench_ours(env, pool, redis, db, logs, n)
-        for max_jobs, count in ((10, slow_n), (500, n)):
-            results.append(await bench_stock(env, pool, redis, logs, max_jobs, count))
-        celery = await bench_celery(env, redis, logs, slow_n)
-        if celery is None:
-            print("| Celery 5 prefork 4 | - | not run: celery is not installed | - |")
+        if not args.only_hooks:
+            print("| setup | emails | sends/s | worker CPU ms/send |\n|---|---|---|---|")
+            results += await bench_ours(env, pool, redis, db, logs, n)
+            for max_jobs, count in ((10, slow_n), (500, n)):
+                results.append(await bench_stock(env, pool, redis, logs, max_jobs, count))
+            celery = await bench_celery(env, redis, logs, slow_n)
+            if celery is None:
+                print("| Celery 5 prefork 4 | - | not run: celery is not installed | - |")
+        if args.hook_rounds:
+            await bench_hooks(env, redis, db, logs, n, args.hook_rounds)
         await db.close()
     finally:
         await pool.aclose()
@@ -308,6 +371,69 @@ async def bench_ours(
         stop(worker)
         await ours.aclose()
     return [jobs, campaign]
+
+
+async def bench_hooks(
+    env: dict[str, str], redis: Redis, db: Any, logs: Path, n: int, rounds: int
+) -> None:
+    from worker.routes import SEND_EMAIL
+    from worker.serialization import serialize
+    from worker.stats import metrics_key
+
+    print(f"\nhooks: {rounds} interleaved rounds of {n:,} `send_email` jobs\n", flush=True)
+    print("| round | variant | emails | sends/s | worker CPU ms/send |\n|---|---|---|---|---|")
+    variants = list(HOOK_VARIANTS)
+    rates: dict[str, list[float]] = {variant: [] for variant in variants}
+    items = [
+        {"to": f"h{i}@example.com", "subject": "Benchmark", "html": PAYLOAD["html"]}
+        for i in range(n)
+    ]
+    for round_no in range(rounds):
+        shift = round_no % len(variants)  # rotate, so no variant always runs first or last
+        for variant in variants[shift:] + variants[:shift]:
+            # The same starting state for every run: an empty outbox and an empty Redis db.
+            await db.execute("TRUNCATE email_messages")
+            await redis.flushdb()
+            ours = await create_pool(RedisSettings.from_dsn(REDIS_URL), job_serializer=serialize)
+            command = [sys.executable, __file__, "ours-worker", variant]
+            worker = start(command, env, logs / f"hooks-{round_no}-{variant}.log")
+
+            async def ready() -> bool:
+                return bool(await redis.keys("default:health-check:*"))
+
+            async def sent() -> bool:
+                count = await db.fetchval("SELECT count(*) FROM email_messages WHERE status='sent'")
+                return int(count) >= n
+
+            try:
+                result = await measure(
+                    f"{round_no + 1} | {HOOK_VARIANTS[variant]}",
+                    worker.pid,
+                    n,
+                    lambda: enqueue_many(ours, SEND_EMAIL.name, SEND_EMAIL.queue, items),  # noqa: B023
+                    sent,
+                    ready,
+                )
+            finally:
+                stop(worker)
+                await ours.aclose()
+            # Check that each variant measured what it says: histograms kept or not, spans.
+            fields = await redis.hkeys(metrics_key(SEND_EMAIL.queue))
+            histograms = any(b"|duration|" in field for field in fields)
+            log = (logs / f"hooks-{round_no}-{variant}.log").read_text(errors="replace")
+            spans = re.search(r"spans exported: [1-9]", log) is not None
+            if histograms != (variant != "without") or (variant == "batch" and not spans):
+                sys.exit(f"the {variant} run did not run as it should: see {logs}")
+            rates[variant].append(n / result.seconds)
+    print("\n| variant | median sends/s | median of per-round ratios to without |")
+    print("|---|---|---|")
+    for variant in variants:
+        ratios = [rate / base for rate, base in zip(rates[variant], rates["without"], strict=True)]
+        print(
+            f"| {HOOK_VARIANTS[variant]} | {statistics.median(rates[variant]):,.0f} "
+            f"| {statistics.median(ratios):.3f} |",
+            flush=True,
+        )
 
 
 async def bench_stock(
@@ -375,5 +501,7 @@ async def bench_celery(env: dict[str, str], redis: Redis, logs: Path, n: int) ->
 if __name__ == "__main__":
     if sys.argv[1:2] == ["stock-worker"]:
         run_stock_worker(int(sys.argv[2]))
+    elif sys.argv[1:2] == ["ours-worker"]:
+        sys.exit(run_ours_worker(sys.argv[2]))
     else:
         asyncio.run(main())

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal, get_args
 
 from sqlalchemy import (
     BigInteger,
@@ -27,13 +27,28 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-IMPORT_STATUSES = ("pending", "processing", "completed", "failed", "cancelled")
-EXPORT_STATUSES = ("pending", "processing", "completed", "failed")
-EXPORT_KINDS = ("contacts", "companies")
-EMAIL_STATUSES = ("pending", "sending", "sent", "failed", "review")
+# One Literal per column: the model's type, the client's pydantic types (worker/client.py), the
+# CHECK constraints below and the console's filters all read it. The constraints in a migrated
+# database must allow exactly these values (tests/foundation/test_migrations.py), so a new
+# status comes with a migration.
+ImportStatusName = Literal["pending", "processing", "completed", "failed", "cancelled"]
+ExportStatusName = Literal["pending", "processing", "completed", "failed"]
+ExportKind = Literal["contacts", "companies"]
+EmailStatusName = Literal["pending", "sending", "sent", "failed", "review", "suppressed"]
+IMPORT_STATUSES: tuple[ImportStatusName, ...] = get_args(ImportStatusName)
+EXPORT_STATUSES: tuple[ExportStatusName, ...] = get_args(ExportStatusName)
+EXPORT_KINDS: tuple[ExportKind, ...] = get_args(ExportKind)
+EMAIL_STATUSES: tuple[EmailStatusName, ...] = get_args(EmailStatusName)
+# CONTRACT §13: bounce, complaint and manual stop all email to the address; unsubscribe only
+# campaign email (jobs/email/suppression.py decides which email is which).
+SuppressionReason = Literal["bounce", "complaint", "unsubscribe", "manual"]
+EmailEventProvider = Literal["resend", "sendgrid"]
+SUPPRESSION_REASONS: tuple[SuppressionReason, ...] = get_args(SuppressionReason)
+EMAIL_EVENT_PROVIDERS: tuple[EmailEventProvider, ...] = get_args(EmailEventProvider)
 
 
 def _one_of(column: str, values: tuple[str, ...]) -> str:
+    """A CHECK constraint's text, spelt as migration 0001 spells it: `status IN ('a', 'b')`."""
     return f"{column} IN ({', '.join(repr(v) for v in values)})"
 
 
@@ -122,7 +137,7 @@ class ContactImportJob(Base):
     id: Mapped[uuid.UUID] = _uuid_pk()
     user_id: Mapped[uuid.UUID] = _user_fk()
     file_path: Mapped[str] = mapped_column(Text)
-    status: Mapped[str] = mapped_column(Text, server_default="pending")
+    status: Mapped[ImportStatusName] = mapped_column(Text, server_default="pending")
     total_rows: Mapped[int | None] = mapped_column(Integer)
     processed_rows: Mapped[int] = _counter()
     # The batch after `processed_rows` is merged in email-hash parts, one transaction each:
@@ -171,8 +186,8 @@ class Export(Base):
 
     id: Mapped[uuid.UUID] = _uuid_pk()
     user_id: Mapped[uuid.UUID] = _user_fk()
-    kind: Mapped[str] = mapped_column(Text)
-    status: Mapped[str] = mapped_column(Text, server_default="pending")
+    kind: Mapped[ExportKind] = mapped_column(Text)
+    status: Mapped[ExportStatusName] = mapped_column(Text, server_default="pending")
     # False: every row of the user; True: only the ids listed in export_items.
     has_selection: Mapped[bool] = mapped_column(Boolean, server_default="false")
     row_count: Mapped[int] = _counter()
@@ -254,7 +269,7 @@ class EmailMessage(Base):
     text_body: Mapped[str | None] = mapped_column("text", Text)
     # Extra header fields sent with the message ({"List-Unsubscribe": ...}); NULL for none.
     headers: Mapped[dict[str, str] | None] = mapped_column(JSONB(none_as_null=True))
-    status: Mapped[str] = mapped_column(Text, server_default="pending")
+    status: Mapped[EmailStatusName] = mapped_column(Text, server_default="pending")
     provider: Mapped[str | None] = mapped_column(Text)
     provider_message_id: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = _counter()
@@ -262,6 +277,43 @@ class EmailMessage(Base):
     created_at: Mapped[datetime] = _created_at()
     updated_at: Mapped[datetime] = _updated_at()
     sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class EmailSuppression(Base):
+    """An address we must not email (all email, or for `unsubscribe` campaign email only)."""
+
+    __tablename__ = "email_suppressions"
+    __table_args__ = (
+        CheckConstraint(_one_of("reason", SUPPRESSION_REASONS), name="reason_known"),
+        # The outbox claim looks addresses up by `lower(to_email)`: one spelling per address.
+        CheckConstraint("email = lower(email)", name="email_lower_case"),
+    )
+
+    email: Mapped[str] = mapped_column(Text, primary_key=True)
+    reason: Mapped[str] = mapped_column(Text)
+    # Who or what added it: `resend:<svix-id>`, `sendgrid:<sg_event_id>`, `cli:<user>`.
+    source: Mapped[str] = mapped_column(Text, server_default="")
+    created_at: Mapped[datetime] = _created_at()
+
+
+class EmailEvent(Base):
+    """A signed provider webhook event, stored once (a replay hits the unique index)."""
+
+    __tablename__ = "email_events"
+    __table_args__ = (
+        CheckConstraint(_one_of("provider", EMAIL_EVENT_PROVIDERS), name="provider_known"),
+        Index("uq_email_events_provider_event", "provider", "event_id", unique=True),
+    )
+
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    provider: Mapped[str] = mapped_column(Text)
+    # Resend: the `svix-id` header; SendGrid: the event's `sg_event_id`.
+    event_id: Mapped[str] = mapped_column(Text)
+    event_type: Mapped[str] = mapped_column(Text)
+    payload: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default="{}")
+    received_at: Mapped[datetime] = _created_at()
+    # Set in the transaction that applies the event (jobs/email/events.py).
+    processed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class JobCheckpoint(Base):

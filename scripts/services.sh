@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Make PostgreSQL and Redis reachable for `make run` (mode: run) or tests and CI (mode: test).
 #   test: where they are not running, install them from Debian's packages and start them.
+#         Also installs chromium (Debian's package) for the browser tests when it is missing.
 #   run:  start the compose services when docker compose is there, else say what to start.
 set -euo pipefail
 mode=${1:-test}
@@ -12,6 +13,15 @@ host_port() {
   if [[ $rest == *:* ]]; then echo "${rest%%:*} ${rest##*:}"; else echo "$rest $default_port"; fi
 }
 reachable() { timeout 2 bash -c "exec 3<>/dev/tcp/$1/$2" 2>/dev/null; }
+sudo_() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+# The console's browser tests (tests/console/test_browser.py) drive Debian's chromium through
+# playwright; installed here, before the services check, because it is needed either way.
+if [ "$mode" = test ] && ! command -v chromium >/dev/null; then
+  echo "installing chromium from Debian's packages (the console's browser tests)"
+  sudo_ apt-get update -qq
+  sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
 
 read -r pg_host pg_port < <(host_port "${DATABASE_URL:-postgresql://postgres@127.0.0.1:5432/contact360}" 5432)
 read -r redis_host redis_port < <(host_port "${REDIS_URL:-redis://127.0.0.1:6379/0}" 6379)
@@ -38,7 +48,6 @@ if [ "$mode" = run ]; then
 fi
 
 # Tests and CI: install from Debian's packages where needed, then start on the standard ports.
-sudo_() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 need_install=()
 command -v pg_ctlcluster >/dev/null || need_install+=(postgresql)
 command -v redis-server >/dev/null || need_install+=(redis-server)

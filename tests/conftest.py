@@ -5,15 +5,18 @@
 - Redis: a database number of the tests' own (TEST_REDIS_DB, default 15). The rig refuses to
   flush a database that holds keys it did not write, so it never eats someone else's data.
 - `run_burst`: a real arq worker in burst mode (`poll_delay=0`) on this event loop.
+- `open_ctx`: a job's ctx built by the real `lifecycle.startup`, with the test's own resources
+  swapped in where it needs them (tests/support/ctx.py); shut down after the test.
+- S3: one moto server for the session (tests/support/s3_server.py), a fresh bucket per test.
 """
 
 from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import pytest
@@ -26,11 +29,17 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from db.migrate import upgrade
 from db.models import Base
 from db.session import create_engine, make_sessionmaker
+from tests.support.ctx import CtxOpener
+from tests.support.users import new_user
 from worker.client import JobsClient
-from worker.job import CronSchedule, JobDefinition
+from worker.job import AnyJob, CronSchedule
 from worker.main import worker_settings
+from worker.routes import QueueName
 from worker.serialization import deserialize, serialize
 from worker.settings import Settings
+
+if TYPE_CHECKING:
+    from tests.support.s3_server import S3TestServer
 
 PG_SERVER = os.environ.get("TEST_PG_SERVER", "postgresql+asyncpg://postgres@127.0.0.1:5432")
 REDIS_URL = f"redis://127.0.0.1:6379/{os.environ.get('TEST_REDIS_DB', '15')}"
@@ -137,9 +146,9 @@ async def run_burst(settings: Settings) -> AsyncIterator[RunBurst]:
     workers: list[Worker] = []
 
     async def run(
-        queue: str,
+        queue: QueueName,
         *,
-        jobs: list[JobDefinition] | None = None,
+        jobs: list[AnyJob] | None = None,
         crons: list[CronSchedule] | None = None,
         settings_: Settings | None = None,
         **overrides: Any,
@@ -159,12 +168,50 @@ async def run_burst(settings: Settings) -> AsyncIterator[RunBurst]:
 
 
 @pytest.fixture
+async def open_ctx(settings: Settings, arq_redis: ArqRedis) -> AsyncIterator[CtxOpener]:
+    """`ctx = await open_ctx("exports", storage=...)`: the real startup's ctx, to call a job."""
+    opener = CtxOpener(settings, arq_redis)
+    yield opener
+    await opener.close()
+
+
+@pytest.fixture
 async def user_id(sessions: async_sessionmaker[AsyncSession]) -> uuid.UUID:
     """A platform user, inserted the way CONTRACT §7 says any client may."""
-    new_id = uuid.uuid4()
-    async with sessions.begin() as session:
-        await session.execute(
-            text("INSERT INTO users (id, email) VALUES (:id, :email)"),
-            {"id": new_id, "email": f"owner-{new_id.hex[:8]}@example.com"},
-        )
-    return new_id
+    return await new_user(sessions)
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3TestServer]:
+    """moto's S3 server on a loopback port, with dummy AWS credentials while it runs."""
+    # Imported here: moto is slow to import, and most test runs need no S3.
+    from tests.support.s3_server import TEST_PART_SIZE_BYTES, S3TestServer, fake_aws_credentials
+
+    with fake_aws_credentials():
+        server = S3TestServer(min_part_size_bytes=TEST_PART_SIZE_BYTES)
+        server.start()
+        try:
+            yield server
+        finally:
+            server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server: S3TestServer) -> str:
+    """A fresh, empty bucket per test, so listings only show what the test did."""
+    name = f"c360-test-{uuid.uuid4().hex[:16]}"
+    s3_server.create_bucket(name)
+    return name
+
+
+@pytest.fixture
+def s3_settings(settings: Settings, s3_server: S3TestServer, s3_bucket: str) -> Settings:
+    """The test settings with S3 storage on the moto server and this test's bucket."""
+    return settings.model_copy(
+        update={
+            "storage_backend": "s3",
+            "s3_bucket": s3_bucket,
+            "s3_endpoint_url": s3_server.endpoint_url,
+            "s3_region": "us-east-1",
+        }
+    )

@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import datetime
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 import aioboto3
 from arq.connections import ArqRedis, create_pool
@@ -32,13 +32,23 @@ from sqlalchemy import ColumnElement, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from db.models import ContactImportError, ContactImportJob, Export, User, WaitlistEntry
+from db.models import (
+    ContactImportError,
+    ContactImportJob,
+    Export,
+    ExportKind,
+    ExportStatusName,
+    ImportStatusName,
+    User,
+    WaitlistEntry,
+)
 from db.session import create_engine, driver_connection, make_sessionmaker
 from jobs.email import drafts
 from jobs.email.caller_input import check_send_email, check_waitlist_signup
 from jobs.email.campaign import STEP_DUE_AFTER_SIGNUP
 from jobs.email.keys import caller_key, job_key, send_job
 from jobs.email.outbox import Draft, store_pending
+from jobs.email.suppression import suppress
 from worker import tokens
 from worker.import_source import resolve_import_source
 from worker.routes import (
@@ -46,7 +56,6 @@ from worker.routes import (
     KICKOFF_WAITLIST_FIRST_EMAIL,
     PROCESS_CONTACTS_IMPORT,
     SYNC_CONTACT,
-    ExportKind,
     Route,
     enqueue,
     export_job_id,
@@ -69,7 +78,7 @@ _COPY_CHUNK_IDS = 50_000
 
 class ImportStatus(BaseModel):
     id: uuid.UUID
-    status: str
+    status: ImportStatusName
     total_rows: int | None
     processed_rows: int
     error_count: int
@@ -111,8 +120,8 @@ class ImportRowError(BaseModel):
 
 class ExportStatus(BaseModel):
     id: uuid.UUID
-    kind: Literal["contacts", "companies"]
-    status: str
+    kind: ExportKind
+    status: ExportStatusName
     row_count: int
     file_path: str | None
     error: str | None
@@ -465,11 +474,15 @@ class JobsClient:
         if entry_id is None:
             return False
         async with self.sessions.begin() as session:
-            await session.execute(
+            email = await session.scalar(
                 update(WaitlistEntry)
                 .where(WaitlistEntry.id == entry_id, WaitlistEntry.unsubscribed_at.is_(None))
                 .values(unsubscribed_at=func.now())
+                .returning(WaitlistEntry.email)
             )
+            if email is not None:
+                # Campaign email to the address stops wherever it was queued (CONTRACT §13).
+                await suppress(session, email, "unsubscribe", f"unsubscribe link of {entry_id}")
         return True
 
     async def confirm_waitlist(self, token: str) -> bool:

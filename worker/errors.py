@@ -43,6 +43,9 @@ Our other exceptions never reach a job's failure path, so they stand outside the
     Exception
     ├── ActionRefused              (worker.web.actions) a console action that does not apply to
     │                              the row as it is now (HTTP 409)
+    ├── BadSignature               (worker.webhook_signatures) a provider webhook whose
+    │                              signature or timestamp does not check out (HTTP 401)
+    ├── BodyTooLarge               (worker.web.webhooks) a webhook body over the cap (HTTP 413)
     ├── RemoteJobError             (worker.serialization) a failed job's exception, read back
     │                              from its JSON form
     ├── StartupRefused             (worker.preflight) this worker must not start; the message

@@ -1,7 +1,9 @@
 """How every job runs: log context, soft and hard time limits, the retry policy, failure records.
 
-Jobs are plain coroutines `async def name(ctx: Ctx, **kwargs)`. `JobDefinition` wraps one for
-arq, so every job gets the same behaviour without repeating it:
+Jobs are plain coroutines `async def name(ctx: Ctx, **kwargs) -> SomeResult`. `JobDefinition`
+wraps one for arq, so every job gets the same behaviour without repeating it; it is generic in
+the coroutine's parameters and result (`JobDefinition[P, R]`), so `run(ctx, ...)` and
+`coroutine(ctx, ...)` are checked against the job's own signature:
 
 - logs carry the job id, name and try number;
 - `ctx["soft_deadline"]` tells a long job when to checkpoint and continue in a fresh try;
@@ -24,7 +26,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, cast
 
 from arq.constants import retry_key_prefix
 from arq.cron import CronJob, cron
@@ -41,27 +43,27 @@ from worker.tracing import job_span
 
 log = logging.getLogger(__name__)
 
-JobCoroutine = Callable[..., Awaitable[Any]]
+P = ParamSpec("P")
+R = TypeVar("R")
+# A job's coroutine: the ctx, then the job's own arguments (CONTRACT §5).
+JobCoroutine = Callable[Concatenate[Ctx, P], Awaitable[R]]
 FailureHook = Callable[[Ctx, dict[str, Any], str], Awaitable[None]]
 # arq's own timeout stays a backstop behind ours, so our failure record gets written first.
 ARQ_TIMEOUT_GRACE_S = 30.0
 
 
 async def _give_try_back(ctx: Ctx) -> None:
-    redis = ctx.get("redis")
-    if redis is None or "job_id" not in ctx:
-        return
     try:
-        await redis.decr(retry_key_prefix + ctx["job_id"])
+        await ctx["redis"].decr(retry_key_prefix + ctx["job_id"])
     except Exception as exc:
         log.warning("could not give the try of a cancelled job back: %s", exc)
 
 
 @dataclass(frozen=True)
-class JobDefinition:
+class JobDefinition(Generic[P, R]):
     """A job coroutine and how it runs; `to_arq` builds arq's `Function` once settings are known."""
 
-    coroutine: JobCoroutine
+    coroutine: JobCoroutine[P, R]
     name: str
     # None: JOB_TIMEOUT_S. Short jobs set a cap so a crashed one is not held for 30 minutes.
     timeout_cap_s: float | None = None
@@ -72,7 +74,7 @@ class JobDefinition:
         return limit_s if self.timeout_cap_s is None else min(limit_s, self.timeout_cap_s)
 
     def arq_coroutine(self) -> WorkerCoroutine:
-        async def run(arq_ctx: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        async def run(arq_ctx: dict[str, Any], *args: P.args, **kwargs: P.kwargs) -> R:
             return await self.run(cast(Ctx, arq_ctx), *args, **kwargs)
 
         run.__qualname__ = run.__name__ = self.name
@@ -88,16 +90,16 @@ class JobDefinition:
             max_tries=None,
         )
 
-    async def run(self, ctx: Ctx, *args: Any, **kwargs: Any) -> Any:
+    async def run(self, ctx: Ctx, *args: P.args, **kwargs: P.kwargs) -> R:
         settings = ctx["settings"]
-        job_try = ctx.get("job_try", 1)
-        job_id = ctx.get("job_id", "-")
+        job_try = ctx["job_try"]
+        job_id = ctx["job_id"]
         started_s, started_monotonic = time.time(), time.monotonic()
         with (
             job_log_context(job_id=job_id, job=self.name, job_try=job_try),
             job_span(self.name, queue=ctx["queue_name"], job_id=job_id, job_try=job_try),
         ):
-            deaths = await stats.try_started(ctx.get("redis"), ctx["queue_name"], job_id, self.name)
+            deaths = await stats.try_started(ctx["redis"], ctx["queue_name"], job_id, self.name)
             outcome: stats.Outcome = "failed"
             error: str | None = None
             try:
@@ -123,7 +125,7 @@ class JobDefinition:
                 await self._record_failure(ctx, kwargs, public or PUBLIC_INTERNAL_ERROR)
                 raise
             finally:
-                redis = ctx.get("redis")
+                redis = ctx["redis"]
                 await asyncio.shield(
                     stats.try_ended(redis, job_id, final=outcome in ("completed", "failed"))
                 )
@@ -137,11 +139,13 @@ class JobDefinition:
                         job_try=job_try,
                         error=error,
                         duration_s=time.monotonic() - started_monotonic,
-                        queue_wait_s=stats.queue_wait_s(ctx.get("score"), started_s),
+                        queue_wait_s=stats.queue_wait_s(ctx["score"], started_s),
                     )
                 )
 
-    async def _run_with_limits(self, ctx: Ctx, job_try: int, *args: Any, **kwargs: Any) -> Any:
+    async def _run_with_limits(
+        self, ctx: Ctx, job_try: int, *args: P.args, **kwargs: P.kwargs
+    ) -> R:
         """The job under its soft and hard limits; failures become `Retry` or a `WorkerError`."""
         settings = ctx["settings"]
         loop = asyncio.get_running_loop()
@@ -177,15 +181,19 @@ class JobDefinition:
             log.exception("could not record the failure of %s", self.name)
 
 
+# Any job, whatever its arguments and result: what a queue's worker registers.
+AnyJob = JobDefinition[..., Any]
+
+
 def job(
     *,
     name: str | None = None,
     timeout_cap_s: float | None = None,
     on_failure: FailureHook | None = None,
-) -> Callable[[JobCoroutine], JobDefinition]:
-    """Decorator: `@job(on_failure=...)` over `async def process_x(ctx: Ctx, ...)`."""
+) -> Callable[[JobCoroutine[P, R]], JobDefinition[P, R]]:
+    """Decorator: `@job(on_failure=...)` over `async def process_x(ctx: Ctx, ...) -> XResult`."""
 
-    def wrap(coroutine: JobCoroutine) -> JobDefinition:
+    def wrap(coroutine: JobCoroutine[P, R]) -> JobDefinition[P, R]:
         return JobDefinition(
             coroutine=coroutine,
             name=name or coroutine.__name__,
@@ -200,7 +208,8 @@ def job(
 class CronSchedule:
     """A job that the default worker enqueues on a UTC schedule (arq's `cron`, unique per tick)."""
 
-    job: JobDefinition
+    # A cron job takes no arguments of its own: arq calls it with the ctx alone.
+    job: JobDefinition[[], Any]
     hour: int | set[int] | None = None
     minute: int | set[int] | None = None
 

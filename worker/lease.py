@@ -13,6 +13,14 @@ lives. A SIGKILLed import would wait ~30 minutes. We keep the key short instead:
 
 `c360:running:<queue>` (job id -> JSON with worker and lease expiry) mirrors the leases for
 `python -m worker status`; entries of dead workers are recognisable by their past expiry.
+
+`c360:workers` lists every worker process by its heartbeat key (`health_check_key`), scored by
+when the process last said so (at start and with each renewal): `status` and the console find
+the live workers there instead of SCANning the keyspace, which at 10^5 queued jobs blocked
+Redis ~200 ms per look (bench/bench_console.py). Each renewal also drops entries no process
+refreshed within `WORKER_SEEN_WINDOW_MS`, i.e. those of killed processes. The same round trip
+refreshes this process's own hash (worker/process_info.py: start time, RSS), so the workers page
+needs no timer of its own.
 """
 
 from __future__ import annotations
@@ -31,12 +39,18 @@ from arq.connections import ArqRedis
 from arq.constants import in_progress_key_prefix
 from arq.worker import Worker
 
+from worker import process_info
+from worker.context import as_ctx
+
 log = logging.getLogger(__name__)
 
 LEASE_MS = 15_000
 # Three renewals per lease: one slow Redis round trip or a busy loop does not lose the lease.
 RENEW_EVERY_S = 5.0
 RUNNING_KEY_PREFIX = "c360:running:"
+WORKERS_KEY = "c360:workers"
+# Twelve renewal periods: a busy loop or a slow Redis does not drop a live worker's entry.
+WORKER_SEEN_WINDOW_MS = 60_000
 
 
 def running_key(queue: str) -> str:
@@ -45,6 +59,11 @@ def running_key(queue: str) -> str:
 
 def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def health_check_key(queue: str) -> str:
+    """arq's heartbeat key of this process: one per process, so every live worker is listed."""
+    return f"{queue}:health-check:{worker_name()}"
 
 
 def shorten_initial_claim(worker: Worker) -> None:
@@ -66,6 +85,7 @@ class Leases:
         self.queue = queue
         self.worker = worker_name()
         self.started_ms: dict[str, int] = {}
+        self.process_started_ms = int(time.time() * 1000)
         # Serialises renewals with releases, so a renewal never re-adds a finished job's entry.
         self._lock = asyncio.Lock()
 
@@ -96,23 +116,32 @@ class Leases:
     async def renew(self) -> int:
         """Extend every lease this process holds; the number renewed."""
         async with self._lock:
-            if not self.started_ms:
-                return 0
             now_ms = int(time.time() * 1000)
             async with self.redis.pipeline(transaction=False) as pipe:
                 for job_id in self.started_ms:
                     pipe.pexpire(in_progress_key_prefix + job_id, LEASE_MS, gt=True)
-                pipe.hset(
-                    running_key(self.queue),
-                    mapping={job_id: self._entry(job_id, now_ms) for job_id in self.started_ms},
-                )
+                if self.started_ms:
+                    pipe.hset(
+                        running_key(self.queue),
+                        mapping={job: self._entry(job, now_ms) for job in self.started_ms},
+                    )
                 await pipe.execute()
             return len(self.started_ms)
+
+    async def announce(self) -> None:
+        """List this process (and its start time and RSS); drop processes gone silent."""
+        now_ms = int(time.time() * 1000)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zadd(WORKERS_KEY, {health_check_key(self.queue): now_ms})
+            pipe.zremrangebyscore(WORKERS_KEY, "-inf", now_ms - WORKER_SEEN_WINDOW_MS)
+            process_info.describe(pipe, self.worker, self.queue, self.process_started_ms)
+            await pipe.execute()
 
     async def renew_forever(self) -> None:
         while True:
             await asyncio.sleep(RENEW_EVERY_S)
             try:
+                await self.announce()
                 await self.renew()
             except Exception as exc:
                 # Redis away: arq's own loop fails too and the process restarts; until then
@@ -123,6 +152,7 @@ class Leases:
 @contextlib.asynccontextmanager
 async def renewing(leases: Leases) -> AsyncIterator[Leases]:
     """Run the renewal task for as long as the worker runs (entered in `lifecycle.startup`)."""
+    await leases.announce()
     task = asyncio.create_task(leases.renew_forever(), name="c360-lease-renewal")
     try:
         yield leases
@@ -130,29 +160,26 @@ async def renewing(leases: Leases) -> AsyncIterator[Leases]:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+        try:
+            await leases.redis.zrem(WORKERS_KEY, health_check_key(leases.queue))
+        except Exception as exc:  # the entry then ages out of WORKER_SEEN_WINDOW_MS
+            log.warning("could not remove this worker from %s: %s", WORKERS_KEY, exc)
 
 
-def _leases(ctx: dict[str, Any]) -> Leases | None:
-    leases = ctx.get("leases")
-    return leases if isinstance(leases, Leases) else None
-
-
-async def on_job_start(ctx: dict[str, Any]) -> None:
+async def on_job_start(arq_ctx: dict[str, Any]) -> None:
     """arq hook: take the short lease before the job's code runs."""
-    if (leases := _leases(ctx)) is None:
-        return
+    ctx = as_ctx(arq_ctx)
     try:
-        await leases.acquire(ctx["job_id"])
+        await ctx["leases"].acquire(ctx["job_id"])
     except Exception as exc:
         # The job is remembered, so the next renewal retries; never fail a job over this.
         log.warning("could not shorten the lease of %s: %s", ctx["job_id"], exc)
 
 
-async def on_job_end(ctx: dict[str, Any]) -> None:
+async def on_job_end(arq_ctx: dict[str, Any]) -> None:
     """arq hook (before arq's finish_job): stop renewing the job's lease."""
-    if (leases := _leases(ctx)) is None:
-        return
+    ctx = as_ctx(arq_ctx)
     try:
-        await leases.release(ctx["job_id"])
+        await ctx["leases"].release(ctx["job_id"])
     except Exception as exc:
         log.warning("could not release the lease of %s: %s", ctx["job_id"], exc)

@@ -1,4 +1,32 @@
-"""Worker start-up and shutdown: every resource enters one AsyncExitStack, closed in reverse."""
+"""Worker start-up and shutdown, and the order in which arq calls every hook of ours.
+
+One worker process, `worker.main.worker_settings` wiring arq's hooks (arq.worker.Worker):
+
+    worker_settings()          preflight.check_settings: refuse bad settings, nothing opened
+    arq: create_pool           ctx["redis"]
+    on_startup                 startup (below): preflight.check_redis, then every resource
+      │                        into one AsyncExitStack, the lease renewal task among them
+      │
+      ├─ for each job arq claims (arq:in-progress:<id>, short once lease.shorten_initial_claim)
+      │    arq: run_job        job ctx = startup's ctx + job_id, job_try, enqueue_time, score
+      │    on_job_start        lease.on_job_start: cut the in-progress key to a lease (LEASE_MS)
+      │    the job             job.JobDefinition.run: log context, soft/hard limits, retry
+      │    │                   policy, failure record, stats
+      │    │  ...              meanwhile lease.Leases.renew_forever renews the leases of
+      │    │                   every job this process runs (every RENEW_EVERY_S)
+      │    on_job_end          lease.on_job_end: stop renewing this job's lease
+      │    arq: finish_job     store the result, delete the in-progress key (a cron's stays 60 s)
+      │    after_job_end       recycle.after_job_end (recycling workers only): count the job;
+      │                        past a limit, SIGTERM this process once, arq drains and stops
+      │
+    on_shutdown                shutdown (below): close the stack in reverse (renewal task,
+                               HTTP client, engine)
+    arq: close its pool
+
+`startup` either opens everything or, on a failure, closes what it opened and raises: `ctx`
+gets the resources in one step, so `shutdown` (which arq calls after a failed startup too)
+finds all of them or none.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +38,7 @@ from typing import Any, cast
 import aioboto3
 
 from db.session import create_engine, make_sessionmaker
-from worker.context import Ctx
+from worker.context import Resources, WorkerGiven
 from worker.email_providers import make_email_provider
 from worker.http import make_http_client
 from worker.lease import Leases, renewing
@@ -24,39 +52,17 @@ log = logging.getLogger(__name__)
 
 
 async def startup(arq_ctx: dict[str, Any]) -> None:
-    ctx = cast(Ctx, arq_ctx)
-    settings = ctx["settings"]
+    given = cast(WorkerGiven, arq_ctx)
+    settings, redis, queue = given["settings"], given["redis"], given["queue_name"]
     # Before anything is opened: a refusal leaves nothing to close.
-    await check_redis(ctx["redis"])
+    await check_redis(redis)
     stack = AsyncExitStack()
-    ctx["exit_stack"] = stack
-    engine = create_engine(settings.database)
-    stack.push_async_callback(engine.dispose)
-    ctx["engine"] = engine
-    ctx["sessions"] = make_sessionmaker(engine)
-    http = await stack.enter_async_context(make_http_client())
-    ctx["http"] = http
-    # Only the default queue sends email and must name a provider (preflight.check_settings);
-    # imports and exports workers run without one.
-    if settings.email_provider is not None:
-        ctx["email_provider"] = make_email_provider(settings, http)
-        if settings.email_provider == "console" and ctx["queue_name"] == EMAIL_QUEUE:
-            log.warning("EMAIL_PROVIDER=console: email is logged here and never sent")
-    ctx["marketing_provider"] = make_marketing_provider(settings, http)
-    # Shared by every worker process through Redis: the provider's limit is global.
-    ctx["email_rate_limiter"] = RateLimiter(ctx["redis"], settings.email_rate_limit_per_s)
-    # A Session holds no connection; storage opens short-lived clients from it (`async with`).
-    s3_session = aioboto3.Session()
-    ctx["s3_session"] = s3_session
-    ctx["storage"] = make_storage(settings, s3_client_factory(s3_session, settings))
-    # Reliability state of this process, read by the arq hooks in worker/lease.py and
-    # worker/recycle.py (they see arq's plain dict, so these keys stay out of the typed Ctx).
-    leases = Leases(ctx["redis"], ctx["queue_name"])
-    arq_ctx["leases"] = await stack.enter_async_context(renewing(leases))
-    arq_ctx["recycler"] = Recycler(
-        max_jobs=settings.worker_max_jobs_per_process,
-        max_memory_mb=settings.worker_max_memory_mb,
-    )
+    try:
+        resources = await _open(stack, given)
+    except BaseException:
+        await stack.aclose()
+        raise
+    arq_ctx.update(resources)
     # Imports allocate millions of short-lived rows: default thresholds ran ~10 full
     # collections per 200k rows, each walking every object of the libraries loaded above
     # (up to ~150 ms of blocked loop). Freezing those and collecting less often removed that
@@ -65,14 +71,49 @@ async def startup(arq_ctx: dict[str, Any]) -> None:
     gc.set_threshold(50_000, 20, 20)
     log.info(
         "worker ready: queue=%s database=%s",
-        ctx["queue_name"],
+        queue,
         settings.database.render_as_string(hide_password=True),
     )
 
 
+async def _open(stack: AsyncExitStack, given: WorkerGiven) -> Resources:
+    """Every resource of the worker, each entered into `stack` as it is opened."""
+    settings, redis, queue = given["settings"], given["redis"], given["queue_name"]
+    engine = create_engine(settings.database)
+    stack.push_async_callback(engine.dispose)
+    http = await stack.enter_async_context(make_http_client())
+    # Only the default queue sends email and must name a provider (preflight.check_settings);
+    # imports and exports workers run without one.
+    email_provider = None
+    if settings.email_provider is not None:
+        email_provider = make_email_provider(settings, http)
+        if settings.email_provider == "console" and queue == EMAIL_QUEUE:
+            log.warning("EMAIL_PROVIDER=console: email is logged here and never sent")
+    # A Session holds no connection; storage opens short-lived clients from it (`async with`).
+    s3_session = aioboto3.Session()
+    return {
+        "exit_stack": stack,
+        "engine": engine,
+        "sessions": make_sessionmaker(engine),
+        "http": http,
+        "email_provider": email_provider,
+        "marketing_provider": make_marketing_provider(settings, http),
+        # Shared by every worker process through Redis: the provider's limit is global.
+        "email_rate_limiter": RateLimiter(redis, settings.email_rate_limit_per_s),
+        "s3_session": s3_session,
+        "storage": make_storage(settings, s3_client_factory(s3_session, settings)),
+        "leases": await stack.enter_async_context(renewing(Leases(redis, queue))),
+        "recycler": Recycler(
+            max_jobs=settings.worker_max_jobs_per_process,
+            max_memory_mb=settings.worker_max_memory_mb,
+        ),
+    }
+
+
 async def shutdown(arq_ctx: dict[str, Any]) -> None:
-    ctx = cast(Ctx, arq_ctx)
-    stack = ctx.get("exit_stack")
-    if stack is not None:
+    # arq calls this after a failed (or refused) startup too: then there is no stack, and
+    # nothing is left open (startup closed what it had opened).
+    stack = arq_ctx.get("exit_stack")
+    if isinstance(stack, AsyncExitStack):
         await stack.aclose()
-    log.info("worker stopped: queue=%s", ctx["queue_name"])
+    log.info("worker stopped: queue=%s", cast(WorkerGiven, arq_ctx)["queue_name"])

@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib
 import os
 import re
-import socket
 from dataclasses import dataclass
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -18,7 +17,7 @@ from arq.cron import CronJob
 from arq.worker import Function
 
 from worker import lease, preflight
-from worker.job import CronSchedule, JobDefinition
+from worker.job import AnyJob, CronSchedule
 from worker.lifecycle import shutdown, startup
 from worker.recycle import after_job_end as recycle_after_job_end
 from worker.retry import arq_max_tries
@@ -77,9 +76,9 @@ def job_modules(queue: QueueName) -> tuple[str, ...]:
     return names
 
 
-def queue_jobs(queue: QueueName) -> tuple[list[JobDefinition], list[CronSchedule]]:
+def queue_jobs(queue: QueueName) -> tuple[list[AnyJob], list[CronSchedule]]:
     """The jobs and cron schedules the queue's modules declare in `JOBS` and `CRON_JOBS`."""
-    jobs: list[JobDefinition] = []
+    jobs: list[AnyJob] = []
     crons: list[CronSchedule] = []
     for module_name in job_modules(queue):
         module = importlib.import_module(module_name)
@@ -88,18 +87,13 @@ def queue_jobs(queue: QueueName) -> tuple[list[JobDefinition], list[CronSchedule
     return jobs, crons
 
 
-def health_check_key(queue: QueueName) -> str:
-    """One key per worker process, so `status` can list every live worker, not just one."""
-    return f"{queue}:health-check:{socket.gethostname()}:{os.getpid()}"
-
-
 def worker_settings(
     queue: QueueName,
     settings: Settings,
     *,
     burst: bool = False,
     recycle: bool = False,
-    jobs: list[JobDefinition] | None = None,
+    jobs: list[AnyJob] | None = None,
     crons: list[CronSchedule] | None = None,
 ) -> dict[str, Any]:
     """Keyword arguments for `arq.Worker` serving `queue`; tests pass their own `jobs`.
@@ -137,7 +131,7 @@ def worker_settings(
         # one; JobDefinition.run then records the failure (arq would drop it silently).
         "max_tries": arq_max_tries(settings.max_retries),
         "health_check_interval": HEALTH_CHECK_INTERVAL_S,
-        "health_check_key": health_check_key(queue),
+        "health_check_key": lease.health_check_key(queue),
         "job_completion_wait": config.shutdown_grace_s,
         "job_serializer": serialize,
         "job_deserializer": deserialize,

@@ -18,7 +18,9 @@ Families (CONTRACT §12, base units):
 - `c360_emails_total{provider,status}`: outbox rows now, a gauge (a row moves on from
   `pending`); `provider="none"` for rows no provider has claimed yet;
 - `c360_rate_limit_paused_seconds{limiter}` and `c360_rate_limit_halted{limiter}`: what is left
-  of a provider's 429 pause, and 1 while a provider refuses the account (worker/ratelimit.py).
+  of a provider's 429 pause, and 1 while a provider refuses the account (worker/ratelimit.py);
+- `c360_rate_limit_pauses_total{limiter,reason}`: pauses started (reason: rate_limited, halted);
+- `c360_worker_recycles_total{queue}`: worker processes that recycled (worker/recycle.py).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from jobs.marketing.sync import RATE_LIMIT_KEY_PREFIX as MARKETING_RATE_LIMIT_KE
 from worker.observe import redis_status
 from worker.ratelimit import DEFAULT_KEY_PREFIX as EMAIL_RATE_LIMIT_KEY_PREFIX
 from worker.ratelimit import RateLimiter
+from worker.recycle import RECYCLES_KEY
 from worker.routes import QUEUES
 from worker.stats import FunctionMetrics, HistogramCounts, job_metrics, metrics_key
 
@@ -58,12 +61,22 @@ NO_PROVIDER = "none"
 
 
 @dataclass(frozen=True)
+class Limiter:
+    """A rate limiter's state now, and how many pauses it ever started."""
+
+    paused_s: float
+    halted: bool
+    pauses: dict[str, int]
+
+
+@dataclass(frozen=True)
 class Snapshot:
     """Everything one scrape exposes, read before any family is built."""
 
     queues: dict[str, dict[str, Any]]
     functions: dict[str, dict[str, FunctionMetrics]]
-    limiters: dict[str, tuple[float, bool]]
+    limiters: dict[str, Limiter]
+    recycles: dict[str, int]
     import_rows: dict[str, int]
     import_jobs: dict[str, int]
     export_jobs: dict[str, int]
@@ -71,7 +84,10 @@ class Snapshot:
 
 
 RedisFigures = tuple[
-    dict[str, dict[str, Any]], dict[str, dict[str, FunctionMetrics]], dict[str, tuple[float, bool]]
+    dict[str, dict[str, Any]],
+    dict[str, dict[str, FunctionMetrics]],
+    dict[str, Limiter],
+    dict[str, int],
 ]
 DatabaseFigures = tuple[dict[str, int], dict[str, int], dict[str, int], dict[tuple[str, str], int]]
 
@@ -81,16 +97,21 @@ async def _read_redis(redis: Redis) -> RedisFigures:
     async with redis.pipeline(transaction=False) as pipe:
         for queue in QUEUES:
             pipe.hgetall(metrics_key(queue))
-        raw = await pipe.execute()
+        pipe.hgetall(RECYCLES_KEY)
+        *raw, recycles_raw = await pipe.execute()
     functions: dict[str, dict[str, FunctionMetrics]] = {
         queue: job_metrics(hash_) for queue, hash_ in zip(QUEUES, raw, strict=True)
     }
-    limiters: dict[str, tuple[float, bool]] = {}
+    recycled = {key.decode(): int(n) for key, n in recycles_raw.items()}
+    limiters: dict[str, Limiter] = {}
     for name, prefix in LIMITERS.items():
-        # The rate is not read: these calls only look at the pause and halt keys.
+        # The rate is not read: these calls only look at the pause, halt and counter keys.
         limiter = RateLimiter(redis, rate_per_s=1.0, key_prefix=prefix)
-        limiters[name] = (await limiter.paused_for_s(), await limiter.halted() is not None)
-    return status["queues"], functions, limiters
+        limiters[name] = Limiter(
+            await limiter.paused_for_s(), await limiter.halted() is not None, await limiter.pauses()
+        )
+    recycles: dict[str, int] = {queue: recycled.get(queue, 0) for queue in QUEUES}
+    return status["queues"], functions, limiters, recycles
 
 
 async def _read_database(sessions: async_sessionmaker[AsyncSession]) -> DatabaseFigures:
@@ -126,10 +147,10 @@ async def _read_database(sessions: async_sessionmaker[AsyncSession]) -> Database
 
 async def snapshot(redis: Redis, sessions: async_sessionmaker[AsyncSession]) -> Snapshot:
     """Read Redis and PostgreSQL at once. `redis` must answer bytes (no decode_responses)."""
-    (queues, functions, limiters), (rows, import_jobs, export_jobs, emails) = await asyncio.gather(
+    (queues, functions, limiters, recycles), database = await asyncio.gather(
         _read_redis(redis), _read_database(sessions)
     )
-    return Snapshot(queues, functions, limiters, rows, import_jobs, export_jobs, emails)
+    return Snapshot(queues, functions, limiters, recycles, *database)
 
 
 def _histogram(name: str, documentation: str, snap: Snapshot, which: str) -> Metric:
@@ -213,11 +234,27 @@ class SnapshotCollector(Collector):
             "1 while a provider refuses the account (401/403) and sending is halted.",
             labels=["limiter"],
         )
-        for limiter, (paused_s, is_halted) in snap.limiters.items():
-            paused.add_metric([limiter], paused_s)
-            halted.add_metric([limiter], 1.0 if is_halted else 0.0)
+        pauses = CounterMetricFamily(
+            "c360_rate_limit_pauses",
+            "Pauses a rate limiter started: a provider's 429 (rate_limited) or a halt.",
+            labels=["limiter", "reason"],
+        )
+        for name, limiter in snap.limiters.items():
+            paused.add_metric([name], limiter.paused_s)
+            halted.add_metric([name], 1.0 if limiter.halted else 0.0)
+            for reason, count in limiter.pauses.items():
+                pauses.add_metric([name, reason], count)
         yield paused
         yield halted
+        yield pauses
+        recycles = CounterMetricFamily(
+            "c360_worker_recycles",
+            "Worker processes that drained and exited at their job or memory limit.",
+            labels=["queue"],
+        )
+        for queue, count in snap.recycles.items():
+            recycles.add_metric([queue], count)
+        yield recycles
 
 
 async def render_metrics(redis: Redis, sessions: async_sessionmaker[AsyncSession]) -> bytes:

@@ -7,12 +7,17 @@ Every Redis figure is O(log n) or O(workers), never O(queued jobs): queued and d
 ZCOUNTs on the queue's sorted set (score <= now: due; score > now: deferred or retrying),
 running jobs come from the lease mirror `c360:running:<queue>` (worker/lease.py), counters and
 recent failures from worker/stats.py, and live workers from arq's per-process health-check
-keys (`QUEUE:health-check:HOST:PID`, found by SCAN, which costs one round trip per 10,000 keys).
+keys (`QUEUE:health-check:HOST:PID`), listed by the workers themselves in `c360:workers`
+(worker/lease.py): a SCAN for them would cost O(every key), queued jobs' payloads included.
+Each worker has its own hash (start time, RSS: worker/process_info.py), read in the same round
+trip as the heartbeats. The jobs-per-minute chart is 60 per-minute hashes (worker/stats.py), one
+round trip whatever the number of jobs.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -25,19 +30,30 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from db.models import ContactImportJob, Export
 from db.session import create_engine, make_sessionmaker
-from worker.lease import running_key
+from worker import process_info
+from worker.lease import WORKER_SEEN_WINDOW_MS, WORKERS_KEY, running_key
 from worker.main import HEALTH_CHECK_INTERVAL_S
 from worker.routes import QUEUES
 from worker.settings import Settings
-from worker.stats import FAILURES_KEY, stats_key, summary
+from worker.stats import FAILURES_KEY, per_minute, stats_key, summary
 
 RECENT_FAILURES = 10
 MAX_PROGRESS_ROWS = 20
 REDIS_TIMEOUT_S = 3.0
 
 
+# arq's heartbeat: "<time> j_complete=N j_failed=N j_retried=N j_ongoing=N queued=N".
+_ARQ_TRIES_ENDED = re.compile(r"\bj_(?:complete|failed|retried)=(\d+)")
+
+
 def _iso(ms: float) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="seconds")
+
+
+def jobs_done(heartbeat: str) -> int | None:
+    """Tries this process has ended (completed, failed or retried), from arq's heartbeat."""
+    counts = _ARQ_TRIES_ENDED.findall(heartbeat)
+    return sum(int(n) for n in counts) if counts else None
 
 
 async def redis_status(client: aioredis.Redis, now_ms: int) -> dict[str, Any]:
@@ -51,14 +67,14 @@ async def redis_status(client: aioredis.Redis, now_ms: int) -> dict[str, Any]:
             # The lowest score is the job due longest ago (arq scores by due time, in ms).
             pipe.zrange(queue, 0, 0, withscores=True)
         pipe.lrange(FAILURES_KEY, 0, RECENT_FAILURES - 1)
-        replies = await pipe.execute()
-    health_keys = [
-        key.decode() async for key in client.scan_iter(match="*:health-check:*", count=10_000)
-    ]
+        pipe.zrangebyscore(WORKERS_KEY, now_ms - WORKER_SEEN_WINDOW_MS, "+inf")
+        *replies, registered = await pipe.execute()
+    health_keys = sorted(key.decode() for key in registered)
     async with client.pipeline(transaction=False) as pipe:
         for key in health_keys:
             pipe.get(key)
             pipe.pttl(key)
+            pipe.hgetall(process_info.process_key(key.partition(":health-check:")[2]))
         health = await pipe.execute()
 
     result: dict[str, Any] = {}
@@ -91,22 +107,34 @@ async def redis_status(client: aioredis.Redis, now_ms: int) -> dict[str, Any]:
         }
     for position, key in enumerate(health_keys):
         queue, _, worker = key.partition(":health-check:")
-        info, ttl_ms = health[2 * position], health[2 * position + 1]
+        info, ttl_ms, own = health[3 * position : 3 * position + 3]
         if queue not in result or info is None:
             continue
         # arq writes the key with a TTL of (interval + 1) s at each heartbeat.
         age_s = max(0.0, HEALTH_CHECK_INTERVAL_S + 1 - ttl_ms / 1000) if ttl_ms > 0 else None
+        described = process_info.parse(own)
+        heartbeat = info.decode(errors="replace")
+        host, _, pid = worker.rpartition(":")
         result[queue]["workers"].append(
             {
                 "worker": worker,
+                "host": host,
+                "pid": int(pid) if pid.isdigit() else None,
                 "last_heartbeat_s_ago": None if age_s is None else round(age_s, 1),
-                "info": info.decode(errors="replace"),
+                "started_at": _iso(described["started_ms"]) if "started_ms" in described else None,
+                "rss_bytes": described.get("rss_bytes"),
+                "jobs_done": jobs_done(heartbeat),
+                "info": heartbeat,
             }
         )
     for queue_status in result.values():
         queue_status["workers"].sort(key=lambda w: w["worker"])
     failures = [json.loads(raw) for raw in replies[-1]]
-    return {"queues": result, "recent_failures": failures}
+    return {
+        "queues": result,
+        "recent_failures": failures,
+        "jobs_per_minute": await per_minute(client, queues, now_ms / 1000),
+    }
 
 
 async def database_status(sessions: async_sessionmaker[AsyncSession]) -> dict[str, Any]:
@@ -161,7 +189,11 @@ OVERVIEW_FIELDS = ("queued", "deferred", "running", "oldest_queued_age_s")
 
 
 def overview(status: dict[str, Any]) -> dict[str, Any]:
-    """`GET /api/overview` (CONTRACT §12) from a `snapshot`: per queue, counts only."""
+    """`GET /api/overview` (CONTRACT §12) from a `snapshot`: per queue, counts only.
+
+    Plus `jobs_per_minute` for the chart: the tries ended in each of the last 60 minutes,
+    per queue and outcome (worker/stats.py `per_minute`).
+    """
     return {
         "queues": {
             name: {
@@ -170,7 +202,8 @@ def overview(status: dict[str, Any]) -> dict[str, Any]:
                 **queue["counts"],
             }
             for name, queue in status["queues"].items()
-        }
+        },
+        "jobs_per_minute": status["jobs_per_minute"],
     }
 
 

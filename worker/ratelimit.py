@@ -19,6 +19,9 @@ later, and no message is claimed only to be refused the same way.
     await limiter.pause_for(exc.retry_after_s)       # after RateLimited
     await limiter.halt(exc.retry_after_s, str(exc))  # after ProviderFault
     await limiter.resume()                           # an operator fixed the key: go on now
+
+Each 429 pause that starts (none was holding) and each halt adds one to `<prefix>:pauses`
+(fields `rate_limited`, `halted`), which `/metrics` exposes as `c360_rate_limit_pauses_total`.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, cast
 
 from redis.asyncio import Redis
 
@@ -58,8 +62,10 @@ redis.call('SET', KEYS[1], string.format('%d', new_tat),
 return 0
 """
 
-# KEYS[1] = pause deadline. ARGV[1] = deadline in Unix microseconds, or ARGV[2] = seconds from
-# Redis's now (whichever is non-negative). Only ever extends the pause.
+# KEYS[1] = pause deadline, KEYS[2] = pause counters. ARGV[1] = deadline in Unix microseconds,
+# or ARGV[2] = seconds from Redis's now (whichever is non-negative); ARGV[3] = the counter's
+# field, '' for none. Only ever extends the pause; counts one only when no pause was holding,
+# so ten workers told 429 at once count one pause.
 _PAUSE_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -69,6 +75,9 @@ local current = tonumber(redis.call('GET', KEYS[1]) or '0')
 if deadline <= current or deadline <= now then
   return current
 end
+if current <= now and ARGV[3] ~= '' then
+  redis.call('HINCRBY', KEYS[2], ARGV[3], 1)
+end
 redis.call('SET', KEYS[1], string.format('%d', deadline),
            'PX', math.ceil((deadline - now) / 1000) + 1000)
 return deadline
@@ -77,6 +86,8 @@ return deadline
 # Sleep at most this long between checks, so a pause that is lifted early (tests, operators
 # deleting the key) or a changed rate is noticed without a busy loop.
 MAX_SLEEP_S = 1.0
+# Why a pause started: a provider's 429, or a halt (the provider refused the account).
+PAUSE_REASONS = ("rate_limited", "halted")
 
 
 class RateLimiter:
@@ -101,6 +112,7 @@ class RateLimiter:
         self._tat_key = f"{key_prefix}:tat"
         self._pause_key = f"{key_prefix}:paused_until"
         self._halt_key = f"{key_prefix}:halted"
+        self._pauses_key = f"{key_prefix}:pauses"
         self._redis = redis
         self._acquire = redis.register_script(_ACQUIRE_LUA)
         self._pause = redis.register_script(_PAUSE_LUA)
@@ -138,11 +150,17 @@ class RateLimiter:
 
     async def pause_until(self, unix_ts: float) -> None:
         """Hold every `acquire` until `unix_ts` (e.g. SendGrid's `X-RateLimit-Reset`)."""
-        await self._pause(keys=[self._pause_key], args=[math.ceil(unix_ts * 1_000_000), 0])
+        await self._pause(
+            keys=[self._pause_key, self._pauses_key],
+            args=[math.ceil(unix_ts * 1_000_000), 0, "rate_limited"],
+        )
 
-    async def pause_for(self, seconds: float) -> None:
+    async def pause_for(self, seconds: float, *, counted_as: str = "rate_limited") -> None:
         """Hold every `acquire` for `seconds` from now, measured on Redis's clock."""
-        await self._pause(keys=[self._pause_key], args=[-1, math.ceil(seconds * 1_000_000)])
+        await self._pause(
+            keys=[self._pause_key, self._pauses_key],
+            args=[-1, math.ceil(seconds * 1_000_000), counted_as],
+        )
 
     async def halt(self, seconds: float, reason: str) -> bool:
         """Pause every `acquire` for `seconds` and make it raise `ProviderFault(reason)`.
@@ -154,8 +172,16 @@ class RateLimiter:
             self._halt_key, reason, nx=True, px=max(1, math.ceil(seconds * 1000))
         )
         if started:
-            await self.pause_for(seconds)
+            # Not counted as a 429 pause: the halt itself is counted, once.
+            await self.pause_for(seconds, counted_as="")
+            await cast(Awaitable[int], self._redis.hincrby(self._pauses_key, "halted", 1))
         return bool(started)
+
+    async def pauses(self) -> dict[str, int]:
+        """How many pauses ever started, by reason (`PAUSE_REASONS`), zeros filled in."""
+        raw = await cast(Awaitable[dict[Any, Any]], self._redis.hgetall(self._pauses_key))
+        counts = {(k.decode() if isinstance(k, bytes) else str(k)): int(v) for k, v in raw.items()}
+        return {reason: counts.get(reason, 0) for reason in PAUSE_REASONS}
 
     async def halted(self) -> str | None:
         """The reason sending is halted, or None."""

@@ -26,7 +26,7 @@ import uuid
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, cast
+from typing import Any, TypedDict, cast
 
 from arq.connections import ArqRedis
 from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_prefix
@@ -204,8 +204,13 @@ async def prune_dead_leases(redis: ArqRedis) -> int:
     return pruned
 
 
+class ReconcileResult(TypedDict):
+    enqueued: int  # jobs Redis had lost, enqueued again
+    pruned_leases: int
+
+
 @job(timeout_cap_s=50)
-async def reconcile_jobs(ctx: Ctx) -> dict[str, int]:
+async def reconcile_jobs(ctx: Ctx) -> ReconcileResult:
     """Re-enqueue open imports, exports and emails that Redis lost; twice changes nothing."""
     redis, sessions = ctx["redis"], ctx["sessions"]
     lost = await forgotten(redis, await expected_jobs(sessions))

@@ -20,13 +20,13 @@ from typing import Any, Literal, get_args
 from arq.connections import ArqRedis
 from arq.jobs import Job
 
+from db.models import ExportKind
 from worker.tracing import enqueue_span
 
 QueueName = Literal["imports", "exports", "default"]
 QUEUES: tuple[QueueName, ...] = get_args(QueueName)
 
 RowKind = Literal["import", "export"]
-ExportKind = Literal["contacts", "companies"]
 
 # How long the pointer to an import's continuation lives; far beyond any import's run time.
 CONTINUATION_POINTER_TTL_S = 7 * 24 * 3600
@@ -88,6 +88,9 @@ CHECK_TRIAL_EXPIRATIONS = Route("check_trial_expirations", "default", cron=True)
 SYNC_CONTACT = Route("sync_contact", "default")
 SYNC_ALL_CONTACTS = Route("sync_all_contacts", "default", cron=True)
 RECONCILE_JOBS = Route("reconcile_jobs", "default", cron=True)
+# Enqueued by the provider webhooks (worker/web/webhooks.py) with the events a request stored;
+# arq's own ids: the events are deduplicated in PostgreSQL, not by the job id.
+PROCESS_EMAIL_EVENTS = Route("process_email_events", "default")
 
 ROUTES: tuple[Route, ...] = (
     PROCESS_CONTACTS_IMPORT,
@@ -101,6 +104,7 @@ ROUTES: tuple[Route, ...] = (
     SYNC_CONTACT,
     SYNC_ALL_CONTACTS,
     RECONCILE_JOBS,
+    PROCESS_EMAIL_EVENTS,
 )
 EXPORT_ROUTES: dict[ExportKind, Route] = {
     "contacts": GENERATE_CONTACT_EXPORT,

@@ -80,6 +80,11 @@ class Settings(BaseSettings):
     # Double opt-in for the waitlist: sign-up sends a confirmation link, the campaign starts
     # when it is used (jobs/email/campaign.py).
     waitlist_confirm: bool = True
+    # Provider webhooks (worker/web/webhooks.py): Resend's Svix signing secret (`whsec_...`)
+    # and the base64 verification key of SendGrid's Signed Event Webhook. Unset: that
+    # provider's webhook answers 503 and stores nothing.
+    resend_webhook_secret: SecretStr | None = None
+    sendgrid_webhook_public_key: str | None = None
 
     @field_validator("database_url")
     @classmethod
@@ -134,6 +139,33 @@ class Settings(BaseSettings):
         if value is not None and not value.get_secret_value().strip():
             return None
         return value
+
+    @field_validator("resend_webhook_secret")
+    @classmethod
+    def _svix_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value().strip():
+            return None
+        # Imported only when set: `cryptography` costs every worker process memory it never uses.
+        from worker.webhook_signatures import svix_key
+
+        try:
+            svix_key(value.get_secret_value().strip())
+        except ValueError as exc:
+            raise ValueError(f"RESEND_WEBHOOK_SECRET {exc}") from None
+        return SecretStr(value.get_secret_value().strip())
+
+    @field_validator("sendgrid_webhook_public_key")
+    @classmethod
+    def _sendgrid_public_key(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        from worker.webhook_signatures import sendgrid_key
+
+        try:
+            sendgrid_key(value)
+        except ValueError as exc:
+            raise ValueError(f"SENDGRID_WEBHOOK_PUBLIC_KEY {exc}") from None
+        return value.strip()
 
     @field_validator("redis_url")
     @classmethod

@@ -9,6 +9,8 @@ into the same numbers and one scrape covers the cluster.
   from its due time (arq's score: the enqueue time, or the deferred/retry time) to the try's
   start. A histogram is one counter per bucket (`BUCKET_BOUNDS_S`) plus a sum; the field
   layout is private to this module (`record` writes it, `job_metrics` reads it);
+- `c360:minute:<minute>` (Unix time // 60): tries ended in that minute, per `<queue>|<outcome>`,
+  kept `MINUTE_TTL_S` (a bit over the hour the console's chart shows; `per_minute` reads it);
 - `c360:failures`: the last `MAX_FAILURES` failures, newest first, as JSON;
 - `c360:unfinished:<job id>`: tries of one job that started and did not end through our code,
   i.e. whose worker died. It tells a poison pill ("the worker died N times") from a job that
@@ -26,7 +28,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
@@ -41,6 +43,10 @@ MAX_FAILURES = 100
 # Same lifetime as arq's own retry counter (arq.worker: `expire(retry_key, 88400)`).
 UNFINISHED_TTL_S = 88_400
 METRICS_KEY_PREFIX = "c360:metrics:"
+MINUTE_KEY_PREFIX = "c360:minute:"
+CHART_MINUTES = 60
+# Long enough that the oldest minute of the chart is still there, short enough to stay small.
+MINUTE_TTL_S = (CHART_MINUTES + 5) * 60
 BOOKKEEPING_TIMEOUT_S = 2.0
 
 Outcome = Literal["completed", "failed", "retried"]
@@ -63,6 +69,16 @@ def stats_key(queue: str) -> str:
 
 def metrics_key(queue: str) -> str:
     return METRICS_KEY_PREFIX + queue
+
+
+def minute_key(minute: int) -> str:
+    return f"{MINUTE_KEY_PREFIX}{minute}"
+
+
+def _count_minute(pipe: Any, queue: str, outcome: str, n: int = 1) -> None:
+    key = minute_key(int(time.time() // 60))
+    pipe.hincrby(key, _SEP.join((queue, outcome)), n)
+    pipe.expire(key, MINUTE_TTL_S)
 
 
 def _bucket_label(seconds: float) -> str:
@@ -101,6 +117,7 @@ async def record(
         async with asyncio.timeout(BOOKKEEPING_TIMEOUT_S), redis.pipeline() as pipe:
             pipe.hincrby(stats_key(queue), outcome, 1)
             pipe.hincrby(metrics_key(queue), _SEP.join((job, outcome)), 1)
+            _count_minute(pipe, queue, outcome)
             if duration_s is not None:
                 _observe(pipe, metrics_key(queue), job, "duration", duration_s)
             if queue_wait_s is not None:
@@ -144,6 +161,7 @@ async def try_started(redis: Redis | None, queue: str, job_id: str, job: str = "
                     pipe.hset(key, "reported", str(deaths))
                     pipe.hincrby(stats_key(queue), "died", new_deaths)
                     pipe.hincrby(metrics_key(queue), _SEP.join((job, "died")), new_deaths)
+                    _count_minute(pipe, queue, "died", new_deaths)
                     await pipe.execute()
     except Exception as exc:
         log.warning("could not count the try of %s: %s", job_id, exc)
@@ -171,6 +189,28 @@ def summary(raw: dict[Any, Any]) -> dict[str, int]:
     """A stats hash as `{completed, failed, retried, died}` with zeros filled in."""
     decoded = {(k.decode() if isinstance(k, bytes) else str(k)): int(v) for k, v in raw.items()}
     return {name: decoded.get(name, 0) for name in OUTCOMES}
+
+
+async def per_minute(redis: Redis, queues: Iterable[str], now_s: float) -> dict[str, Any]:
+    """Tries ended in each of the last `CHART_MINUTES` minutes, oldest first, the current last.
+
+    `{"first_minute_at_s": t, "queues": {queue: {outcome: [n, ...]}}}`: one HGETALL a minute,
+    in one round trip, whatever the number of jobs.
+    """
+    last = int(now_s // 60)
+    minutes = range(last - CHART_MINUTES + 1, last + 1)
+    async with redis.pipeline(transaction=False) as pipe:
+        for minute in minutes:
+            pipe.hgetall(minute_key(minute))
+        replies = await pipe.execute()
+    counts = {queue: {o: [0] * CHART_MINUTES for o in OUTCOMES} for queue in queues}
+    for index, raw in enumerate(replies):
+        for raw_name, raw_value in raw.items():
+            name = raw_name.decode() if isinstance(raw_name, bytes) else str(raw_name)
+            queue, _, outcome = name.partition(_SEP)
+            if queue in counts and outcome in OUTCOMES:
+                counts[queue][outcome][index] = int(raw_value)
+    return {"first_minute_at_s": minutes[0] * 60, "queues": counts}
 
 
 @dataclass

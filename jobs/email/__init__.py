@@ -1,4 +1,4 @@
-"""Email jobs: transactional sends, the waitlist campaign and trial notices (CONTRACT §5).
+"""Email jobs: transactional sends, the waitlist campaign, trial notices, webhook events (§5, §13).
 
 Every email goes through the outbox (`outbox.deliver`): one row per logical email, claimed
 before the provider call, so a job that runs twice sends once. `templates` renders each email
@@ -9,6 +9,7 @@ before the provider call, so a job that runs twice sends once. `templates` rende
 from __future__ import annotations
 
 from jobs.email.campaign import kickoff_waitlist_first_email, send_waitlist_campaign_hourly
+from jobs.email.events import process_email_events
 from jobs.email.transactional import send_email, send_welcome_email
 from jobs.email.trials import check_trial_expirations
 from worker.job import CronSchedule
@@ -19,6 +20,7 @@ JOBS = [
     kickoff_waitlist_first_email,
     send_waitlist_campaign_hourly,
     check_trial_expirations,
+    process_email_events,
 ]
 # UTC (worker.main sets arq's timezone). Trials at half past, so the two crons do not start
 # their database scans and sends in the same second.

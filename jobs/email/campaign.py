@@ -25,7 +25,7 @@ import logging
 import uuid
 from collections import Counter
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Literal, NotRequired, TypedDict
 
 from sqlalchemy import Row, delete, func, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -33,8 +33,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from db.models import WaitlistEntry
 from jobs.email import drafts
 from jobs.email.drafts import CampaignLinks, CampaignNotConfigured
-from jobs.email.fanout import halted, send_page
-from jobs.email.outbox import AfterSettled, Draft, Outcome, deliver, fail_message
+from jobs.email.fanout import SendCounts, as_result, halted, send_page
+from jobs.email.outbox import AfterSettled, Draft, Outcome, SendResult, deliver, fail_message
 from worker.context import Ctx
 from worker.errors import PermanentError
 from worker.job import job
@@ -109,6 +109,21 @@ async def _send_step(
     return await deliver(ctx, draft, after=hook, max_attempts=max_attempts)
 
 
+class KickoffSkipped(TypedDict):
+    """Nothing was sent: the entry had step 1 already, unsubscribed or converted, or the
+    links cannot be made (`error`: APP_URL or SECRET_KEY missing; the hourly tick retries)."""
+
+    entry_id: str
+    status: Literal["skipped"]
+    error: NotRequired[str]
+
+
+class CampaignTickResult(SendCounts, total=True):
+    """The hourly tick's pages read and what became of each due step."""
+
+    pages: int
+
+
 async def _fail_kickoff(ctx: Ctx, kwargs: dict[str, Any], reason: str) -> None:
     entry_id = uuid.UUID(str(kwargs["entry_id"]))
     async with ctx["sessions"]() as session:
@@ -126,7 +141,7 @@ async def _fail_kickoff(ctx: Ctx, kwargs: dict[str, Any], reason: str) -> None:
 
 
 @job(timeout_cap_s=SEND_JOB_CAP_S, on_failure=_fail_kickoff)
-async def kickoff_waitlist_first_email(ctx: Ctx, entry_id: str) -> dict[str, Any]:
+async def kickoff_waitlist_first_email(ctx: Ctx, entry_id: str) -> SendResult | KickoffSkipped:
     """Send the entry's first email now: its confirmation, or (confirmed) step 1.
 
     Twice is harmless: the outbox keys `waitlist-confirm/<entry_id>` and `waitlist/<entry_id>/1`
@@ -182,7 +197,7 @@ def _due_page(now: datetime, cursor: tuple[datetime, uuid.UUID] | None) -> Any:
 
 
 @job(timeout_cap_s=CRON_TIME_CAP_S)
-async def send_waitlist_campaign_hourly(ctx: Ctx) -> dict[str, Any]:
+async def send_waitlist_campaign_hourly(ctx: Ctx) -> CampaignTickResult:
     """Send every waitlist step due up to now, 1,000 entries a page, 100 sends at a time.
 
     Twice in one hour sends nothing new: a sent step has moved its entry's `next_email_at`
@@ -227,7 +242,7 @@ async def send_waitlist_campaign_hourly(ctx: Ctx) -> dict[str, Any]:
             counts["stopped_early"] = 1
             break
     log.info("waitlist campaign: %s", dict(counts))
-    return {"pages": pages, **counts}
+    return {"pages": pages, **as_result(counts)}
 
 
 async def _expire_unconfirmed(ctx: Ctx) -> int:

@@ -14,13 +14,35 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TypeVar
+from typing import TypedDict, TypeVar, cast
 
 from jobs.email.outbox import Outcome
 from worker.errors import ProviderFault, TransientError
 
 T = TypeVar("T")
 DEFAULT_CONCURRENCY = 50
+
+
+class SendCounts(TypedDict, total=False):
+    """A page's (or a tick's) tally in a job's result; a key is there once it counts one."""
+
+    sent: int
+    duplicate: int
+    failed: int
+    review: int
+    pending: int
+    retry: int  # failed transiently: recorded on its row, picked up by the next run
+    not_tried: int  # not started after the provider refused the account
+    provider_refused: int
+    stopped_early: int  # 1: the run left the rest due for the next one
+    expired_unconfirmed: int  # waitlist sign-ups deleted, never confirmed (campaign tick)
+    not_configured: int  # 1: APP_URL or SECRET_KEY missing, nothing sent (campaign tick)
+
+
+def as_result(counts: Counter[str]) -> SendCounts:
+    """`counts` as a job result: its keys are only ever those of `SendCounts` (this module
+    and the crons' `stopped_early` write them), so the cast names what they hold."""
+    return cast(SendCounts, dict(counts))
 
 
 def halted(counts: Counter[str]) -> bool:

@@ -11,14 +11,15 @@
     known to have ended (this same job's earlier try, or a job Redis no longer shows running):
                            Resend: claimed again and resent with the same Idempotency-Key;
                            SendGrid: review.
+    pending, or new ──claim, recipient suppressed (jobs/email/suppression.py)──> suppressed
 
 A row starts `pending` when the client writes it at enqueue (`store_pending`: `send_email`, the
 welcome email), or is inserted already claimed by the job (campaign steps, trial notices, a job
 enqueued without the client); either way the claim below takes it over.
 
-A row in `sent`, `failed` or `review` is settled: claiming it sends nothing, so a second
-enqueue, a retry or a duplicate delivery of the job is harmless. The claim commits before the
-HTTP call (no row lock or connection is held while the provider answers); the lease tells a
+A row in `sent`, `failed`, `review` or `suppressed` is settled: claiming it sends nothing, so a
+second enqueue, a retry or a duplicate delivery of the job is harmless. The claim commits before
+the HTTP call (no row lock or connection is held while the provider answers); the lease tells a
 crashed try (old claim) from one still in flight elsewhere (recent claim: retry later).
 """
 
@@ -27,13 +28,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 from arq.constants import in_progress_key_prefix
 from sqlalchemy import bindparam, text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from jobs.email.suppression import is_campaign, suppressed_sql
 from worker.context import Ctx
 from worker.email_providers import DeliveryUnknown, OutgoingEmail, safe_to_resend
 from worker.email_providers.base import check_headers
@@ -47,12 +49,12 @@ SEND_LEASE_S = 120.0
 # A 429 may pause every sender for up to 300 s (worker.email_providers.base): wait through it
 # rather than burn a retry, but give up before the job's own time limit (SEND_JOB_CAP_S).
 ACQUIRE_TIMEOUT_S = 400.0
-SETTLED = ("sent", "failed", "review")
+SETTLED = ("sent", "failed", "review", "suppressed")
 # Which arq job holds a message's claim (set in the claiming transaction, kept as long as the
 # claim's lease): lets a later try tell a crashed claim from a live one without waiting it out.
 CLAIMER_KEY_PREFIX = "c360:outbox:claimer:"
 
-Status = Literal["sent", "failed", "review", "pending"]
+Status = Literal["sent", "failed", "review", "suppressed", "pending"]
 Sessions = async_sessionmaker[AsyncSession]
 
 
@@ -75,6 +77,17 @@ class Draft:
         object.__setattr__(self, "headers", check_headers(self.headers or {}))
 
 
+class SendResult(TypedDict):
+    """What a job that sends one email returns (`Outcome.summary`)."""
+
+    key: str
+    status: Status
+    # True when the row was settled before this run: nothing was sent now.
+    duplicate: bool
+    provider_message_id: str | None
+    error: str | None
+
+
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """What the outbox row says after `deliver`; `fresh` is False when it was settled before."""
@@ -89,7 +102,7 @@ class Outcome:
     def settled(self) -> bool:
         return self.status != "pending"
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> SendResult:
         return {
             "key": self.key,
             "status": self.status,
@@ -108,17 +121,26 @@ _INSERT_PENDING = text("""
     VALUES (:key, :to, :subject, :html, :text, :headers, 'pending')
     ON CONFLICT (idempotency_key) DO NOTHING
 """).bindparams(bindparam("headers", type_=JSONB(none_as_null=True)))
-_INSERT_CLAIMED = text("""
+SUPPRESSED_DETAIL = "not sent: the recipient is on the suppression list"
+# The suppression check rides in the claim's own statement (one primary-key lookup), so a
+# suppressed recipient costs no extra round trip and is never claimed for sending.
+_INSERT_CLAIMED = text(f"""
     INSERT INTO email_messages
         (idempotency_key, to_email, subject, html, text, headers, status, attempts, provider,
-         updated_at)
-    VALUES (:key, :to, :subject, :html, :text, :headers, 'sending', 1, :provider, now())
+         updated_at, last_error)
+    SELECT :key, :to, :subject, :html, :text, :headers,
+           CASE WHEN suppressed THEN 'suppressed' ELSE 'sending' END,
+           CASE WHEN suppressed THEN 0 ELSE 1 END, :provider, now(),
+           CASE WHEN suppressed THEN CAST(:suppressed_detail AS text) END
+    FROM (SELECT {suppressed_sql("CAST(:to AS text)", "CAST(:campaign AS boolean)")}
+          AS suppressed) AS recipient
     ON CONFLICT (idempotency_key) DO NOTHING
-    RETURNING id, attempts
+    RETURNING id, attempts, status
 """).bindparams(bindparam("headers", type_=JSONB(none_as_null=True)))
-_LOCK_EXISTING = text("""
+_LOCK_EXISTING = text(f"""
     SELECT id, status, attempts, provider_message_id, last_error, to_email, subject, html, text,
-           headers, extract(epoch FROM now() - updated_at) AS claim_age_s
+           headers, extract(epoch FROM now() - updated_at) AS claim_age_s,
+           {suppressed_sql("to_email", "CAST(:campaign AS boolean)")} AS suppressed
     FROM email_messages WHERE idempotency_key = :key FOR UPDATE
 """)
 _RECLAIM = text("""
@@ -171,6 +193,10 @@ async def deliver(
     the row `pending` and its attempt not counted: no number of them ever fails a message.
     """
     sessions, provider = ctx["sessions"], ctx["email_provider"]
+    if provider is None:
+        # Only a worker started without EMAIL_PROVIDER has none, and the default queue (the
+        # one with the send jobs) refuses to start so (preflight.check_settings).
+        raise RuntimeError("this worker has no email provider: EMAIL_PROVIDER is not set")
     resend_ok = safe_to_resend(provider)
     try:
         # Before the claim: the wait for a slot must not age the claim towards its lease.
@@ -218,9 +244,7 @@ async def _claimer_ended(ctx: Ctx, key: str) -> bool:
     job at a time), or by a job whose in-progress lease is gone (its worker died). Unknown
     (no record, Redis unreachable) counts as still running.
     """
-    redis, job_id = ctx.get("redis"), ctx.get("job_id")
-    if redis is None or job_id is None:
-        return False
+    redis, job_id = ctx["redis"], ctx["job_id"]
     try:
         claimer = await redis.get(CLAIMER_KEY_PREFIX + key)
         if claimer is None:
@@ -234,9 +258,7 @@ async def _claimer_ended(ctx: Ctx, key: str) -> bool:
 
 
 async def _record_claimer(ctx: Ctx, key: str) -> None:
-    redis, job_id = ctx.get("redis"), ctx.get("job_id")
-    if redis is None or job_id is None:
-        return
+    redis, job_id = ctx["redis"], ctx["job_id"]
     try:
         await redis.set(CLAIMER_KEY_PREFIX + key, job_id, px=int(SEND_LEASE_S * 1000))
     except Exception as exc:
@@ -247,16 +269,21 @@ async def _record_claimer(ctx: Ctx, key: str) -> None:
 async def _claim(
     ctx: Ctx, draft: Draft, provider: str, resend_ok: bool, after: AfterSettled | None
 ) -> _Claim | Outcome:
+    campaign = is_campaign(draft.key)
     async with ctx["sessions"].begin() as session:
         params: dict[str, Any] = {"key": draft.key, "to": draft.to, "subject": draft.subject}
         params |= {"html": draft.html, "text": draft.text, "provider": provider}
         params["headers"] = dict(draft.headers) or None
+        params |= {"campaign": campaign, "suppressed_detail": SUPPRESSED_DETAIL}
         inserted = (await session.execute(_INSERT_CLAIMED, params)).first()
+        if inserted is not None and inserted.status == "suppressed":
+            return await _suppressed(session, draft.key, after)
         if inserted is not None:  # the common case: a new message, claimed in one statement
             # Recorded under the new row's lock, before it commits: a later claimer waits.
             await _record_claimer(ctx, draft.key)
             return _Claim(inserted.id, inserted.attempts, draft)
-        row = (await session.execute(_LOCK_EXISTING, {"key": draft.key})).one()
+        lock = {"key": draft.key, "campaign": campaign}
+        row = (await session.execute(_LOCK_EXISTING, lock)).one()
         if row.status in SETTLED:
             outcome = Outcome(draft.key, row.status, False, row.provider_message_id, row.last_error)
             if after is not None:
@@ -269,6 +296,10 @@ async def _claim(
             and not await _claimer_ended(ctx, draft.key)
         ):
             raise TransientError(f"email {draft.key} is being sent by another try")
+        if row.suppressed:
+            params = {"id": row.id, "status": "suppressed", "error": SUPPRESSED_DETAIL}
+            await session.execute(_SETTLE, params | {"message_id": None})
+            return await _suppressed(session, draft.key, after)
         if row.status == "sending" and not resend_ok:
             detail = (
                 f"found mid-send after a crash (attempt {row.attempts}); {provider} cannot "
@@ -285,6 +316,15 @@ async def _claim(
         attempts = (await session.execute(_RECLAIM, {"id": row.id, "provider": provider})).one()
         await _record_claimer(ctx, draft.key)
         return _Claim(row.id, attempts.attempts, stored)
+
+
+async def _suppressed(session: AsyncSession, key: str, after: AfterSettled | None) -> Outcome:
+    """The outcome of a row just settled `suppressed`; `after` runs in the same transaction."""
+    log.info("email %s not sent: its recipient is suppressed", key)
+    outcome = Outcome(key, "suppressed", True, None, SUPPRESSED_DETAIL)
+    if after is not None:
+        await after(session, outcome)
+    return outcome
 
 
 async def _settle(

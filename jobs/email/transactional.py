@@ -9,7 +9,7 @@ from db.models import User
 from jobs.email import drafts
 from jobs.email.campaign import SEND_JOB_CAP_S
 from jobs.email.keys import caller_key, job_key, welcome_key
-from jobs.email.outbox import Draft, Outcome, deliver, fail_message
+from jobs.email.outbox import Draft, Outcome, SendResult, deliver, fail_message
 from worker.context import Ctx
 from worker.errors import PermanentError
 from worker.job import job
@@ -19,10 +19,10 @@ def send_email_key(ctx: Ctx, idempotency_key: str | None) -> str:
     """`caller/<the caller's key>`, or `job/<arq job id>`: every retry of one job shares it."""
     if idempotency_key:
         return caller_key(idempotency_key)
-    return job_key(ctx.get("job_id", "-"))
+    return job_key(ctx["job_id"])
 
 
-def _result(outcome: Outcome) -> dict[str, Any]:
+def _result(outcome: Outcome) -> SendResult:
     # A refusal fails the job (visible in its result) without a retry; the row says why.
     if outcome.status == "failed" and outcome.fresh:
         raise PermanentError(outcome.detail or "the provider refused the email")
@@ -41,7 +41,7 @@ async def send_email(
     html: str,
     text: str | None = None,
     idempotency_key: str | None = None,
-) -> dict[str, Any]:
+) -> SendResult:
     """Send one email through the outbox.
 
     Twice is harmless: the row keyed `caller/<idempotency_key>` (or `job/<this job's id>`) is
@@ -59,7 +59,7 @@ async def _fail_welcome(ctx: Ctx, kwargs: dict[str, Any], reason: str) -> None:
 
 
 @job(timeout_cap_s=SEND_JOB_CAP_S, on_failure=_fail_welcome)
-async def send_welcome_email(ctx: Ctx, user_id: str) -> dict[str, Any]:
+async def send_welcome_email(ctx: Ctx, user_id: str) -> SendResult:
     """Welcome a new user; keyed `welcome/<user_id>`, so a second run sends nothing."""
     async with ctx["sessions"]() as session:
         user = await session.get(User, uuid.UUID(str(user_id)))

@@ -10,7 +10,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypedDict
 
 from sqlalchemy import Row, Select, exists, literal, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from db.models import EmailMessage, User
 from jobs.email import drafts
 from jobs.email.campaign import CRON_TIME_CAP_S, PAGE_ROWS, SEND_CONCURRENCY
-from jobs.email.fanout import halted, send_page
+from jobs.email.fanout import SendCounts, as_result, halted, send_page
 from jobs.email.outbox import SETTLED, Outcome, deliver
 from worker.context import Ctx
 from worker.job import job
@@ -27,6 +27,11 @@ from worker.retry import max_tries
 log = logging.getLogger(__name__)
 
 REMIND_BEFORE = timedelta(days=3)
+
+
+class TrialTickResult(TypedDict):
+    reminders: SendCounts
+    expiries: SendCounts
 
 
 def _not_settled(prefix: str) -> Any:
@@ -81,7 +86,7 @@ async def _pages(ctx: Ctx, query: Select[Any], send_one: Callable[[Row[Any]], An
 
 
 @job(timeout_cap_s=CRON_TIME_CAP_S)
-async def check_trial_expirations(ctx: Ctx) -> dict[str, Any]:
+async def check_trial_expirations(ctx: Ctx) -> TrialTickResult:
     """Send due trial reminders and expiry notices; expire the plans whose notice is settled.
 
     Twice is harmless: a user with a settled reminder row is not selected again, an expired
@@ -116,4 +121,4 @@ async def check_trial_expirations(ctx: Ctx) -> dict[str, Any]:
         expiries = await _pages(ctx, _expiries_due(now), expire)
     if halted(reminders) or halted(expiries):
         log.warning("trial notices: stopped, the email provider refused the account")
-    return {"reminders": dict(reminders), "expiries": dict(expiries)}
+    return {"reminders": as_result(reminders), "expiries": as_result(expiries)}

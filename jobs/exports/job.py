@@ -25,17 +25,17 @@ import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, TypedDict
 
 import asyncpg
 from sqlalchemy import select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from db.models import Export
+from db.models import Export, ExportKind, ExportStatusName
 from db.session import driver_connection
 from jobs.exports.errors import file_errors
 from jobs.exports.progress import ProgressSink
-from jobs.exports.query import ExportKind, export_query
+from jobs.exports.query import export_query
 from worker.context import Ctx
 from worker.errors import PermanentError, TransientError
 from worker.job import job
@@ -50,11 +50,24 @@ log = logging.getLogger(__name__)
 _TRY_LOCK = text("SELECT pg_try_advisory_xact_lock(hashtextextended('export:' || :id, 0))")
 
 
+class ExportResult(TypedDict):
+    """What an export job returns: small and JSON-able (arq keeps it with the job)."""
+
+    export_id: str
+    kind: ExportKind
+    status: ExportStatusName
+    row_count: int
+    file_path: str | None
+    message: str | None
+    # False when a re-run found the export completed and wrote nothing.
+    written: bool
+
+
 class ExportBusy(TransientError):
     """Another worker is writing this export right now; this delivery tries again later."""
 
 
-async def run_export(ctx: Ctx, export_id: str, kind: ExportKind) -> dict[str, Any]:
+async def run_export(ctx: Ctx, export_id: str, kind: ExportKind) -> ExportResult:
     """Write export `export_id` (of `kind`) to storage; returns the export's summary."""
     eid = parse_export_id(export_id)
     sessions, storage = ctx["sessions"], ctx["storage"]
@@ -181,7 +194,7 @@ def skipped_message(skipped: int) -> str | None:
     return f"{skipped} requested ids were not found or belong to another user and were skipped"
 
 
-def summary(row: Export, *, written: bool) -> dict[str, Any]:
+def summary(row: Export, *, written: bool) -> ExportResult:
     """The job's result: small and JSON-able; `written` is False when a re-run did nothing."""
     return {
         "export_id": str(row.id),
@@ -217,12 +230,12 @@ async def export_lock(engine: AsyncEngine, eid: uuid.UUID) -> AsyncIterator[asyn
 
 
 @job(on_failure=mark_failed)
-async def generate_contact_export(ctx: Ctx, export_id: str) -> dict[str, Any]:
+async def generate_contact_export(ctx: Ctx, export_id: str) -> ExportResult:
     """Write the contacts export `export_id` (CONTRACT §9); a completed one is left as it is."""
     return await run_export(ctx, export_id, "contacts")
 
 
 @job(on_failure=mark_failed)
-async def generate_company_export(ctx: Ctx, export_id: str) -> dict[str, Any]:
+async def generate_company_export(ctx: Ctx, export_id: str) -> ExportResult:
     """Write the companies export `export_id` (CONTRACT §9); a completed one is left as it is."""
     return await run_export(ctx, export_id, "companies")

@@ -20,12 +20,9 @@ Parameters: `$1` the export's user id, `$2` the export id (only used with a sele
 
 from __future__ import annotations
 
-from typing import Literal
-
+from db.models import ExportKind
 from jobs.exports.csv_format import COMPANY_COLUMNS, CONTACT_COLUMNS, tags_sql, timestamp_sql
 from jobs.imports.columns import TEXT_COLUMNS
-
-ExportKind = Literal["contacts", "companies"]
 
 _SELECTION = "AND {alias}.id IN (SELECT item_id FROM export_items WHERE export_id = $2)"
 

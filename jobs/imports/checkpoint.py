@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from db.models import ImportStatusName
 from db.session import driver_connection
 from jobs.imports.merge import (
     ALL_PARTS,
@@ -47,7 +48,7 @@ log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
-FINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
+FINAL_STATUSES: frozenset[ImportStatusName] = frozenset({"completed", "failed", "cancelled"})
 
 
 class ImportRunningElsewhere(TransientError):
@@ -63,7 +64,7 @@ class ImportRow:
     id: uuid.UUID
     user_id: uuid.UUID
     file_path: str
-    status: str
+    status: ImportStatusName
     total_rows: int | None
     processed_rows: int
     error_count: int
@@ -280,7 +281,7 @@ async def _all(awaitables: list[Awaitable[_T]]) -> list[_T]:
 async def finish(
     sessions: async_sessionmaker[AsyncSession],
     import_id: uuid.UUID,
-    status: str,
+    status: ImportStatusName,
     message: str | None,
 ) -> None:
     async with sessions.begin() as session:
@@ -288,7 +289,7 @@ async def finish(
 
 
 async def _finish(
-    session: AsyncSession, import_id: uuid.UUID, status: str, message: str | None
+    session: AsyncSession, import_id: uuid.UUID, status: ImportStatusName, message: str | None
 ) -> None:
     await session.execute(
         text(

@@ -16,8 +16,9 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Literal, NotRequired, TypedDict
 
+from db.models import ImportStatusName
 from jobs.imports.checkpoint import (
     FINAL_STATUSES,
     ImportRow,
@@ -60,14 +61,28 @@ PARSE_STEP_BYTES = 64 << 10
 AfterBatch = Callable[[ImportRow], Awaitable[None]]
 
 
+class ImportResult(TypedDict):
+    """What `process_contacts_import` returns: the row's counters after this run."""
+
+    import_id: str
+    # "processing" when this run handed the rest to a continuation job (see `note`).
+    status: ImportStatusName
+    processed: int
+    created: int
+    updated: int
+    errors: int
+    # Why nothing was done, or the continuation's job id.
+    note: NotRequired[str]
+
+
 @dataclass(frozen=True)
 class _Ended:
     row: ImportRow | None  # the job row after the last commit of this run
-    status: str  # "completed", "cancelled" or "continued"
+    status: Literal["completed", "cancelled", "continued"]
 
 
 @job(on_failure=record_failure)
-async def process_contacts_import(ctx: Ctx, job_id: str) -> dict[str, Any]:
+async def process_contacts_import(ctx: Ctx, job_id: str) -> ImportResult:
     """Import the file of `contact_import_jobs` row `job_id` into the user's contacts.
 
     Safe to run twice: runners exclude each other with an advisory lock, each resumes from
@@ -78,7 +93,7 @@ async def process_contacts_import(ctx: Ctx, job_id: str) -> dict[str, Any]:
 
 async def run_import(
     ctx: Ctx, import_id: uuid.UUID, *, after_batch: AfterBatch | None = None
-) -> dict[str, Any]:
+) -> ImportResult:
     """The job's body; `after_batch` (tests) runs after each committed batch."""
     # Parsing and validation run on one thread of the import's own, so the event loop only
     # waits on PostgreSQL and wakes for each reply within a GIL switch.
@@ -91,7 +106,7 @@ async def run_import(
 
 async def _run_locked(
     ctx: Ctx, import_id: uuid.UUID, cpu: Executor, after_batch: AfterBatch | None
-) -> dict[str, Any]:
+) -> ImportResult:
     sessions = ctx["sessions"]
     async with (
         import_lock(ctx["engine"], import_id) as owned,
@@ -296,8 +311,8 @@ def _join(*parts: str | None) -> str:
     return "; ".join(part for part in parts if part)
 
 
-def _summary(row: ImportRow, status: str, note: str | None = None) -> dict[str, Any]:
-    summary: dict[str, Any] = {
+def _summary(row: ImportRow, status: ImportStatusName, note: str | None = None) -> ImportResult:
+    summary: ImportResult = {
         "import_id": str(row.id),
         "status": status,
         "processed": row.processed_rows,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import csv
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import Executor
 from contextlib import aclosing
 from typing import TypeVar
@@ -145,7 +145,7 @@ class CsvReader:
 
     async def batches(
         self, max_rows: int = 5000, skip_rows: int = 0, first_rows: int | None = None
-    ) -> AsyncIterator[list[NumberedRow]]:
+    ) -> AsyncGenerator[list[NumberedRow], None]:
         """Yield data rows as lists of at most `max_rows` `(row_number, fields)` pairs.
 
         `skip_rows` drops the first data rows (resuming after the last committed batch);

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 
 from sqlalchemy import and_, exists, func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -43,6 +43,23 @@ REMOVALS_CHECKPOINT = "sync_all_contacts:unsubscribed"
 # carries an older `unsubscribed_at`. Deleting a contact twice is harmless.
 REMOVALS_OVERLAP = timedelta(hours=1)
 REMOVAL_PAGE_ROWS = 1000
+
+
+class SyncContactResult(TypedDict):
+    synced: int  # 1 when the address was pushed
+    provider: NotRequired[str]  # "none": MARKETING_PROVIDER=none, nothing was done
+    removed: NotRequired[int]  # an unsubscribed address: contacts removed from the provider
+    reason: NotRequired[str]  # why nothing was pushed
+    provider_job_id: NotRequired[str | None]  # the provider's id for the accepted upsert
+
+
+class SyncAllResult(TypedDict):
+    synced: int  # addresses pushed in this sync (a resumed run counts from the first run)
+    provider: NotRequired[str]  # "none": MARKETING_PROVIDER=none, nothing was done
+    batches: NotRequired[int]
+    removed: NotRequired[int]  # unsubscribed contacts removed first
+    resumed: NotRequired[bool]  # this run continued where a failed or stopped one left off
+    done: NotRequired[bool]  # False: stopped at the soft time limit; tomorrow's run resumes
 
 
 def unsubscribed(email: Any) -> Any:
@@ -80,7 +97,7 @@ def _batch_size(ctx: Ctx) -> int:
 
 
 @job(timeout_cap_s=600)
-async def sync_contact(ctx: Ctx, email: str) -> dict[str, Any]:
+async def sync_contact(ctx: Ctx, email: str) -> SyncContactResult:
     """Upsert one platform user or waitlist entry by email; the upsert is idempotent.
 
     An address that unsubscribed is removed from the provider instead (idempotent too).
@@ -132,7 +149,7 @@ async def _save_checkpoint(ctx: Ctx, value: dict[str, Any], name: str = CHECKPOI
 
 
 @job()
-async def sync_all_contacts(ctx: Ctx) -> dict[str, Any]:
+async def sync_all_contacts(ctx: Ctx) -> SyncAllResult:
     """Upsert every user and waitlist entry in batches of at most 30,000, resumably.
 
     Twice is harmless: the upsert is idempotent, and a re-run after a failure resumes from the

@@ -11,6 +11,7 @@ import redis.asyncio as aioredis
 from itsdangerous import URLSafeTimedSerializer
 
 from tests.console.conftest import METRICS_TOKEN, PASSWORD, log_in
+from tests.support.redis_replies import reply
 from worker.web.auth import LOGIN_FAILURES_PREFIX, SESSION_COOKIE
 
 PAGES = [
@@ -129,13 +130,14 @@ async def test_failed_logins_lock_the_client_out_in_redis(
     assert locked.status_code == 429 and "set-cookie" not in locked.headers
     assert int(locked.headers["retry-after"]) >= 1
     key = LOGIN_FAILURES_PREFIX + "127.0.0.1"
-    assert await redis_raw.hget(key, "failures") == b"1"
+    # redis-py types hget's reply as str, but a client without decode_responses gets bytes.
+    assert await reply(redis_raw.hget(key, "failures")) == b"1"  # type: ignore[comparison-overlap]
     # Each failure doubles the delay: the state lives in Redis, so every console process
     # sees it; lifting it there lets the client in again.
-    await redis_raw.hset(key, "until_ms", "0")
+    await reply(redis_raw.hset(key, "until_ms", "0"))
     assert (await anonymous.post("/login", data={"password": "guess2"})).status_code == 401
-    assert await redis_raw.hget(key, "failures") == b"2"
-    await redis_raw.hset(key, "until_ms", "0")
+    assert await reply(redis_raw.hget(key, "failures")) == b"2"  # type: ignore[comparison-overlap]  # bytes, as above
+    await reply(redis_raw.hset(key, "until_ms", "0"))
     await log_in(anonymous)
     assert not await redis_raw.exists(key)
 

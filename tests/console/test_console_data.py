@@ -13,6 +13,8 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from tests.conftest import RunBurst
+from tests.support.heartbeats import fake_heartbeat
+from tests.support.redis_replies import reply
 from worker.client import JobsClient
 from worker.lease import running_key
 from worker.observe import collect
@@ -31,17 +33,22 @@ async def test_overview_equals_what_redis_holds_and_what_status_shows(
         await arq_redis.enqueue_job("send_email", _queue_name="default", _job_id=f"e{n}")
     await arq_redis.enqueue_job("process_contacts_import", _queue_name="imports", _defer_by=600)
     now_ms = int(time.time() * 1000)
-    await redis_raw.hset(
-        running_key("exports"),
-        "export:x",
-        json.dumps({"worker": "h:1", "started_ms": now_ms, "lease_until_ms": now_ms + 9000}),
+    await reply(
+        redis_raw.hset(
+            running_key("exports"),
+            "export:x",
+            json.dumps({"worker": "h:1", "started_ms": now_ms, "lease_until_ms": now_ms + 9000}),
+        )
     )
-    await redis_raw.hset(stats_key("default"), mapping={"completed": 5, "failed": 2, "died": 1})
-    await redis_raw.set("default:health-check:h:9", "Dec-01 j_complete=5", px=8000)
+    await reply(
+        redis_raw.hset(stats_key("default"), mapping={"completed": 5, "failed": 2, "died": 1})
+    )
+    await fake_heartbeat(redis_raw, "default:health-check:h:9", "Dec-01 j_complete=5", ttl_ms=8000)
 
     overview = (await client.get("/api/overview")).json()
 
-    assert set(overview) == {"queues"} and set(overview["queues"]) == {
+    # CONTRACT §12's `queues`, and the chart's series next to it.
+    assert set(overview) == {"queues", "jobs_per_minute"} and set(overview["queues"]) == {
         "imports",
         "exports",
         "default",

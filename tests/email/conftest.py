@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import httpx
 import pytest
@@ -20,11 +20,11 @@ from starlette.routing import Mount
 from db.models import EmailMessage
 from tests.conftest import RunBurst
 from tests.support.asgi_server import serve_asgi
+from tests.support.ctx import CtxOpener
 from tests.support.provider_server import ProviderServer
 from worker.client import JobsClient
 from worker.context import Ctx
 from worker.http import make_http_client
-from worker.lifecycle import shutdown, startup
 from worker.settings import Settings
 from worker.web.public import create_app
 
@@ -173,27 +173,15 @@ def short_http_timeouts(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-async def job_ctx(
-    job_settings: Callable[..., Settings], arq_redis: ArqRedis
-) -> AsyncIterator[Callable[..., Awaitable[Ctx]]]:
+def job_ctx(
+    job_settings: Callable[..., Settings], open_ctx: CtxOpener
+) -> Callable[..., Awaitable[Ctx]]:
     """`ctx = await job_ctx("sendgrid")`: the real ctx `startup` builds, to call a job directly."""
-    opened: list[dict[str, Any]] = []
 
     async def build(provider: str = "resend", **overrides: Any) -> Ctx:
-        ctx: dict[str, Any] = {
-            "settings": job_settings(provider, **overrides),
-            "queue_name": "default",
-            "redis": arq_redis,
-            "job_id": f"test-{uuid.uuid4().hex[:8]}",
-            "job_try": 1,
-        }
-        await startup(ctx)
-        opened.append(ctx)
-        return cast(Ctx, ctx)
+        return await open_ctx("default", settings=job_settings(provider, **overrides))
 
-    yield build
-    for ctx in opened:
-        await shutdown(ctx)
+    return build
 
 
 async def outbox_rows(sessions: async_sessionmaker[AsyncSession]) -> list[EmailMessage]:

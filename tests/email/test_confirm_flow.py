@@ -49,7 +49,7 @@ def confirm_link(server: ProviderServer) -> str:
     [sent] = [d.json for d in server.delivered if d.json["subject"] == CONFIRM_SUBJECT]
     [link] = [w for w in sent["text"].split() if w.startswith(f"{APP_URL}/waitlist/confirm/")]
     assert f'href="{link}"' in sent["html"]
-    return link
+    return str(link)
 
 
 async def test_sign_up_confirm_over_http_then_the_next_tick_sends_step_1(
@@ -89,6 +89,7 @@ async def test_sign_up_confirm_over_http_then_the_next_tick_sends_step_1(
     assert step_1[0]["headers"]["List-Unsubscribe"] == f"<{APP_URL}/email/unsubscribe/{token}>"
     done = await entry(sessions, signup.id)
     assert done.campaign_step == 1
+    assert done.confirmed_at is not None
     assert done.next_email_at == done.confirmed_at + timedelta(days=2)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import pytest
 from arq.connections import ArqRedis
@@ -13,7 +12,7 @@ from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from db.models import JobCheckpoint
-from jobs.marketing.sync import sync_all_contacts, sync_contact
+from jobs.marketing.sync import SyncAllResult, SyncContactResult, sync_all_contacts, sync_contact
 from tests.conftest import RunBurst
 from tests.support.provider_server import (
     SENDGRID_CONTACTS,
@@ -22,6 +21,7 @@ from tests.support.provider_server import (
     ProviderServer,
     RecordedRequest,
 )
+from tests.support.result_shapes import assert_shape
 from worker.context import Ctx
 from worker.errors import TransientError
 from worker.marketing import MAX_CONTACTS_PER_CALL, SendGridMarketing
@@ -113,6 +113,8 @@ async def test_a_failed_sync_resumes_from_the_last_accepted_batch(
 
     first = await sync_all_contacts.coroutine(ctx)  # the retry
     second = await sync_all_contacts.coroutine(ctx)  # the next day: from the start again
+    assert_shape(first, SyncAllResult)
+    assert_shape(second, SyncAllResult)
 
     sizes = [len(r.json["contacts"]) for r in provider_server.requests_to(SENDGRID_CONTACTS)]
     # Failed run and its retry: waitlist 2, 1, users 2, (500), 2, 2, 1. Then the next day.
@@ -145,7 +147,7 @@ async def test_marketing_none_logs_and_does_nothing(
     await seed(sessions, users=3, waitlist=1)
     ctx = await job_ctx("console")  # MARKETING_PROVIDER defaults to none
     caplog.set_level(logging.INFO)
-    results: list[dict[str, Any]] = [
+    results: list[SyncAllResult | SyncContactResult] = [
         await sync_all_contacts.coroutine(ctx),
         await sync_contact.coroutine(ctx, email="user1@example.com"),
     ]

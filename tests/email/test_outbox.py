@@ -14,9 +14,10 @@ from arq.worker import Retry
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from jobs.email.outbox import SEND_LEASE_S
+from jobs.email.outbox import SEND_LEASE_S, SendResult
 from jobs.email.transactional import send_email
 from tests.support.provider_server import RESEND_EMAILS, SENDGRID_MAIL, Answer, ProviderServer
+from tests.support.result_shapes import assert_shape
 from worker.context import Ctx
 from worker.email_providers import EmailProvider, OutgoingEmail
 from worker.errors import TransientError
@@ -52,6 +53,7 @@ class CrashAfterSend:
 async def crash_once(ctx: Ctx, sessions: async_sessionmaker[AsyncSession]) -> None:
     """Run send_email until the simulated crash, then age the claim past its lease."""
     real = ctx["email_provider"]
+    assert real is not None  # the default queue's ctx always has one
     ctx["email_provider"] = CrashAfterSend(real)
     with pytest.raises(WorkerKilled):
         await send_email.coroutine(ctx, **KWARGS)
@@ -93,6 +95,8 @@ async def test_sendgrid_crash_after_accept_goes_to_review_without_a_second_send(
 
     result = await send_email.coroutine(ctx, **KWARGS)
     again = await send_email.coroutine(ctx, **KWARGS)
+    assert_shape(result, SendResult)
+    assert_shape(again, SendResult)
 
     assert len(provider_server.requests_to(SENDGRID_MAIL)) == 1
     assert result["status"] == again["status"] == "review"
@@ -110,7 +114,9 @@ async def test_a_claim_inside_its_lease_is_not_sent_again(
     sessions: async_sessionmaker[AsyncSession],
 ) -> None:
     ctx = await job_ctx(provider)
-    ctx["email_provider"] = CrashAfterSend(ctx["email_provider"])
+    real = ctx["email_provider"]
+    assert real is not None  # the default queue's ctx always has one
+    ctx["email_provider"] = CrashAfterSend(real)
     with pytest.raises(WorkerKilled):
         await send_email.coroutine(ctx, **KWARGS)
 
@@ -155,6 +161,7 @@ async def test_a_claim_whose_job_ended_is_taken_over_inside_its_lease(
 ) -> None:
     ctx = await job_ctx(provider)
     real = ctx["email_provider"]
+    assert real is not None  # the default queue's ctx always has one
     ctx["email_provider"] = CrashAfterSend(real)
     with pytest.raises(WorkerKilled):
         await send_email.coroutine(ctx, **KWARGS)

@@ -428,7 +428,7 @@ async def test_http_client_defaults() -> None:
         assert (http.timeout.connect, http.timeout.read) == (5.0, 15.0)
         assert (http.timeout.write, http.timeout.pool) == (15.0, 5.0)
     with pytest.raises(ValueError, match="unknown HTTP transport"):
-        make_http_client(transport="curl")  # type: ignore[arg-type]
+        make_http_client(transport="curl")  # type: ignore[arg-type]  # not a transport, on purpose
 
 
 # ---- marketing ---------------------------------------------------------------------------------

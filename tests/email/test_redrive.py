@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import socket
 import uuid
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 import redis.asyncio as aioredis
@@ -19,9 +18,11 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from tests.conftest import REDIS_OWNER_KEY, RunBurst
+from tests.support.ctx import CtxOpener
 from tests.support.provider_server import RESEND_EMAILS, ProviderServer
+from tests.support.result_shapes import assert_shape
 from worker.client import JobsClient
-from worker.reconcile import MIN_AGE_S, reconcile_jobs
+from worker.reconcile import MIN_AGE_S, ReconcileResult, reconcile_jobs
 from worker.serialization import deserialize, serialize
 from worker.settings import Settings
 
@@ -43,8 +44,20 @@ async def age_outbox(sessions: async_sessionmaker[AsyncSession]) -> None:
         )
 
 
-async def reconcile(arq_redis: ArqRedis, sessions: async_sessionmaker[AsyncSession]) -> Any:
-    return await reconcile_jobs.coroutine({"redis": arq_redis, "sessions": sessions})
+Reconcile = Callable[[], Awaitable[ReconcileResult]]
+
+
+@pytest.fixture
+async def reconcile(open_ctx: CtxOpener) -> Reconcile:
+    """One reconciler run, with the default worker's ctx (what the cron runs it with)."""
+    ctx = await open_ctx("default")
+
+    async def run() -> ReconcileResult:
+        result = await reconcile_jobs.coroutine(ctx)
+        assert_shape(result, ReconcileResult)
+        return result
+
+    return run
 
 
 @pytest.fixture
@@ -65,6 +78,7 @@ async def dead_redis() -> AsyncIterator[ArqRedis]:
 
 
 async def test_emails_redis_lost_are_reenqueued_and_delivered_once(
+    reconcile: Reconcile,
     jobs_client: JobsClient,
     arq_redis: ArqRedis,
     redis_raw: aioredis.Redis,
@@ -82,8 +96,8 @@ async def test_emails_redis_lost_are_reenqueued_and_delivered_once(
     await jobs_client.send_email(RECIPIENT, "still queued", "<p>3</p>", idempotency_key="kept")
     await age_outbox(sessions)
 
-    assert await reconcile(arq_redis, sessions) == {"enqueued": 3, "pruned_leases": 0}
-    assert await reconcile(arq_redis, sessions) == {"enqueued": 0, "pruned_leases": 0}
+    assert await reconcile() == {"enqueued": 3, "pruned_leases": 0}
+    assert await reconcile() == {"enqueued": 0, "pruned_leases": 0}
     worker = await run_burst("default", settings_=job_settings("resend"))
 
     assert (worker.jobs_complete, worker.jobs_failed) == (4, 0)
@@ -110,10 +124,11 @@ async def test_emails_redis_lost_are_reenqueued_and_delivered_once(
 
     # Redis loses its data again: settled rows are never re-driven.
     await lose_redis_data(redis_raw)
-    assert await reconcile(arq_redis, sessions) == {"enqueued": 0, "pruned_leases": 0}
+    assert await reconcile() == {"enqueued": 0, "pruned_leases": 0}
 
 
 async def test_a_reenqueued_email_whose_first_job_still_runs_is_sent_once(
+    reconcile: Reconcile,
     jobs_client: JobsClient,
     arq_redis: ArqRedis,
     redis_raw: aioredis.Redis,
@@ -126,7 +141,7 @@ async def test_a_reenqueued_email_whose_first_job_still_runs_is_sent_once(
     await jobs_client.send_email(RECIPIENT, "once", "<p>1</p>", idempotency_key="twice-run")
     await lose_redis_data(redis_raw)
     await age_outbox(sessions)
-    assert (await reconcile(arq_redis, sessions))["enqueued"] == 1
+    assert (await reconcile())["enqueued"] == 1
     # Stands for the worker that had taken the first job before the loss: the same message
     # under another arq id, running alongside the re-enqueued one.
     await arq_redis.enqueue_job(
@@ -150,6 +165,7 @@ async def test_a_reenqueued_email_whose_first_job_still_runs_is_sent_once(
 
 
 async def test_send_email_whose_enqueue_raised_after_the_commit_is_still_sent(
+    reconcile: Reconcile,
     settings: Settings,
     dead_redis: ArqRedis,
     arq_redis: ArqRedis,
@@ -165,7 +181,7 @@ async def test_send_email_whose_enqueue_raised_after_the_commit_is_still_sent(
     assert (row.idempotency_key, row.status) == ("caller/no-redis", "pending")
     await age_outbox(sessions)
 
-    assert (await reconcile(arq_redis, sessions))["enqueued"] == 1
+    assert (await reconcile())["enqueued"] == 1
     await run_burst("default", settings_=job_settings("resend"))
     assert [d.json["subject"] for d in provider_server.delivered] == ["after all"]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from arq.connections import ArqRedis
@@ -197,7 +198,12 @@ async def test_the_same_email_enqueued_twice_is_sent_once(
     sessions: async_sessionmaker[AsyncSession],
 ) -> None:
     provider_server.default_delay_s = 0.2  # both jobs are in flight together
-    kwargs = {"to": RECIPIENT, "subject": SUBJECT, "html": HTML, "idempotency_key": "dup-1"}
+    kwargs: dict[str, Any] = {
+        "to": RECIPIENT,
+        "subject": SUBJECT,
+        "html": HTML,
+        "idempotency_key": "dup-1",
+    }
     for job_id in ("first", "second"):  # two arq jobs: arq's own dedup cannot help here
         await arq_redis.enqueue_job("send_email", _queue_name="default", _job_id=job_id, **kwargs)
     await run_burst("default", settings_=job_settings(provider))

@@ -61,6 +61,7 @@ async def test_two_worker_processes_share_the_send_rate(
     ]
     logs: list[list[str]] = [[], []]
     readers = [
+        # stderr=PIPE above, so never None; a comprehension has no room for the assert.
         asyncio.create_task(_drain(child.stderr, lines))  # type: ignore[arg-type]
         for child, lines in zip(children, logs, strict=True)
     ]

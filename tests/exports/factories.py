@@ -1,4 +1,5 @@
-"""Rows for export tests (users, companies, contacts with fixed timestamps) and a job ctx."""
+"""Rows for export tests (users, companies, contacts with fixed timestamps) and what export
+tests check: files left under a root, S3 uploads left open, a job's tries."""
 
 from __future__ import annotations
 
@@ -6,16 +7,17 @@ import csv
 import io
 import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from arq.connections import ArqRedis
+from arq.jobs import Job
 from sqlalchemy import insert, select
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from db.models import Company, Contact, Export, User
-from worker.context import Ctx
-from worker.settings import Settings
-from worker.storage import Storage
+from db.models import Company, Contact, Export, ExportItem
+from tests.support.users import new_user
+from worker.serialization import deserialize
 
 #: created_at of the first row each helper inserts; later rows are a second apart, so the
 #: export's order (created_at, id) is the insertion order.
@@ -48,12 +50,7 @@ class Rows:
         return stamp
 
     async def user(self, email: str | None = None) -> uuid.UUID:
-        user_id = uuid.uuid4()
-        async with self.sessions.begin() as session:
-            await session.execute(
-                insert(User).values(id=user_id, email=email or f"u-{user_id.hex[:8]}@example.com")
-            )
-        return user_id
+        return await new_user(self.sessions, email)
 
     async def company(self, user_id: uuid.UUID, name: str, **fields: Any) -> uuid.UUID:
         values = {"user_id": user_id, "name": name, **self._stamp(), **fields}
@@ -88,6 +85,14 @@ class Rows:
             await session.execute(insert(Contact), rows)
 
 
+async def user_with_contacts(sessions: async_sessionmaker[AsyncSession], count: int) -> uuid.UUID:
+    """A new user with `count` contacts (`Rows.many_contacts`)."""
+    rows = Rows(sessions)
+    user = await rows.user()
+    await rows.many_contacts(user, count)
+    return user
+
+
 async def export_row(sessions: async_sessionmaker[AsyncSession], export_id: uuid.UUID) -> Export:
     async with sessions() as session:
         row = await session.scalar(select(Export).where(Export.id == export_id))
@@ -111,30 +116,10 @@ async def new_export(
         assert export_id is not None
         if ids:
             await session.execute(
-                insert(Export.__table__.metadata.tables["export_items"]),
+                insert(ExportItem),
                 [{"export_id": export_id, "item_id": i} for i in set(ids)],
             )
     return export_id
-
-
-def make_ctx(
-    settings: Settings,
-    engine: AsyncEngine,
-    sessions: async_sessionmaker[AsyncSession],
-    storage: Storage,
-    redis: ArqRedis,
-) -> Ctx:
-    """What `lifecycle.startup` gives a job, with the test's own storage."""
-    return {
-        "settings": settings,
-        "queue_name": "exports",
-        "redis": redis,
-        "engine": engine,
-        "sessions": sessions,
-        "storage": storage,
-        "job_id": "test",
-        "job_try": 1,
-    }
 
 
 def parse_csv(data: bytes) -> list[list[str]]:
@@ -155,3 +140,18 @@ def sorted_records(data: bytes, column: str = "email") -> list[list[str]]:
     header, *records = parse_csv(data)
     index = header.index(column)
     return [header, *sorted(records, key=lambda record: record[index])]
+
+
+def files_under(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def assert_no_upload_left(s3: Any, bucket: str) -> None:
+    assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+
+
+async def job_tries(arq_redis: ArqRedis, export_id: uuid.UUID) -> tuple[int, bool]:
+    """The export job's (try, success) from its arq result."""
+    info = await Job(f"export:{export_id}", arq_redis, _deserializer=deserialize).result_info()
+    assert info is not None
+    return info.job_try, info.success

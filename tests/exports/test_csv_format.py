@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import unicodedata
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta, timezone
 
 import asyncpg
@@ -125,7 +126,7 @@ def fuzz_values(count: int) -> list[str]:
 
 
 async def sql_results(
-    pg: asyncpg.Connection, expression: str, values: list[str | None]
+    pg: asyncpg.Connection, expression: str, values: Sequence[str | None]
 ) -> list[str | None]:
     rows = await pg.fetch(
         f"SELECT {expression} AS out FROM unnest($1::text[]) WITH ORDINALITY AS t(v, n) ORDER BY n",

@@ -3,6 +3,8 @@ any Unicode round-tripped byte for byte."""
 
 from __future__ import annotations
 
+import uuid
+
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from jobs.exports.csv_format import CONTACT_COLUMNS
@@ -43,9 +45,9 @@ KEPT = [
 
 
 async def _export_contacts(
-    ctx: Ctx, storage: LocalStorage, sessions: async_sessionmaker[AsyncSession], user: object
+    ctx: Ctx, storage: LocalStorage, sessions: async_sessionmaker[AsyncSession], user: uuid.UUID
 ) -> tuple[bytes, list[dict[str, str]]]:
-    export_id = await new_export(sessions, user)  # type: ignore[arg-type]
+    export_id = await new_export(sessions, user)
     await generate_contact_export.run(ctx, export_id=str(export_id))
     data = (storage.root / str(user) / f"{export_id}.csv").read_bytes()
     header, *records = sorted_records(data)  # by email: exports have no row order

@@ -10,7 +10,7 @@ from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from db.models import Contact, Export
-from jobs.exports.job import generate_company_export, generate_contact_export
+from jobs.exports.job import ExportResult, generate_company_export, generate_contact_export
 from tests.exports.factories import (
     COMPANY_HEADER,
     CONTACT_HEADER,
@@ -22,6 +22,7 @@ from tests.exports.factories import (
     same_rows,
     sorted_records,
 )
+from tests.support.result_shapes import assert_shape
 from worker.context import Ctx
 from worker.errors import PermanentError
 from worker.storage import LocalStorage
@@ -45,6 +46,7 @@ async def test_empty_export_is_the_header_only(
     export_id = await new_export(sessions, user)
 
     result = await generate_contact_export.run(ctx, export_id=str(export_id))
+    assert_shape(result, ExportResult)
 
     path = storage.root / str(user) / f"{export_id}.csv"
     assert path.read_bytes() == CONTACT_HEADER.encode()
@@ -217,6 +219,7 @@ async def test_a_completed_export_run_again_does_nothing(
         )
 
     second = await generate_contact_export.run(ctx, export_id=str(export_id))
+    assert_shape(second, ExportResult)
 
     assert second == {**first, "written": False}
     assert path.read_bytes() == before

@@ -12,9 +12,9 @@ from typing import Any
 
 import httpx
 import pytest
-from botocore.exceptions import ClientError
 
-from tests.exports.conftest import TEST_CLIENT_CONFIG, TEST_PART_SIZE_BYTES
+from tests.exports.conftest import TEST_CLIENT_CONFIG
+from tests.support.s3_server import TEST_PART_SIZE_BYTES, client_error
 from worker.errors import PermanentError, TransientError
 from worker.settings import Settings
 from worker.storage import (
@@ -366,13 +366,6 @@ def unused_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
     return port
-
-
-def client_error(code: str, status: int) -> ClientError:
-    return ClientError(
-        {"Error": {"Code": code, "Message": "msg"}, "ResponseMetadata": {"HTTPStatusCode": status}},
-        "UploadPart",
-    )
 
 
 @pytest.mark.parametrize(

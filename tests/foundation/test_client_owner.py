@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 from arq.connections import ArqRedis
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from db.models import ContactImportError, ContactImportJob, Export
 from tests.conftest import RunBurst
+from tests.support.users import new_user
 from worker.client import JobsClient
 from worker.context import Ctx
 from worker.job import job
@@ -25,16 +25,6 @@ from worker.routes import (
     import_job_id,
     row_of_job_id,
 )
-
-
-async def _user(sessions: async_sessionmaker[AsyncSession]) -> uuid.UUID:
-    new_id = uuid.uuid4()
-    async with sessions.begin() as session:
-        await session.execute(
-            text("INSERT INTO users (id, email) VALUES (:id, :email)"),
-            {"id": new_id, "email": f"u-{new_id.hex[:8]}@example.com"},
-        )
-    return new_id
 
 
 async def _add(sessions: async_sessionmaker[AsyncSession], row: Any) -> uuid.UUID:
@@ -79,7 +69,7 @@ async def users(
     sessions: async_sessionmaker[AsyncSession], user_id: uuid.UUID
 ) -> tuple[uuid.UUID, uuid.UUID]:
     """(A, B): A is the attacker, signed in; B is the victim."""
-    return user_id, await _user(sessions)
+    return user_id, await new_user(sessions)
 
 
 async def test_import_status_of_another_user_looks_like_an_unknown_id(

@@ -24,7 +24,6 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from db.models import Contact, Export, ExportItem
 from tests.conftest import RunBurst
-from tests.support.s3_server import S3TestServer, fake_aws_credentials
 from worker.client import JobsClient
 from worker.serialization import serialize
 from worker.settings import Settings
@@ -53,31 +52,6 @@ async def test_a_borrowed_pool_made_with_arqs_defaults_is_refused_with_how_to_ma
 
 
 # -- L5: one S3 client for the client's life ---------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def s3_server() -> Iterator[S3TestServer]:
-    with fake_aws_credentials():
-        server = S3TestServer()
-        server.start()
-        try:
-            yield server
-        finally:
-            server.stop()
-
-
-@pytest.fixture
-def s3_settings(settings: Settings, s3_server: S3TestServer) -> Settings:
-    bucket = f"exports-{uuid.uuid4().hex[:16]}"
-    s3_server.create_bucket(bucket)
-    return settings.model_copy(
-        update={
-            "storage_backend": "s3",
-            "s3_bucket": bucket,
-            "s3_endpoint_url": s3_server.endpoint_url,
-            "s3_region": "us-east-1",
-        }
-    )
 
 
 class ClientCount:

@@ -140,7 +140,8 @@ def test_the_console_requires_its_password_and_is_valid_settings(
     assert raw["METRICS_TOKEN"] is None  # optional: passed through only when set
     env = {k: substitute(str(v), REQUIRED) for k, v in raw.items() if v is not None}
     setting_names = {name.upper() for name in Settings.model_fields}
-    values = {k.lower(): v for k, v in env.items() if k in setting_names}
+    # Strings, as the environment holds them: Settings parses each into its field's type.
+    values: dict[str, Any] = {k.lower(): v for k, v in env.items() if k in setting_names}
     settings = Settings(**values, email_api_key="re_from_the_environment")
     assert settings.console_password is not None
     assert settings.console_password.get_secret_value() == REQUIRED["CONSOLE_PASSWORD"]
@@ -166,7 +167,8 @@ def test_worker_environment_is_valid_settings_carrying_the_operators_secrets(
     env = {k: substitute(str(v), REQUIRED) for k, v in raw.items() if v is not None}
     setting_names = {name.upper() for name in Settings.model_fields}
     assert set(env) - AWS_VARIABLES <= setting_names, set(env) - AWS_VARIABLES - setting_names
-    values = {k.lower(): v for k, v in env.items() if k in setting_names}
+    # Strings, as the environment holds them: Settings parses each into its field's type.
+    values: dict[str, Any] = {k.lower(): v for k, v in env.items() if k in setting_names}
     settings = Settings(**values, email_api_key="re_from_the_environment")
     services = compose["services"]
     database = make_url(settings.database_url)

@@ -10,6 +10,7 @@ import builtins
 import importlib
 import pkgutil
 import re
+from pathlib import Path
 
 import db
 import jobs
@@ -33,6 +34,11 @@ Drawing = dict[str, tuple[str | None, str]]
 
 def import_every_module() -> None:
     for package in PACKAGES:
+        # A folder of modules without __init__.py is a namespace package: the walk below skips
+        # it, and so does setuptools' find in pyproject.toml (a built wheel would lack it).
+        for root in map(Path, package.__path__):
+            for folder in {path.parent for path in root.rglob("*.py")}:
+                assert (folder / "__init__.py").exists(), f"{folder} has no __init__.py"
         for module in pkgutil.walk_packages(package.__path__, f"{package.__name__}."):
             if module.name not in NOT_IMPORTED:
                 importlib.import_module(module.name)

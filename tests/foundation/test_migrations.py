@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import importlib
+import re
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any, get_args
 
 import asyncpg
 import pytest
 
 from db.migrate import downgrade, upgrade
-from db.models import Base
+from db.models import (
+    Base,
+    EmailEventProvider,
+    EmailStatusName,
+    ExportKind,
+    ExportStatusName,
+    ImportStatusName,
+    SuppressionReason,
+)
 from jobs.exports.csv_format import NEUTRALIZE_FUNCTION_SQL
 from tests.conftest import PG_SERVER, _admin
 from worker.settings import Settings
@@ -71,3 +81,38 @@ async def test_contract_inserts_work_with_defaults(settings: Settings) -> None:
 def test_csv_safe_migration_matches_the_exporters_definition() -> None:
     migration = importlib.import_module("db.migrations.versions.0002_csv_safe_function")
     assert migration.CSV_SAFE_SQL == NEUTRALIZE_FUNCTION_SQL
+
+
+# Each CHECK constraint of the migrated schema and the Literal whose values it must allow.
+CHECKED_COLUMNS: dict[tuple[str, str], Any] = {
+    ("contact_import_jobs", "status_known"): ImportStatusName,
+    ("exports", "status_known"): ExportStatusName,
+    ("exports", "kind_known"): ExportKind,
+    ("email_messages", "status_known"): EmailStatusName,
+    ("email_suppressions", "reason_known"): SuppressionReason,
+    ("email_events", "provider_known"): EmailEventProvider,
+}
+# CHECK constraints that are not a list of allowed values.
+OTHER_CHECKS = {("email_suppressions", "email_lower_case")}
+
+
+async def test_check_constraints_allow_exactly_the_status_literals(settings: Settings) -> None:
+    """The migrations are the schema's history and the Literals the code's: they must agree."""
+    connection = await asyncpg.connect(f"{PLAIN_SERVER}/{settings.database.database}")
+    try:
+        rows = await connection.fetch(
+            """
+            SELECT rel.relname AS table_name, con.conname AS name,
+                   pg_get_constraintdef(con.oid) AS definition
+            FROM pg_constraint con JOIN pg_class rel ON rel.oid = con.conrelid
+            WHERE con.contype = 'c' AND rel.relnamespace = 'public'::regnamespace
+            """
+        )
+    finally:
+        await connection.close()
+    found = {(row["table_name"], row["name"]): row["definition"] for row in rows}
+    assert set(found) == set(CHECKED_COLUMNS) | OTHER_CHECKS
+    for key, literal in CHECKED_COLUMNS.items():
+        # PostgreSQL spells `status IN ('a', 'b')` as `CHECK ((status = ANY (ARRAY['a'::text, ...`.
+        allowed = re.findall(r"'([^']*)'::text", found[key])
+        assert sorted(allowed) == sorted(get_args(literal)), key

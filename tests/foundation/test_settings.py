@@ -6,6 +6,7 @@ import subprocess
 import sys
 import traceback
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydantic import ValidationError
@@ -60,10 +61,10 @@ def test_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     ],
 )
 def test_invalid_settings_fail_with_a_clear_message(
-    overrides: dict[str, object], message: str
+    overrides: dict[str, Any], message: str
 ) -> None:
     with pytest.raises(ValidationError) as caught:
-        Settings(**overrides)  # type: ignore[arg-type]
+        Settings(**overrides)
     assert message in str(caught.value)
 
 
@@ -161,10 +162,10 @@ def test_no_url_password_in_the_repr_of_settings_or_the_worker_built_from_them()
     ],
 )
 def test_validation_errors_never_carry_the_input(
-    overrides: dict[str, str], monkeypatch: pytest.MonkeyPatch
+    overrides: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with pytest.raises(ValidationError) as by_keyword:
-        Settings(**overrides)  # type: ignore[arg-type]
+        Settings(**overrides)
     # The same values from the environment, as a web app's `Settings()` reads them.
     for name in Settings.model_fields:
         monkeypatch.delenv(name.upper(), raising=False)

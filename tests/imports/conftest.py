@@ -10,14 +10,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import aioboto3
 import pytest
-from arq.connections import ArqRedis
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from jobs.imports import process_contacts_import
-from tests.support.s3_server import S3TestServer, fake_aws_credentials
+from jobs.imports.job import ImportResult
+from tests.support.ctx import CtxOpener
 from worker.client import ImportStatus, JobsClient
 from worker.context import Ctx
 from worker.import_source import user_import_dir
@@ -29,54 +28,18 @@ CONTACT_COLUMNS = (
 )
 
 
-@pytest.fixture(scope="session")
-def s3_server() -> Iterator[S3TestServer]:
-    with fake_aws_credentials():
-        server = S3TestServer()
-        server.start()
-        try:
-            yield server
-        finally:
-            server.stop()
+@pytest.fixture
+async def ctx(open_ctx: CtxOpener) -> Ctx:
+    """What `lifecycle.startup` gives an imports worker, to call the job directly."""
+    return await open_ctx("imports")
 
 
 @pytest.fixture
-def s3_bucket(s3_server: S3TestServer) -> str:
-    name = f"imports-{uuid.uuid4().hex[:12]}"
-    s3_server.create_bucket(name)
-    return name
-
-
-@pytest.fixture
-def s3_ctx(ctx: Ctx, s3_server: S3TestServer, s3_bucket: str) -> Ctx:
-    settings = ctx["settings"].model_copy(
-        update={
-            "s3_bucket": s3_bucket,
-            "s3_endpoint_url": s3_server.endpoint_url,
-            "s3_region": "us-east-1",
-            "import_batch_rows": 2,
-        }
-    )
+async def s3_ctx(open_ctx: CtxOpener, s3_settings: Settings) -> Ctx:
+    """An imports worker's ctx whose sources may be on the rig's S3 (small batches)."""
     assert os.environ["AWS_ACCESS_KEY_ID"] == "testing"  # moto's dummies, never real ones
-    return {**ctx, "settings": settings, "s3_session": aioboto3.Session()}
-
-
-@pytest.fixture
-def ctx(
-    settings: Settings,
-    engine: AsyncEngine,
-    sessions: async_sessionmaker[AsyncSession],
-    arq_redis: ArqRedis,
-) -> Ctx:
-    """What `lifecycle.startup` gives an imports worker, minus what imports do not use."""
-    return {
-        "settings": settings,
-        "queue_name": "imports",
-        "redis": arq_redis,
-        "engine": engine,
-        "sessions": sessions,
-        "s3_session": aioboto3.Session(),
-    }
+    settings = s3_settings.model_copy(update={"import_batch_rows": 2})
+    return await open_ctx("imports", settings=settings)
 
 
 def user_dir(settings: Settings, user_id: uuid.UUID) -> Path:
@@ -107,7 +70,7 @@ async def start_import(
     return status.id
 
 
-async def run_job(ctx: Ctx, import_id: uuid.UUID) -> Any:
+async def run_job(ctx: Ctx, import_id: uuid.UUID) -> ImportResult:
     """The job as arq runs it: through the wrapper (limits, retry policy, failure record)."""
     return await process_contacts_import.run(ctx, job_id=str(import_id))
 
@@ -156,16 +119,6 @@ async def companies(sessions: async_sessionmaker[AsyncSession], user_id: uuid.UU
             {"u": user_id},
         )
         return list(rows)
-
-
-async def new_user(sessions: async_sessionmaker[AsyncSession]) -> uuid.UUID:
-    user = uuid.uuid4()
-    async with sessions.begin() as session:
-        await session.execute(
-            text("INSERT INTO users (id, email) VALUES (:id, :email)"),
-            {"id": user, "email": f"u-{user.hex[:8]}@example.com"},
-        )
-    return user
 
 
 def contact(email: str, **values: Any) -> dict[str, Any]:

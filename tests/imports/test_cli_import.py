@@ -12,7 +12,8 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from tests.conftest import RunBurst
-from tests.imports.conftest import contact, contacts, new_user, write_file
+from tests.imports.conftest import contact, contacts, write_file
+from tests.support.users import new_user
 from worker.import_source import user_import_dir
 from worker.settings import Settings
 

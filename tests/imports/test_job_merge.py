@@ -14,8 +14,8 @@ from tests.imports.conftest import (
     contacts,
     counts,
     import_bytes,
-    new_user,
 )
+from tests.support.users import new_user
 from worker.client import JobsClient
 from worker.context import Ctx
 

@@ -13,11 +13,14 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 import jobs.imports.checkpoint as checkpoint
+import jobs.imports.merge
 from jobs.imports.checkpoint import ImportRow, ImportRunningElsewhere, apply_batch, record_failure
-from jobs.imports.job import run_import
+from jobs.imports.job import ImportResult, run_import
 from jobs.imports.merge import prepare
 from tests.conftest import RunBurst
-from tests.imports.conftest import contacts, counts, new_user, run_job, start_import
+from tests.imports.conftest import contacts, counts, run_job, start_import
+from tests.support.result_shapes import assert_shape
+from tests.support.users import new_user
 from worker.client import JobsClient
 from worker.context import Ctx
 
@@ -54,15 +57,17 @@ def oracle(data: str) -> tuple[tuple[int, int, int], list[dict[str, Any]]]:
         else:
             created += 1
             people[email] = {"first_name": None, "company": None, "city": None}
-        company = spelling.setdefault(company.lower(), company) if company else None
-        for key, value in (("first_name", first_name), ("company", company), ("city", city)):
+        spelt = spelling.setdefault(company.lower(), company) if company else None
+        for key, value in (("first_name", first_name), ("company", spelt), ("city", city)):
             if value:
                 people[email][key] = value
     rows = [{"email": email, **people[email]} for email in sorted(people)]
     return (created, updated, errors), rows
 
 
-async def _result(sessions: Sessions, jobs_client: JobsClient, user: uuid.UUID, import_id: Any):
+async def _result(
+    sessions: Sessions, jobs_client: JobsClient, user: uuid.UUID, import_id: Any
+) -> tuple[tuple[Any, ...], list[dict[str, Any]]]:
     status = await jobs_client.import_status(import_id)
     rows = [
         {k: row[k] for k in ("email", "first_name", "company", "city")}
@@ -118,7 +123,7 @@ async def test_resume_after_interruption_ends_like_an_uninterrupted_run(
             await run_import(small, import_id, after_batch=stop)
     else:
         # The task is cancelled inside batch 4's transaction, after its rows were merged.
-        real_merge = checkpoint.merge_part
+        real_merge = jobs.imports.merge.merge_part  # what checkpoint calls, patched there
         task: asyncio.Task[Any] | None = None
 
         async def merge_then_die(connection: Any, *args: Any, **kwargs: Any) -> Any:
@@ -149,7 +154,7 @@ async def test_resume_after_one_part_committed_redoes_only_the_other(
 ) -> None:
     user = await new_user(sessions)
     import_id = await start_import(jobs_client, user, sample_csv())
-    real_merge = checkpoint.merge_part
+    real_merge = jobs.imports.merge.merge_part  # what checkpoint calls, patched there
     victim: list[int] = []
 
     async def one_part_dies(connection: Any, *args: Any, **kwargs: Any) -> Any:
@@ -232,6 +237,7 @@ async def test_cancel_stops_at_the_next_batch_boundary(
             await jobs_client.cancel_import(import_id)
 
     summary = await run_import(_small_batches(ctx), import_id, after_batch=cancel_after_two)
+    assert_shape(summary, ImportResult)
     assert summary["status"] == "cancelled"
     status = await jobs_client.import_status(import_id)
     (created, updated, errors), rows = oracle("\n".join(data.splitlines()[:15]))
@@ -290,7 +296,7 @@ async def test_a_terminated_database_connection_retries_and_resumes(
     user = await new_user(sessions)
     import_id = await start_import(jobs_client, user, sample_csv())
     small = _small_batches(ctx)
-    real_merge = checkpoint.merge_part
+    real_merge = jobs.imports.merge.merge_part  # what checkpoint calls, patched there
     url = small["settings"].database
 
     async def killed_in_batch_three(connection: Any, *args: Any, **kwargs: Any) -> Any:

@@ -18,13 +18,13 @@ from tests.imports.conftest import (
     contact,
     contacts,
     counts,
-    new_user,
     run_job,
     start_import,
     user_dir,
     write_file,
 )
 from tests.support.s3_server import S3TestServer
+from tests.support.users import new_user
 from worker.client import JobsClient
 from worker.context import Ctx
 from worker.errors import PermanentError
@@ -140,11 +140,7 @@ async def test_s3_source_streams_through_moto(
     s3_bucket: str,
     sessions: Sessions,
 ) -> None:
-    user = uuid.uuid4()
-    async with sessions.begin() as session:
-        await session.execute(
-            text("INSERT INTO users (id, email) VALUES (:i, 's3@x.io')"), {"i": user}
-        )
+    user = await new_user(sessions, "s3@x.io")
     body = "email;first_name\r\n" + "".join(f"p{i}@x.io;P{i}\r\n" for i in range(5)) + "bad;x\r\n"
     key = f"uploads/{user}/in/people.csv"
     s3_server.client().put_object(Bucket=s3_bucket, Key=key, Body=body.encode())

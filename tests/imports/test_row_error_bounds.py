@@ -38,7 +38,7 @@ async def stored_errors(sessions: Sessions, import_id: uuid.UUID) -> list[tuple[
             ),
             {"j": import_id},
         )
-        return [tuple(row) for row in rows]  # type: ignore[misc]
+        return [tuple(row) for row in rows]
 
 
 async def test_a_line_of_200000_delimiters_is_one_small_row_error(

@@ -19,23 +19,25 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 import jobs.imports.job as import_job
 from jobs.imports.checkpoint import ImportRow
-from jobs.imports.job import run_import
+from jobs.imports.job import ImportResult, run_import
 from jobs.imports.reader import CsvReader
 from jobs.imports.sniff import SNIFF_BYTES
 from jobs.imports.sources import CHANGED_MESSAGE
 from tests.imports.conftest import (
     contacts,
     counts,
-    new_user,
     run_job,
     start_import,
     user_dir,
     write_file,
 )
+from tests.support.result_shapes import assert_shape
 from tests.support.s3_server import S3TestServer
+from tests.support.users import new_user
 from worker.client import JobsClient
 from worker.context import Ctx
 from worker.errors import PermanentError
+from worker.import_source import resolve_import_source
 
 Sessions = async_sessionmaker[AsyncSession]
 BATCH_ROWS = 4
@@ -126,7 +128,7 @@ async def test_a_component_swapped_for_a_link_after_the_check_fails_the_open(
     user = await new_user(sessions)
     import_id = await start_import(jobs_client, user, people("mine"), name="sub/people.csv")
     sub = user_dir(jobs_client.settings, user) / "sub"
-    real_check = import_job.resolve_import_source
+    real_check = resolve_import_source  # the job's own, patched in its module below
 
     def check_then_swap(*args: Any) -> str:
         checked = real_check(*args)
@@ -190,6 +192,7 @@ async def _first_run(ctx: Ctx, import_id: uuid.UUID, when: str) -> None:
             await run_import(ctx, import_id, after_batch=_stop_after_first_batch)
     else:
         summary = await run_import({**ctx, "soft_deadline": 0.0}, import_id)
+        assert_shape(summary, ImportResult)
         assert summary["note"] == f"continued as import:{import_id}:from:{BATCH_ROWS}"
 
 

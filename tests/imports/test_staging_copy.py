@@ -20,7 +20,7 @@ SPECIAL_TAGS = [['say "hi"'], ["c:\\dir"], ["{braces}", "NULL"], ["with space", 
 
 
 def _row(number: int, **values: Any) -> ContactRow:
-    row = dict.fromkeys(ContactRow._fields)
+    row: dict[str, Any] = dict.fromkeys(ContactRow._fields)
     row.update(row_number=number, email=f"p{number}@x.io", **values)
     return ContactRow(**row)
 

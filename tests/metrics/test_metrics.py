@@ -26,6 +26,8 @@ from tests.conftest import RunBurst
 from tests.imports.conftest import start_import
 from tests.reliability.conftest import Processes, worker_env
 from tests.reliability.test_status import fails, flaky, succeeds
+from tests.support.heartbeats import fake_heartbeat
+from tests.support.redis_replies import reply
 from worker.client import JobsClient
 from worker.metrics import render_metrics
 from worker.observe import redis_status
@@ -116,14 +118,14 @@ async def test_exposition_equals_the_rows_and_counters_after_a_known_workload(
     for name in ("fails", "flaky"):
         await arq_redis.enqueue_job(name, _queue_name="default")
     # What a worker killed mid-try leaves: a try counted as started that never ended.
-    await redis_raw.hset(f"{UNFINISHED_KEY_PREFIX}survivor", "unfinished", 1)
+    await reply(redis_raw.hset(f"{UNFINISHED_KEY_PREFIX}survivor", "unfinished", "1"))
     await arq_redis.enqueue_job("succeeds", _queue_name="default", _job_id="survivor")
     await run_burst("default", jobs=[succeeds, fails, flaky])
     # Left in the queues: two due jobs and one deferred, never run.
     await arq_redis.enqueue_job("succeeds", _queue_name="default")
     await arq_redis.enqueue_job("succeeds", _queue_name="default")
     await arq_redis.enqueue_job("succeeds", _queue_name="default", _defer_by=3600)
-    await redis_raw.set(*HEARTBEAT, px=60_000)
+    await fake_heartbeat(redis_raw, *HEARTBEAT, ttl_ms=60_000)
     await RateLimiter(redis_raw, 1.0).pause_for(600)
     await RateLimiter(redis_raw, 1.0, key_prefix=MARKETING_PREFIX).halt(600, "key re_Secret")
 
@@ -177,7 +179,7 @@ async def test_exposition_equals_the_rows_and_counters_after_a_known_workload(
             for outcome in ("completed", "failed", "retried", "died")
         }
         assert per_function == status["queues"][queue]["counts"]
-        assert per_function == summary(await redis_raw.hgetall(stats_key(queue)))
+        assert per_function == summary(await reply(redis_raw.hgetall(stats_key(queue))))
 
     # Queues and workers: `status`'s own figures.
     assert value(found, "c360_queue_jobs", queue="default", state="queued") == 2
@@ -231,15 +233,17 @@ async def test_buckets_stored_under_other_bounds_fold_into_the_current_ones(
     redis_raw: aioredis.Redis, sessions: Sessions
 ) -> None:
     # As an older release would have left them: 0.3 s and 7 s are not bounds any more.
-    await redis_raw.hset(
-        metrics_key("default"),
-        mapping={
-            "old|duration|0.3": 2,
-            "old|duration|7.0": 1,
-            "old|duration|+Inf": 1,
-            "old|duration_sum": 9000.9,
-            "old|completed": 4,
-        },
+    await reply(
+        redis_raw.hset(
+            metrics_key("default"),
+            mapping={
+                "old|duration|0.3": 2,
+                "old|duration|7.0": 1,
+                "old|duration|+Inf": 1,
+                "old|duration_sum": 9000.9,
+                "old|completed": 4,
+            },
+        )
     )
     found = samples(await render_metrics(redis_raw, sessions))
     duration = histogram(found, "c360_job_duration_seconds", "default", "old")

@@ -73,7 +73,7 @@ async def test_sigkill_mid_burst_delivers_every_email_exactly_once(
         settled = await db.scalar(
             "SELECT count(*) FROM email_messages WHERE status IN ('sent', 'failed', 'review')"
         )
-        return settled == EMAILS
+        return int(settled) == EMAILS
 
     await wait_for(all_settled, 70, "every outbox row to settle", every_s=0.2)
     settled_s = time.monotonic() - killed_at

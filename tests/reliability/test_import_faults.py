@@ -8,6 +8,7 @@ contacts, companies and stored row errors, compared as digests of their ordered 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -38,6 +39,8 @@ from tests.reliability.conftest import (
     worker_env,
     worker_ready,
 )
+from tests.support.redis_replies import reply
+from tests.support.users import new_user
 from worker.client import JobsClient
 from worker.import_source import user_import_dir
 from worker.lease import running_key
@@ -100,16 +103,6 @@ async def snapshot(sessions: Sessions, user: uuid.UUID) -> dict[str, tuple[Any, 
     return found
 
 
-async def new_user(sessions: Sessions) -> uuid.UUID:
-    user = uuid.uuid4()
-    async with sessions.begin() as session:
-        await session.execute(
-            text("INSERT INTO users (id, email) VALUES (:id, :email)"),
-            {"id": user, "email": f"faults-{user.hex[:8]}@example.com"},
-        )
-    return user
-
-
 async def import_row(db: Db, import_id: uuid.UUID) -> tuple[str, int]:
     (row,) = await db.rows(
         "SELECT status, processed_rows FROM contact_import_jobs WHERE id = :id", id=import_id
@@ -150,12 +143,12 @@ async def backends_gone(db: Db, settings: Settings, ports: set[int]) -> bool:
         db=settings.database.database,
         ports=list(ports),
     )
-    return left == 0
+    return int(left) == 0
 
 
 async def runner_pid(redis: aioredis.Redis, arq_id: str) -> int:
     """The pid of the worker holding the job's lease (from the `status` mirror), or 0."""
-    entry = await redis.hget(running_key("imports"), arq_id)  # type: ignore[misc]
+    entry = await reply(redis.hget(running_key("imports"), arq_id))
     return int(json.loads(entry)["worker"].rsplit(":", 1)[1]) if entry else 0
 
 
@@ -243,7 +236,7 @@ async def test_sigkill_half_way_resumes_on_another_worker_within_30_s_and_ends_e
     env = import_env(settings)
     workers = {p.pid: p for p in (processes.start("work", "imports", env=env) for _ in range(2))}
     for pid in workers:
-        await wait_for(lambda pid=pid: worker_ready(redis_raw, "imports", pid), 20, "workers")
+        await wait_for(functools.partial(worker_ready, redis_raw, "imports", pid), 20, "workers")
     user = await new_user(sessions)
     import_id = (await client.import_contacts(user, place(settings, reference.file, user))).id
     await wait_for(past(db, import_id, HALF), 60, "half of the import", every_s=0.02)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import time
 from typing import Any
 
@@ -15,16 +16,19 @@ from arq.constants import in_progress_key_prefix
 
 from tests.conftest import RunBurst
 from tests.reliability.conftest import Db, Processes, wait_for, worker_env, worker_ready
+from tests.support.redis_replies import reply
 from worker.context import Ctx
 from worker.job import job
-from worker.lease import LEASE_MS, Leases, running_key
+from worker.lease import LEASE_MS, WORKER_SEEN_WINDOW_MS, WORKERS_KEY, Leases, running_key
+from worker.observe import redis_status
 from worker.settings import Settings
 
 
 @job()
 async def probe_lease(ctx: Ctx) -> dict[str, Any]:
     redis = ctx["redis"]
-    entry = await redis.hget(running_key("default"), ctx["job_id"])  # type: ignore[misc]
+    entry = await reply(redis.hget(running_key("default"), ctx["job_id"]))
+    assert entry is not None, "a running job's lease is mirrored for status"
     return {
         "pttl_ms": await redis.pttl(in_progress_key_prefix + ctx["job_id"]),
         "entry": json.loads(entry),
@@ -44,7 +48,7 @@ async def test_a_running_job_holds_a_short_lease_mirrored_for_status(
     assert seen["entry"]["worker"].endswith(f":{os.getpid()}")
     assert seen["entry"]["lease_until_ms"] > time.time() * 1000
     # Finished: the mirror entry is gone and arq deleted the in-progress key.
-    assert await redis_raw.hlen(running_key("default")) == 0
+    assert await reply(redis_raw.hlen(running_key("default"))) == 0
     assert not await redis_raw.exists(in_progress_key_prefix + "probe-1")
 
 
@@ -65,7 +69,10 @@ async def test_renewal_extends_leases_but_never_shortens_a_cron_keep_or_revives_
     assert not await redis_raw.exists(in_progress_key_prefix + "finished")
     await leases.release("running")
     assert await leases.renew() == 2
-    assert sorted(await redis_raw.hkeys(running_key("default"))) == [b"cron-finished", b"finished"]
+    assert sorted(await reply(redis_raw.hkeys(running_key("default")))) == [
+        b"cron-finished",
+        b"finished",
+    ]
 
 
 @pytest.mark.slow
@@ -104,3 +111,27 @@ async def _rerun(db: Db) -> list[Any]:
     if len(runs) < 2:
         return []
     return runs
+
+
+async def test_workers_list_themselves_for_status_and_drop_processes_gone_silent(
+    settings: Settings, processes: Processes, redis_raw: aioredis.Redis
+) -> None:
+    """status finds workers in `c360:workers`, not by SCAN: a process adds itself at start
+    (dropping entries nobody refreshed within the window) and removes itself on a clean stop."""
+    now_ms = int(time.time() * 1000)
+    killed = "default:health-check:gone-host:1"
+    await redis_raw.zadd(WORKERS_KEY, {killed: now_ms - 2 * WORKER_SEEN_WINDOW_MS})
+    worker = processes.start("work", "default", env=worker_env(settings))
+    await wait_for(lambda: worker_ready(redis_raw, "default", worker.pid), 20, "the worker")
+
+    registered = {key.decode() for key in await redis_raw.zrange(WORKERS_KEY, 0, -1)}
+    own = f"default:health-check:{socket.gethostname()}:{worker.pid}"
+    assert registered == {own}
+    status = await redis_status(redis_raw, int(time.time() * 1000))
+    assert [w["worker"] for w in status["queues"]["default"]["workers"]] == [
+        f"{socket.gethostname()}:{worker.pid}"
+    ]
+
+    worker.send_signal(signal.SIGTERM)
+    assert await processes.wait_exit(worker, 30) == 0
+    assert await redis_raw.zrange(WORKERS_KEY, 0, -1) == []

@@ -56,7 +56,7 @@ async def test_redis_restart_mid_run_loses_and_doubles_nothing(
 
 
 async def _drained(pool: ArqRedis) -> bool:
-    return await pool.zcard("default") == 0
+    return int(await pool.zcard("default")) == 0
 
 
 async def test_terminated_postgres_connections_are_retried_to_completion(

@@ -20,6 +20,7 @@ from tests.reliability.conftest import (
     worker_pids,
     worker_ready,
 )
+from tests.support.redis_replies import reply
 from worker.main import QUEUE_CONFIGS
 from worker.settings import Settings
 from worker.stats import FAILURES_KEY, stats_key
@@ -47,9 +48,9 @@ async def test_a_job_that_kills_its_worker_is_failed_with_the_reason_after_the_r
     )
     assert [r[0] for r in await db.runs("pill")] == [1, 2]  # the third try never ran it
     assert supervisor.poll() is None, "the supervisor must survive its children's deaths"
-    counts = await redis_raw.hgetall(stats_key("default"))
+    counts = await reply(redis_raw.hgetall(stats_key("default")))
     assert (counts[b"died"], counts[b"failed"]) == (b"2", b"1")
-    recent = json.loads((await redis_raw.lrange(FAILURES_KEY, 0, 0))[0])
+    recent = json.loads((await reply(redis_raw.lrange(FAILURES_KEY, 0, 0)))[0])
     assert (recent["job_id"], recent["try"]) == ("pill", 3)
     assert "died 2 times" in recent["error"]
     # The replacement worker keeps serving.

@@ -12,6 +12,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from tests.conftest import REDIS_OWNER_KEY, RunBurst
+from tests.support.redis_replies import reply
 from worker import reconcile
 from worker.lease import running_key
 from worker.main import QUEUE_CONFIGS
@@ -129,15 +130,17 @@ async def test_dead_workers_lease_entries_are_pruned(
     arq_redis: ArqRedis, redis_raw: aioredis.Redis
 ) -> None:
     now_ms = int(time.time() * 1000)
-    await redis_raw.hset(
-        running_key("imports"),
-        mapping={
-            "alive": json.dumps({"lease_until_ms": now_ms + 10_000}),
-            "dead": json.dumps({"lease_until_ms": now_ms - 1}),
-        },
+    await reply(
+        redis_raw.hset(
+            running_key("imports"),
+            mapping={
+                "alive": json.dumps({"lease_until_ms": now_ms + 10_000}),
+                "dead": json.dumps({"lease_until_ms": now_ms - 1}),
+            },
+        )
     )
     assert await reconcile.prune_dead_leases(arq_redis) == 1
-    assert await redis_raw.hkeys(running_key("imports")) == [b"alive"]
+    assert await reply(redis_raw.hkeys(running_key("imports"))) == [b"alive"]
 
 
 def test_the_reconciler_is_a_minutely_cron_of_the_default_queue() -> None:

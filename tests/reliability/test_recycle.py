@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import psutil
 import pytest
 from arq.connections import ArqRedis
@@ -13,7 +15,7 @@ from worker.settings import Settings
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 
 
-async def _run_one(arq_redis: ArqRedis, db: Db, function: str, key: str, **kwargs: object) -> int:
+async def _run_one(arq_redis: ArqRedis, db: Db, function: str, key: str, **kwargs: Any) -> int:
     """Enqueue one job, wait until it is done; the pid of the worker that ran it."""
     await arq_redis.enqueue_job(function, key=key, _queue_name="default", **kwargs)
 
@@ -21,7 +23,7 @@ async def _run_one(arq_redis: ArqRedis, db: Db, function: str, key: str, **kwarg
         return await db.rows("SELECT pid FROM rel_done WHERE key = :k", k=key)
 
     rows = await wait_for(finished, 20, f"job {key} to finish")
-    return int(rows[0][0])  # type: ignore[index]
+    return int(rows[0][0])
 
 
 async def test_a_worker_recycles_after_its_job_count_and_is_replaced(

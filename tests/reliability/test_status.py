@@ -17,6 +17,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from tests.conftest import RunBurst
 from tests.reliability.conftest import REPO_ROOT, free_port
+from tests.support.heartbeats import fake_heartbeat
+from tests.support.redis_replies import reply
 from worker.context import Ctx
 from worker.errors import TransientError
 from worker.job import job
@@ -52,8 +54,8 @@ async def _fill(redis_raw: aioredis.Redis) -> None:
         pipe.hset(stats_key("default"), mapping={"completed": 7, "failed": 2, "retried": 3})
         failure = {"at_s": 1.0, "queue": "default", "job_id": "j1", "job": "send_email"}
         pipe.lpush(FAILURES_KEY, json.dumps({**failure, "try": 4, "error": "boom"}))
-        pipe.set(*HEARTBEAT, px=8000)
         await pipe.execute()
+    await fake_heartbeat(redis_raw, *HEARTBEAT, ttl_ms=8000)
 
 
 async def test_status_counts_with_100000_queued_jobs(
@@ -88,7 +90,7 @@ async def test_status_counts_with_100000_queued_jobs(
     env = {**os.environ, "DATABASE_URL": settings.database_url, "REDIS_URL": settings.redis_url}
     # The heartbeat lives 8 s; on a loaded machine the checks above can take that long, and
     # the CLI must still find the worker alive.
-    await redis_raw.set(*HEARTBEAT, px=8000)
+    await fake_heartbeat(redis_raw, *HEARTBEAT, ttl_ms=8000)
     as_json = await _status_cli(env, "--json")
     assert json.loads(as_json)["queues"]["default"]["queued"] == QUEUED
     table = await _status_cli(env)
@@ -141,9 +143,9 @@ async def test_the_job_wrapper_counts_outcomes_and_keeps_failures(
     for name in ("succeeds", "fails", "flaky"):
         await arq_redis.enqueue_job(name, _job_id=name, _queue_name="default")
     await run_burst("default", jobs=[succeeds, fails, flaky])
-    counts = await redis_raw.hgetall(stats_key("default"))
+    counts = await reply(redis_raw.hgetall(stats_key("default")))
     assert counts == {b"completed": b"2", b"failed": b"1", b"retried": b"1"}
-    (failure,) = [json.loads(raw) for raw in await redis_raw.lrange(FAILURES_KEY, 0, -1)]
+    (failure,) = [json.loads(raw) for raw in await reply(redis_raw.lrange(FAILURES_KEY, 0, -1))]
     assert (failure["job_id"], failure["job"], failure["try"]) == ("fails", "fails", 1)
     assert failure["error"] == "ValueError: the input is wrong"
     # Finished jobs leave no death-count key behind.

@@ -23,10 +23,15 @@ from typing import Any
 
 import boto3
 import moto.s3.models
+from botocore.exceptions import ClientError
 from moto.server import ThreadedMotoServer
 
 #: AWS's (and moto's default) minimum for every part but the last.
 AWS_MIN_PART_SIZE_BYTES = 5 * 1024 * 1024
+#: The tests' part size, so multipart is exercised with kilobytes, not megabytes. The tests'
+#: server lowers moto's minimum to the same value, so moto still rejects any non-last part
+#: smaller than ours.
+TEST_PART_SIZE_BYTES = 256 * 1024
 
 FAKE_CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -73,8 +78,10 @@ class S3TestServer:
             # first imported, and models.py copies it into a module global that
             # FakeMultipart.complete() reads at call time (moto/s3/models.py, EntityTooSmall).
             # Setting that global works whatever was imported before; the variable might not.
-            self._saved_min_part_size = moto.s3.models.S3_UPLOAD_PART_MIN_SIZE
-            moto.s3.models.S3_UPLOAD_PART_MIN_SIZE = self._min_part_size_bytes
+            # models.py imports the name from moto.settings without re-exporting it.
+            saved = moto.s3.models.S3_UPLOAD_PART_MIN_SIZE  # type: ignore[attr-defined]
+            self._saved_min_part_size = saved
+            moto.s3.models.S3_UPLOAD_PART_MIN_SIZE = self._min_part_size_bytes  # type: ignore[attr-defined]
         # werkzeug logs every request at INFO; keep test output about the tests.
         logging.getLogger("werkzeug").setLevel(logging.WARNING)
         self._server.start()
@@ -85,7 +92,8 @@ class S3TestServer:
     def stop(self) -> None:
         self._server.stop()
         if self._saved_min_part_size is not None:
-            moto.s3.models.S3_UPLOAD_PART_MIN_SIZE = self._saved_min_part_size
+            # Put back moto's copy of moto.settings' value (not re-exported: see start).
+            moto.s3.models.S3_UPLOAD_PART_MIN_SIZE = self._saved_min_part_size  # type: ignore[attr-defined]
             self._saved_min_part_size = None
 
     def client(self) -> Any:
@@ -100,3 +108,20 @@ class S3TestServer:
         request = urllib.request.Request(f"{self.endpoint_url}/moto-api/reset", method="POST")
         with urllib.request.urlopen(request, timeout=10) as response:
             response.read()
+
+
+def client_error(code: str, status: int, message: str = "msg") -> ClientError:
+    """The error botocore raises for an S3 reply `status` with error `code` (an UploadPart)."""
+    return ClientError(
+        {
+            "Error": {"Code": code, "Message": message},
+            "ResponseMetadata": {
+                "RequestId": "",
+                "HostId": "",
+                "HTTPStatusCode": status,
+                "HTTPHeaders": {},
+                "RetryAttempts": 0,
+            },
+        },
+        "UploadPart",
+    )

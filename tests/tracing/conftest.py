@@ -20,7 +20,8 @@ def span_exporter() -> Iterator[InMemorySpanExporter]:
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
-    instrumentor = AsyncPGInstrumentor()
+    # The instrumentation package leaves its constructor unannotated.
+    instrumentor = AsyncPGInstrumentor()  # type: ignore[no-untyped-call]
     instrumentor.instrument(tracer_provider=provider)
     yield exporter
     instrumentor.uninstrument()

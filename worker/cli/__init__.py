@@ -16,13 +16,13 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from worker.cli import console, exports, imports, maintenance, public, run, status
+from worker.cli import console, exports, imports, maintenance, public, run, status, suppress
 from worker.logs import configure_logging
 from worker.preflight import StartupRefused
 from worker.settings import Settings
 
 Handler = Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]]
-COMMAND_MODULES = (run, maintenance, status, imports, exports, console, public)
+COMMAND_MODULES = (run, maintenance, status, imports, exports, console, public, suppress)
 
 
 class UserError(Exception):

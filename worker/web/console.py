@@ -3,7 +3,8 @@
 It reads durable state only (PostgreSQL rows, our Redis counters, arq's keys), so a restarted
 console loses nothing and shows what `python -m worker status --json` shows (worker/observe.py).
 Pages are rendered on the server with every value escaped, then kept live by console.js,
-which polls the JSON API under /api and writes values with `textContent` only.
+which polls the JSON API under /api and writes values with `textContent` only; one import's
+page follows server-sent events instead (`/api/imports/{id}/events`, worker/web/events.py).
 """
 
 from __future__ import annotations
@@ -38,9 +39,10 @@ from worker import observe
 from worker.client import JobsClient
 from worker.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from worker.metrics import render_metrics
+from worker.recycle import BYTES_PER_MB
 from worker.serialization import deserialize, serialize
 from worker.settings import Settings
-from worker.web import actions, reads
+from worker.web import actions, events, reads
 from worker.web.auth import (
     CSRF_FIELD,
     CSRF_HEADER,
@@ -55,6 +57,10 @@ from worker.web.auth import (
 log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
 POLL_MS = 3000
+# What the workers page shows of `observe.redis_status`'s worker entries (`status --json`).
+WORKER_FIELDS = (
+    "worker", "host", "pid", "started_at", "last_heartbeat_s_ago", "rss_bytes", "jobs_done",
+)  # fmt: skip
 CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; "
     "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
@@ -281,7 +287,8 @@ class Console:
         )
         if data is None:
             return PlainTextResponse("no such import", status_code=404)
-        return self.render("import.html", session, data=data, api=f"/api/imports/{import_id}")
+        api = f"/api/imports/{import_id}"
+        return self.render("import.html", session, data=data, api=api, events=f"{api}/events")
 
     async def exports_page(self, request: Request, session: Session) -> Response:
         data = await self._exports(request)
@@ -317,8 +324,10 @@ class Console:
                 workers.append(
                     {
                         "queue": queue,
-                        "worker": worker["worker"],
-                        "last_heartbeat_s_ago": worker["last_heartbeat_s_ago"],
+                        **{field: worker[field] for field in WORKER_FIELDS},
+                        "rss_mb": None
+                        if worker["rss_bytes"] is None
+                        else round(worker["rss_bytes"] / BYTES_PER_MB, 1),
                         "report": worker["info"],
                         "running": running.get(worker["worker"], []),
                     }
@@ -369,6 +378,12 @@ class Console:
         if data is None:
             return JSONResponse({"error": "no such import"}, status_code=404)
         return JSONResponse(data)
+
+    async def api_import_events(self, request: Request, session: Session) -> Response:
+        import_id = _uuid_param(request, "id")
+        if import_id is None or await reads.import_detail(self.jobs.sessions, import_id) is None:
+            return JSONResponse({"error": "no such import"}, status_code=404)
+        return events.import_events(request, self.jobs.sessions, import_id)
 
     async def api_exports(self, request: Request, session: Session) -> Response:
         return JSONResponse(await self._exports(request))
@@ -451,6 +466,7 @@ def create_app(settings: Settings) -> Starlette:
         Route("/api/failures", c.api(c.api_failures)),
         Route("/api/imports", c.api(c.api_imports)),
         Route("/api/imports/{id}", c.api(c.api_import)),
+        Route("/api/imports/{id}/events", c.api(c.api_import_events)),
         Route("/api/imports/{id}/cancel", c.action(c.cancel_import), methods=["POST"]),
         Route("/api/imports/{id}/retry", c.action(c.retry_import), methods=["POST"]),
         Route("/api/exports", c.api(c.api_exports)),

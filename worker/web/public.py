@@ -40,6 +40,7 @@ from worker.client import JobsClient
 from worker.settings import Settings
 from worker.tokens import MissingSecretKey
 from worker.web.console import SecurityHeaders
+from worker.web.webhooks import webhook_routes
 
 HERE = Path(__file__).parent
 # A one-click body is 26 bytes; the page's form sends the same. Nothing in it is needed (the
@@ -167,9 +168,12 @@ async def _drain(request: Request) -> None:
 def create_app(settings: Settings, *, jobs: JobsClient | None = None) -> Starlette:
     """The public app as an ASGI app; raises `MissingSecretKey` without SECRET_KEY."""
     app_ = PublicApp(settings, jobs)
-    routes = [*app_.routes(UNSUBSCRIBE), *app_.routes(CONFIRM_WAITLIST)]
-    # Provider webhooks (worker/web/webhooks.py: POST /webhooks/resend, /webhooks/sendgrid)
-    # join this list: they share the app, its client and its security headers.
+    # Provider webhooks share the app, its client and its security headers.
+    routes = [
+        *app_.routes(UNSUBSCRIBE),
+        *app_.routes(CONFIRM_WAITLIST),
+        *webhook_routes(settings, lambda: app_.jobs),
+    ]
     app = Starlette(routes=routes, middleware=[Middleware(SecurityHeaders)], lifespan=app_.lifespan)
     app.state.public = app_
     return app

@@ -1,0 +1,59 @@
+"""What each worker process says about itself, for the console's workers page and `status`.
+
+arq's heartbeat (`<queue>:health-check:<host:pid>`) carries its job counters but not when the
+process started or how much memory it holds. Each worker keeps `c360:process:<host:pid>`, a
+small hash (`queue`, `started_ms`, `rss_bytes`, `updated_ms`) written at start-up and refreshed
+by the lease renewal loop (worker/lease.py) every few seconds; its TTL lets it vanish with a
+dead process. Readers look up only the processes whose heartbeat they already found, so a
+read costs O(workers).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import psutil
+
+PROCESS_KEY_PREFIX = "c360:process:"
+# Several renewals (worker/lease.py RENEW_EVERY_S = 5 s): one late refresh does not lose it.
+PROCESS_TTL_S = 30
+
+
+def process_key(worker: str) -> str:
+    return PROCESS_KEY_PREFIX + worker
+
+
+def resident_bytes() -> int:
+    """This process's resident set size (a read of /proc: microseconds, never blocks)."""
+    return int(psutil.Process().memory_info().rss)
+
+
+def describe(pipe: Any, worker: str, queue: str, started_ms: int) -> None:
+    """Queue this process's hash (and its TTL) on `pipe`, a Redis pipeline."""
+    key = process_key(worker)
+    pipe.hset(
+        key,
+        mapping={
+            "queue": queue,
+            "started_ms": started_ms,
+            "rss_bytes": resident_bytes(),
+            "updated_ms": int(time.time() * 1000),
+        },
+    )
+    pipe.expire(key, PROCESS_TTL_S)
+
+
+def parse(raw: dict[Any, Any]) -> dict[str, Any]:
+    """A process hash (HGETALL, bytes or str) as typed values; {} when it is gone."""
+    decoded = {
+        (k.decode() if isinstance(k, bytes) else str(k)): (
+            v.decode() if isinstance(v, bytes) else str(v)
+        )
+        for k, v in raw.items()
+    }
+    found: dict[str, Any] = {}
+    for name in ("started_ms", "rss_bytes", "updated_ms"):
+        if decoded.get(name, "").isdigit():
+            found[name] = int(decoded[name])
+    return found
