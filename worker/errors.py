@@ -36,6 +36,9 @@ what to do. It defaults to `str(error)`, since errors raised on purpose are writ
 Our other exceptions never reach a job's failure path, so they stand outside the tree:
 
     ValueError
+    ├── CampaignNotConfigured      (jobs.email.drafts) APP_URL or SECRET_KEY missing: no waitlist
+    │                              email can carry a working link
+    ├── MissingSecretKey           (worker.tokens) SECRET_KEY unset: no token made or checked
     ├── PayloadRefused             (worker.serialization) bytes this project did not write:
     │                              refused, never executed
     └── ConsoleNotConfigured       (worker.web.auth) no CONSOLE_PASSWORD: the console must not

@@ -26,9 +26,10 @@ Reason = Literal["bounce", "complaint", "unsubscribe", "manual"]
 # Reasons that stop campaign email only; every other reason stops all email.
 CAMPAIGN_ONLY_REASONS: tuple[Reason, ...] = ("unsubscribe",)
 _CAMPAIGN_ONLY_SQL = ", ".join(f"'{reason}'" for reason in CAMPAIGN_ONLY_REASONS)
-# Outbox keys of campaign (subscription) email: the waitlist steps, `waitlist/<entry>/<step>`
+# Outbox keys of campaign (subscription) email: the waitlist steps, `waitlist/<entry>/<step>`,
+# and the sign-up confirmation (an unsubscribed address gets neither)
 # (jobs/email/drafts.py). Welcome, trial, caller (`caller/`) and `job/` keys are transactional.
-CAMPAIGN_KEY_PREFIXES = ("waitlist/",)
+CAMPAIGN_KEY_PREFIXES = ("waitlist/", "waitlist-confirm/")
 
 # An entry is only ever widened by a new reason: an `unsubscribe` becomes a `bounce`, but a
 # bounced address that also unsubscribes stays suppressed for everything.

@@ -62,7 +62,8 @@ async def test_a_bounced_address_gets_no_email_at_all(
     # The rows are written `pending` before the bounce arrives: the claim still stops them.
     await jobs_client.send_email("ada@example.com", "Hi", "<p>hi</p>", idempotency_key="k-1")
     await add(sessions, " Ada@Example.COM ", "bounce")
-    # ...and a row the job inserts at its claim (the campaign step) is stopped there too.
+    # ...and a row the job inserts at its claim (the sign-up's confirmation email) is stopped
+    # there too.
     entry_id = (await jobs_client.join_waitlist("ada@example.com")).id
     worker = await run_burst("default", settings_=job_settings("resend"))
 
@@ -70,7 +71,7 @@ async def test_a_bounced_address_gets_no_email_at_all(
     rows = sorted(await outbox_rows(sessions), key=lambda r: r.idempotency_key)
     assert [(r.idempotency_key, r.status, r.attempts) for r in rows] == [
         ("caller/k-1", "suppressed", 0),
-        (f"waitlist/{entry_id}/1", "suppressed", 0),
+        (f"waitlist-confirm/{entry_id}", "suppressed", 0),
     ]
     assert {r.last_error for r in rows} == {"not sent: the recipient is on the suppression list"}
     assert (worker.jobs_complete, worker.jobs_failed) == (2, 0)
@@ -90,11 +91,12 @@ async def test_an_unsubscribed_address_gets_transactional_but_not_campaign_email
 
     assert [d.json["subject"] for d in provider_server.delivered] == ["Your receipt"]
     statuses = {r.idempotency_key.split("/")[0]: r.status for r in await outbox_rows(sessions)}
-    assert statuses == {"waitlist": "suppressed", "job": "sent"}
+    # The sign-up's confirmation email is waitlist email too (WAITLIST_CONFIRM is on).
+    assert statuses == {"waitlist-confirm": "suppressed", "job": "sent"}
     async with sessions() as session:
         entry = await session.get(WaitlistEntry, signup.id)
-    # The step is over (settled), so the campaign does not retry it every hour.
-    assert entry is not None and entry.campaign_step == 1
+    # The confirmation is over (settled), so the campaign does not retry it every hour.
+    assert entry is not None and entry.next_email_at is None
 
 
 async def test_an_entry_is_only_ever_widened(sessions: Sessions) -> None:
