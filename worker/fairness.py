@@ -1,0 +1,285 @@
+"""Fair sharing between users: at most N running imports (exports) per user, cluster-wide.
+
+Without it one customer's twenty uploads take every imports slot while another's 500-row file
+waits behind them. `IMPORT_MAX_RUNNING_PER_USER` and `EXPORT_MAX_RUNNING_PER_USER` cap how many
+of one user's jobs run at once; a job over its cap gives its worker slot back at once and is
+started when one of its user's running jobs ends, in the order the user enqueued; other
+users' jobs pass it.
+
+Shared jobs are those whose arq id names an import or export row (`worker.routes.row_of_job_id`:
+`import:<id>`, its continuations, `export:<id>`); the row gives the user and the order
+(`created_at`, so an import's continuation keeps its place). Per user and kind, two sorted
+sets in Redis:
+
+- `c360:fair:<kind>:<user>:running`: ids of the jobs holding one of the user's slots. A slot
+  lives as long as its job's `arq:in-progress:` key, the lease `worker/lease.py` renews: the
+  slot of a SIGKILLed worker's job is free within `LEASE_MS`, with no renewal of its own. A
+  re-run of a job that still holds a slot (after a crash or a shutdown) keeps it.
+- `c360:fair:<kind>:<user>:waiting`: ids of the jobs waiting for a slot, scored by the row's
+  `created_at` (microseconds). An entry whose job left arq's queue is dropped when seen.
+
+`claim` (one Lua script, before the job's body: worker/job.py) admits the job when a slot is
+free and fewer live waiting jobs than free slots are older than it; otherwise it parks the
+job: its score in arq's queue moves `PARK_RECHECK_S` ahead, the try arq counted when it
+started is given back (waiting never uses up `MAX_RETRIES`), and its job key is kept alive
+while it waits. The wrapper then raises `Retry(defer=0)`, with which arq leaves the score
+alone and only drops the in-progress key: the worker slot is free at once. `release` (when the
+try ends, whatever its outcome but a shutdown's cancel) frees the slot and moves the scores of
+the user's oldest waiting jobs, one per free slot, to now: the next poll of any worker starts
+them. The recheck after `PARK_RECHECK_S` is only a backstop for a wake that was lost (a release
+that could not reach Redis). Nothing here is the source of truth: after Redis lost its data the
+reconciler re-enqueues from PostgreSQL and the jobs claim their turns again.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, cast
+
+from arq.connections import ArqRedis
+from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from db.models import ContactImportJob, Export
+from worker.context import Ctx
+from worker.routes import RowKind, row_of_job_id
+from worker.settings import Settings
+
+log = logging.getLogger(__name__)
+
+KEY_PREFIX = "c360:fair:"
+# A parked job looks again after this long (plus up to a quarter more, so that a user's many
+# parked jobs do not all come due in the same poll) in case the wake that was due got lost.
+PARK_RECHECK_S = 120.0
+# A parked job's arq job key lives at least this long past each park: arq gives it a day from
+# enqueue, and a job that waits longer than that would otherwise be dropped as "expired".
+PARKED_JOB_KEY_KEEP_MS = 24 * 3600 * 1000
+# The sets of a user nobody touched for a week are left to expire (a live parked job touches
+# them every recheck).
+SETS_TTL_MS = 7 * 24 * 3600 * 1000
+OPEN_STATUSES = ("pending", "processing")
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+# Shared by both scripts: prune the slots whose job's lease is gone (never this job's own: a
+# re-run after a crash keeps its slot), and find the oldest `n` waiting jobs still in arq's
+# queue, dropping the entries of jobs that left it (finished, or lost with Redis's data).
+_COMMON = """
+local running, waiting, queue = KEYS[1], KEYS[2], KEYS[3]
+local job, cap, now_ms, in_progress = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
+local function prune_running()
+  for _, holder in ipairs(redis.call('ZRANGE', running, 0, -1)) do
+    if holder ~= job and redis.call('EXISTS', in_progress .. holder) == 0 then
+      redis.call('ZREM', running, holder)
+    end
+  end
+end
+local function live_waiting(n)
+  local live = {}
+  while #live < n do
+    -- Entries before #live are live or were removed: the next page starts there.
+    local page = redis.call('ZRANGE', waiting, #live, #live + 99)
+    if #page == 0 then break end
+    for _, member in ipairs(page) do
+      if redis.call('ZSCORE', queue, member) then
+        live[#live + 1] = member
+        if #live == n then break end
+      else
+        redis.call('ZREM', waiting, member)
+      end
+    end
+  end
+  return live
+end
+local function wake(members)
+  for _, member in ipairs(members) do
+    -- LT: never later than it is (a job already due keeps its place among other users').
+    redis.call('ZADD', queue, 'XX', 'LT', now_ms, member)
+  end
+end
+local function touch(ttl_ms)
+  redis.call('PEXPIRE', running, ttl_ms)
+  redis.call('PEXPIRE', waiting, ttl_ms)
+end
+"""
+
+# ARGV[5..]: the job's order (row created_at, microseconds), the park-until score, the job
+# key's keep, the sets' TTL, arq's job and retry key prefixes. Returns 1 admitted, 0 parked.
+_CLAIM = (
+    _COMMON
+    + """
+local order, park_until, keep_ms, ttl_ms = ARGV[5], ARGV[6], ARGV[7], ARGV[8]
+local job_key, retry_key = ARGV[9] .. job, ARGV[10] .. job
+prune_running()
+touch(ttl_ms)
+if redis.call('ZSCORE', running, job) then
+  redis.call('ZREM', waiting, job)
+  return 1
+end
+redis.call('ZADD', waiting, order, job)
+local free = cap - redis.call('ZCARD', running)
+if free > 0 then
+  local ahead = live_waiting(free)
+  for _, member in ipairs(ahead) do
+    if member == job then
+      redis.call('ZREM', waiting, job)
+      redis.call('ZADD', running, now_ms, job)
+      return 1
+    end
+  end
+  -- Older jobs of this user take the free slots: make sure they are due now.
+  wake(ahead)
+end
+redis.call('ZADD', queue, 'XX', park_until, job)
+redis.call('PEXPIRE', job_key, keep_ms, 'GT')
+if tonumber(redis.call('GET', retry_key) or '0') > 0 then
+  redis.call('DECR', retry_key)
+end
+return 0
+"""
+)
+
+# Returns how many waiting jobs were woken.
+_RELEASE = (
+    _COMMON
+    + """
+local ttl_ms = ARGV[5]
+redis.call('ZREM', running, job)
+redis.call('ZREM', waiting, job)
+prune_running()
+local free = cap - redis.call('ZCARD', running)
+local woken = {}
+if free > 0 then
+  woken = live_waiting(free)
+  wake(woken)
+end
+touch(ttl_ms)
+return #woken
+"""
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Share:
+    """One user's share of one kind of job: its cap and its two sets in Redis."""
+
+    kind: RowKind
+    user_id: uuid.UUID
+    cap: int
+
+    @property
+    def running_key(self) -> str:
+        return f"{KEY_PREFIX}{self.kind}:{self.user_id}:running"
+
+    @property
+    def waiting_key(self) -> str:
+        return f"{KEY_PREFIX}{self.kind}:{self.user_id}:waiting"
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A shared job's turn: `admitted`, or parked until its user's running job ends."""
+
+    job_id: str
+    queue: str
+    share: Share
+    admitted: bool
+
+
+def cap_of(settings: Settings, kind: RowKind) -> int:
+    if kind == "import":
+        return settings.import_max_running_per_user
+    return settings.export_max_running_per_user
+
+
+def order_us(created_at: datetime) -> int:
+    """`created_at` as whole microseconds since 1970: exact in a sorted set's double score."""
+    return (created_at - _EPOCH) // timedelta(microseconds=1)
+
+
+async def _row_owner(
+    sessions: async_sessionmaker[AsyncSession], kind: RowKind, row_id: uuid.UUID
+) -> tuple[uuid.UUID, datetime, bool] | None:
+    """The row's user, its `created_at`, and whether it still has work to wait for."""
+    async with sessions() as session:
+        if kind == "import":
+            found = (
+                await session.execute(
+                    select(
+                        ContactImportJob.user_id,
+                        ContactImportJob.created_at,
+                        ContactImportJob.status.in_(OPEN_STATUSES)
+                        & ContactImportJob.cancel_requested.is_(False),
+                    ).where(ContactImportJob.id == row_id)
+                )
+            ).one_or_none()
+        else:
+            found = (
+                await session.execute(
+                    select(
+                        Export.user_id, Export.created_at, Export.status.in_(OPEN_STATUSES)
+                    ).where(Export.id == row_id)
+                )
+            ).one_or_none()
+    return None if found is None else (found[0], found[1], bool(found[2]))
+
+
+async def claim(ctx: Ctx) -> Claim | None:
+    """This try's turn among its user's jobs; None for a job no user's share covers.
+
+    A row that is finished, or an import whose cancel was requested, is admitted at once: its
+    job only records that, and its release still wakes the user's next job.
+    """
+    named = row_of_job_id(ctx["job_id"])
+    if named is None:
+        return None
+    kind, row_id = named
+    owner = await _row_owner(ctx["sessions"], kind, row_id)
+    if owner is None:
+        return None  # no row: the job's body fails it with its own message
+    user_id, created_at, has_work = owner
+    share = Share(kind, user_id, cap_of(ctx["settings"], kind))
+    job_id, queue = ctx["job_id"], ctx["queue_name"]
+    if not has_work:
+        return Claim(job_id, queue, share, admitted=True)
+    now_ms = int(time.time() * 1000)
+    park_until_ms = now_ms + int(PARK_RECHECK_S * 1000 * (1 + random.random() / 4))
+    admitted = await _eval(
+        ctx["redis"],
+        _CLAIM,
+        share,
+        queue,
+        job_id,
+        now_ms,
+        order_us(created_at),
+        park_until_ms,
+        PARKED_JOB_KEY_KEEP_MS,
+        SETS_TTL_MS,
+        job_key_prefix,
+        retry_key_prefix,
+    )
+    return Claim(job_id, queue, share, admitted=bool(admitted))
+
+
+async def release(redis: ArqRedis, claim: Claim) -> int:
+    """Free the claim's slot and wake its user's next waiting jobs; how many were woken."""
+    now_ms = int(time.time() * 1000)
+    woken = await _eval(
+        redis, _RELEASE, claim.share, claim.queue, claim.job_id, now_ms, SETS_TTL_MS
+    )
+    return int(woken)
+
+
+async def _eval(
+    redis: ArqRedis, script: str, share: Share, queue: str, job_id: str, now_ms: int, *more: Any
+) -> Any:
+    keys = (share.running_key, share.waiting_key, queue)
+    args = (job_id, share.cap, now_ms, in_progress_key_prefix, *more)
+    # Plain EVAL: a couple of KiB per job start, and nothing to reload after a Redis restart
+    # or failover (EVALSHA would answer NOSCRIPT there).
+    return await cast(Any, redis.eval(script, len(keys), *keys, *args))
