@@ -7,27 +7,31 @@ started when one of its user's running jobs ends, in the order the user enqueued
 users' jobs pass it.
 
 Shared jobs are those whose arq id names an import or export row (`worker.routes.row_of_job_id`:
-`import:<id>`, its continuations, `export:<id>`); the row gives the user and the order
-(`created_at`, so an import's continuation keeps its place). Per user and kind, two sorted
-sets in Redis:
+`import:<id>`, its continuations, `export:<id>`). PostgreSQL gives the order: the row's user,
+its `created_at` (so an import's continuation keeps its place), and the user's older rows still
+open, which are ahead of it whether their jobs are parked, being picked up by another worker
+this very moment, or backing off before a retry. Per user and kind, two sorted sets in Redis:
 
 - `c360:fair:<kind>:<user>:running`: ids of the jobs holding one of the user's slots. A slot
   lives as long as its job's `arq:in-progress:` key, the lease `worker/lease.py` renews: the
   slot of a SIGKILLed worker's job is free within `LEASE_MS`, with no renewal of its own. A
   re-run of a job that still holds a slot (after a crash or a shutdown) keeps it.
-- `c360:fair:<kind>:<user>:waiting`: ids of the jobs waiting for a slot, scored by the row's
-  `created_at` (microseconds). An entry whose job left arq's queue is dropped when seen.
+- `c360:fair:<kind>:<user>:waiting`: ids of the parked jobs, scored by their row's
+  `created_at` (microseconds): whom to wake first. An entry whose job left arq's queue is
+  dropped when seen.
 
-`claim` (one Lua script, before the job's body: worker/job.py) admits the job when a slot is
-free and fewer live waiting jobs than free slots are older than it; otherwise it parks the
-job: its score in arq's queue moves `PARK_RECHECK_S` ahead, the try arq counted when it
-started is given back (waiting never uses up `MAX_RETRIES`), and its job key is kept alive
-while it waits. The wrapper then raises `Retry(defer=0)`, with which arq leaves the score
-alone and only drops the in-progress key: the worker slot is free at once. `release` (when the
-try ends, whatever its outcome but a shutdown's cancel) frees the slot and moves the scores of
-the user's oldest waiting jobs, one per free slot, to now: the next poll of any worker starts
-them. The recheck after `PARK_RECHECK_S` is only a backstop for a wake that was lost (a release
-that could not reach Redis). Nothing here is the source of truth: after Redis lost its data the
+`claim` (one Lua script, before the job's body: worker/job.py) admits the job when more slots
+are free than the user has older open rows not running; otherwise it parks the job: its score
+in arq's queue moves `PARK_RECHECK_S` ahead, the try arq counted when it started is given back
+(waiting never uses up `MAX_RETRIES`), and its job key is kept alive while it waits. The wrapper
+then raises `Retry(defer=0)`, with which arq leaves the score alone and only drops the
+in-progress key: the worker slot is free at once. `release` (when the try ends, whatever its
+outcome but a shutdown's cancel) frees the slot and moves the scores of the user's oldest
+parked jobs, one per free slot, to now: the next poll of any worker starts them. A job ahead
+that ended between the claim's read of PostgreSQL and its script found nobody to wake; a park
+therefore reads the older rows once more and wakes itself if one of them has closed. The
+recheck after `PARK_RECHECK_S` is only a backstop for a wake that was lost (a release that
+could not reach Redis). Nothing here is the source of truth: after Redis lost its data the
 reconciler re-enqueues from PostgreSQL and the jobs claim their turns again.
 """
 
@@ -43,12 +47,12 @@ from typing import Any, cast
 
 from arq.connections import ArqRedis
 from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, literal, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from db.models import ContactImportJob, Export
 from worker.context import Ctx
-from worker.routes import RowKind, row_of_job_id
+from worker.routes import EXPORT_JOB_IDS, IMPORT_JOB_IDS, JobIdFormat, RowKind, row_of_job_id
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -65,6 +69,7 @@ PARKED_JOB_KEY_KEEP_MS = 24 * 3600 * 1000
 SETS_TTL_MS = 7 * 24 * 3600 * 1000
 OPEN_STATUSES = ("pending", "processing")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+JOB_IDS: dict[RowKind, JobIdFormat] = {"import": IMPORT_JOB_IDS, "export": EXPORT_JOB_IDS}
 
 # Shared by both scripts: prune the slots whose job's lease is gone (never this job's own: a
 # re-run after a crash keeps its slot), and find the oldest `n` waiting jobs still in arq's
@@ -109,7 +114,9 @@ end
 """
 
 # ARGV[5..]: the job's order (row created_at, microseconds), the park-until score, the job
-# key's keep, the sets' TTL, arq's job and retry key prefixes. Returns 1 admitted, 0 parked.
+# key's keep, the sets' TTL, arq's job and retry key prefixes, then the arq ids of the user's
+# older open rows (a running continuation `<id>:from:<n>` counts for its row `<id>`).
+# Returns 1 admitted, 0 parked.
 _CLAIM = (
     _COMMON
     + """
@@ -121,19 +128,25 @@ if redis.call('ZSCORE', running, job) then
   redis.call('ZREM', waiting, job)
   return 1
 end
-redis.call('ZADD', waiting, order, job)
-local free = cap - redis.call('ZCARD', running)
-if free > 0 then
-  local ahead = live_waiting(free)
-  for _, member in ipairs(ahead) do
-    if member == job then
-      redis.call('ZREM', waiting, job)
-      redis.call('ZADD', running, now_ms, job)
-      return 1
-    end
+local holders = redis.call('ZRANGE', running, 0, -1)
+local ahead = 0
+for i = 11, #ARGV do
+  local row, runs = ARGV[i], false
+  for _, holder in ipairs(holders) do
+    if holder == row or string.sub(holder, 1, #row + 1) == row .. ':' then runs = true end
   end
-  -- Older jobs of this user take the free slots: make sure they are due now.
-  wake(ahead)
+  if not runs then ahead = ahead + 1 end
+end
+local free = cap - #holders
+if free > ahead then
+  redis.call('ZREM', waiting, job)
+  redis.call('ZADD', running, now_ms, job)
+  return 1
+end
+redis.call('ZADD', waiting, order, job)
+if free > 0 then
+  -- Older jobs of this user are due to take the free slots: make sure they are woken.
+  wake(live_waiting(free))
 end
 redis.call('ZADD', queue, 'XX', park_until, job)
 redis.call('PEXPIRE', job_key, keep_ms, 'GT')
@@ -202,31 +215,61 @@ def order_us(created_at: datetime) -> int:
     return (created_at - _EPOCH) // timedelta(microseconds=1)
 
 
-async def _row_owner(
+@dataclass(frozen=True, slots=True)
+class _Row:
+    user_id: uuid.UUID
+    created_at: datetime
+    has_work: bool  # open, and for an import no cancel requested
+
+
+def _table(kind: RowKind) -> type[ContactImportJob] | type[Export]:
+    return ContactImportJob if kind == "import" else Export
+
+
+def _has_work(kind: RowKind) -> ColumnElement[bool]:
+    if kind == "import":
+        return ContactImportJob.status.in_(OPEN_STATUSES) & ContactImportJob.cancel_requested.is_(
+            False
+        )
+    return Export.status.in_(OPEN_STATUSES)
+
+
+async def _row(
     sessions: async_sessionmaker[AsyncSession], kind: RowKind, row_id: uuid.UUID
-) -> tuple[uuid.UUID, datetime, bool] | None:
-    """The row's user, its `created_at`, and whether it still has work to wait for."""
+) -> _Row | None:
+    table = _table(kind)
     async with sessions() as session:
-        if kind == "import":
-            found = (
-                await session.execute(
-                    select(
-                        ContactImportJob.user_id,
-                        ContactImportJob.created_at,
-                        ContactImportJob.status.in_(OPEN_STATUSES)
-                        & ContactImportJob.cancel_requested.is_(False),
-                    ).where(ContactImportJob.id == row_id)
-                )
-            ).one_or_none()
-        else:
-            found = (
-                await session.execute(
-                    select(
-                        Export.user_id, Export.created_at, Export.status.in_(OPEN_STATUSES)
-                    ).where(Export.id == row_id)
-                )
-            ).one_or_none()
-    return None if found is None else (found[0], found[1], bool(found[2]))
+        found = (
+            await session.execute(
+                select(table.user_id, table.created_at, _has_work(kind)).where(table.id == row_id)
+            )
+        ).one_or_none()
+    return None if found is None else _Row(found[0], found[1], bool(found[2]))
+
+
+async def _older_open(
+    sessions: async_sessionmaker[AsyncSession],
+    kind: RowKind,
+    row_id: uuid.UUID,
+    row: _Row,
+    limit: int,
+) -> list[str]:
+    """The arq ids of the user's oldest `limit` rows enqueued before `row` and still open."""
+    table = _table(kind)
+    async with sessions() as session:
+        ids = await session.scalars(
+            select(table.id)
+            .where(
+                table.user_id == row.user_id,
+                _has_work(kind),
+                # (created_at, id): rows of one instant keep one order, the sets' member order.
+                tuple_(table.created_at, table.id)
+                < tuple_(literal(row.created_at), literal(row_id)),
+            )
+            .order_by(table.created_at, table.id)
+            .limit(limit)
+        )
+        return [JOB_IDS[kind].build(i) for i in ids]
 
 
 async def claim(ctx: Ctx) -> Claim | None:
@@ -239,14 +282,17 @@ async def claim(ctx: Ctx) -> Claim | None:
     if named is None:
         return None
     kind, row_id = named
-    owner = await _row_owner(ctx["sessions"], kind, row_id)
-    if owner is None:
+    sessions = ctx["sessions"]
+    row = await _row(sessions, kind, row_id)
+    if row is None:
         return None  # no row: the job's body fails it with its own message
-    user_id, created_at, has_work = owner
-    share = Share(kind, user_id, cap_of(ctx["settings"], kind))
+    share = Share(kind, row.user_id, cap_of(ctx["settings"], kind))
     job_id, queue = ctx["job_id"], ctx["queue_name"]
-    if not has_work:
+    if not row.has_work:
         return Claim(job_id, queue, share, admitted=True)
+    # Enough to decide: at most `cap` of them hold a slot, and `cap` more fill every free one.
+    limit = 2 * share.cap + 1
+    ahead = await _older_open(sessions, kind, row_id, row, limit)
     now_ms = int(time.time() * 1000)
     park_until_ms = now_ms + int(PARK_RECHECK_S * 1000 * (1 + random.random() / 4))
     admitted = await _eval(
@@ -256,13 +302,18 @@ async def claim(ctx: Ctx) -> Claim | None:
         queue,
         job_id,
         now_ms,
-        order_us(created_at),
+        order_us(row.created_at),
         park_until_ms,
         PARKED_JOB_KEY_KEEP_MS,
         SETS_TTL_MS,
         job_key_prefix,
         retry_key_prefix,
+        *ahead,
     )
+    if not admitted and set(await _older_open(sessions, kind, row_id, row, limit)) < set(ahead):
+        # One ahead ended after the read above and before the script: its release found
+        # nobody parked to wake. Come back at the next poll.
+        await cast(Any, ctx["redis"].zadd(queue, {job_id: now_ms}, xx=True, lt=True))
     return Claim(job_id, queue, share, admitted=bool(admitted))
 
 

@@ -9,6 +9,7 @@ import pytest
 import redis.asyncio as aioredis
 from arq.connections import ArqRedis
 from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from tests.fairness.conftest import new_import, picked_up, score_s_from_now, settings_with
@@ -35,10 +36,22 @@ async def try_of(ctx: Ctx, redis: aioredis.Redis, import_id: uuid.UUID) -> Claim
     return claim
 
 
+async def finished(sessions: Sessions, claim: Claim) -> None:
+    """What the import's body commits last."""
+    async with sessions.begin() as session:
+        await session.execute(
+            text("UPDATE contact_import_jobs SET status = 'completed' WHERE id = :id"),
+            {"id": claim.job_id.removeprefix("import:")},
+        )
+
+
 async def ended(ctx: Ctx, redis: aioredis.Redis, claim: Claim) -> int:
-    """The try ended: arq drops the in-progress key, the wrapper releases the turn."""
+    """The try ended: the body committed, the wrapper releases the turn, arq drops the
+    in-progress key."""
+    await finished(ctx["sessions"], claim)
+    woken = await fairness.release(ctx["redis"], claim)
     await redis.delete(in_progress_key_prefix + claim.job_id)
-    return await fairness.release(ctx["redis"], claim)
+    return woken
 
 
 async def waiting(redis: aioredis.Redis, share: Share) -> list[str]:
@@ -96,6 +109,21 @@ async def test_a_cap_of_two_admits_two(
     assert claims[0].share.cap == 2
 
 
+async def test_an_older_import_picked_up_at_the_same_moment_goes_first(
+    open_ctx: CtxOpener, jobs_client: JobsClient, redis_raw: aioredis.Redis, sessions: Sessions
+) -> None:
+    user = await new_user(sessions)
+    first, second = [await new_import(jobs_client, user) for _ in range(2)]
+    ctx = await open_ctx("imports")
+    # Two workers picked both up; the younger one's claim ran first: it must not pass.
+    younger = await try_of(ctx, redis_raw, second)
+    assert not younger.admitted
+    older = await try_of(ctx, redis_raw, first)
+    assert older.admitted
+    assert await ended(ctx, redis_raw, older) == 1
+    assert (await try_of(ctx, redis_raw, second)).admitted
+
+
 async def test_a_slot_lives_as_long_as_its_jobs_lease(
     open_ctx: CtxOpener, jobs_client: JobsClient, redis_raw: aioredis.Redis, sessions: Sessions
 ) -> None:
@@ -107,7 +135,11 @@ async def test_a_slot_lives_as_long_as_its_jobs_lease(
     assert not (await try_of(ctx, redis_raw, second)).admitted
     # The holder's re-run (its worker was stopped, the job came back) keeps its slot.
     assert (await try_of(ctx, redis_raw, first)).admitted
-    # Its worker was SIGKILLed: nothing renews the lease, it runs out, the slot with it.
+    # Its body committed, then the worker was SIGKILLed before the release: while the
+    # lease lives the slot is taken...
+    await finished(sessions, holder)
+    assert not (await try_of(ctx, redis_raw, second)).admitted
+    # ...and nothing renews the lease: it runs out, the slot with it.
     await redis_raw.delete(in_progress_key_prefix + holder.job_id)
     assert (await try_of(ctx, redis_raw, second)).admitted
     assert not (await try_of(ctx, redis_raw, third)).admitted
