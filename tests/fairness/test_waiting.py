@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import time
 import uuid
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 from arq.connections import ArqRedis
+from arq.worker import Worker
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -23,6 +25,7 @@ from tests.conftest import REDIS_OWNER_KEY, RunBurst
 from tests.fairness.conftest import import_times, new_import, parked, picked_up, settings_with
 from tests.reliability.conftest import wait_for
 from tests.support.ctx import CtxOpener
+from tests.support.redis_replies import reply
 from tests.support.users import new_user
 from worker import fairness
 from worker.client import JobsClient
@@ -40,9 +43,8 @@ HELD_TABLES = {"import": "contact_import_jobs", "export": "exports"}
 
 @job()
 async def hold_turn(ctx: Ctx, kind: str, row_id: str) -> None:
-    """Hold the row's user's slot until the test sets `RELEASE_KEY`; then finish the row."""
-    while not await ctx["redis"].exists(RELEASE_KEY):
-        await asyncio.sleep(0.02)
+    """Hold the row's user's slot until the test pushes to `RELEASE_KEY`; then finish the row."""
+    assert await reply(ctx["redis"].blpop([RELEASE_KEY], timeout=60)) is not None
     async with ctx["sessions"].begin() as session:
         await session.execute(
             text(f"UPDATE {HELD_TABLES[kind]} SET status = 'completed' WHERE id = :id"),
@@ -82,7 +84,7 @@ async def statuses(sessions: Sessions, table: str, ids: list[uuid.UUID]) -> list
 def in_order(rows: list[tuple[Any, ...]]) -> bool:
     """Each (status, started_at, finished_at) completed, and started after the one before ended."""
     return all(r[0] == "completed" for r in rows) and all(
-        before[2] <= after[1] for before, after in zip(rows, rows[1:], strict=False)
+        before[2] <= after[1] for before, after in itertools.pairwise(rows)
     )
 
 
@@ -99,7 +101,8 @@ async def test_waiting_uses_up_no_tries(
     ids = [await new_import(jobs_client, user) for _ in range(5)]
     arq_ids = [import_job_id(i) for i in ids]
     # MAX_RETRIES=0: arq allows two tries (worker.retry.arq_max_tries), the wrapper one.
-    worker = asyncio.create_task(
+    # A future, not a task: RunBurst is typed as returning an awaitable.
+    worker: asyncio.Future[Worker] = asyncio.ensure_future(
         run_burst(
             "imports",
             jobs=[process_contacts_import, hold_turn],
@@ -114,7 +117,7 @@ async def test_waiting_uses_up_no_tries(
             await redis_raw.zadd("imports", dict.fromkeys(arq_ids, now_ms), xx=True)
             await wait_for(functools.partial(parked, redis_raw, "imports", arq_ids), 20, "parked")
         assert [row[0] for row in await import_times(sessions, ids)] == ["pending"] * 5
-        await redis_raw.set(RELEASE_KEY, b"1")
+        await reply(redis_raw.rpush(RELEASE_KEY, b"1"))
         await asyncio.wait_for(worker, 60)
     finally:
         worker.cancel()
@@ -133,7 +136,7 @@ async def test_exports_share_by_their_own_cap_and_other_users_pass(
     await hold(arq_redis, sessions, "export", a)
     waiting_ids = [(await jobs_client.export_contacts(a)).id for _ in range(2)]
     passing = (await jobs_client.export_contacts(b)).id
-    worker = asyncio.create_task(
+    worker: asyncio.Future[Worker] = asyncio.ensure_future(
         run_burst(
             "exports",
             jobs=[generate_contact_export, hold_turn],
@@ -150,7 +153,7 @@ async def test_exports_share_by_their_own_cap_and_other_users_pass(
     try:
         await wait_for(b_done_a_parked, 20, "B's export done while A's two wait")
         assert [r[0] for r in await statuses(sessions, "exports", waiting_ids)] == ["pending"] * 2
-        await redis_raw.set(RELEASE_KEY, b"1")
+        await reply(redis_raw.rpush(RELEASE_KEY, b"1"))
         await asyncio.wait_for(worker, 60)
     finally:
         worker.cancel()
