@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
 .PHONY: venv run test lint format bench bench-import bench-export bench-email bench-recovery \
-	bench-console services
+	bench-console bench-fairness services
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,7 +39,7 @@ format: venv
 services:
 	scripts/services.sh test
 
-bench: bench-import bench-export bench-email bench-recovery bench-console
+bench: bench-import bench-export bench-email bench-recovery bench-console bench-fairness
 
 bench-import: venv services
 	$(PY) bench/bench_import.py
@@ -57,3 +57,7 @@ bench-recovery: venv services
 ## The console under a backlog of 10^5 jobs and outbox rows: latency, and 50 polling dashboards.
 bench-console: venv services
 	$(PY) bench/bench_console.py
+
+## User B's small import behind user A's burst of 10 large ones, with and without the per-user cap.
+bench-fairness: venv services
+	$(PY) bench/bench_fairness.py
