@@ -61,6 +61,8 @@ KEY_PREFIX = "c360:fair:"
 # A parked job looks again after this long (plus up to a quarter more, so that a user's many
 # parked jobs do not all come due in the same poll) in case the wake that was due got lost.
 PARK_RECHECK_S = 120.0
+# How many of a user's younger due jobs one park parks along with itself (see `claim`).
+PARK_AHEAD_ROWS = 100
 # A parked job's arq job key lives at least this long past each park: arq gives it a day from
 # enqueue, and a job that waits longer than that would otherwise be dropped as "expired".
 PARKED_JOB_KEY_KEEP_MS = 24 * 3600 * 1000
@@ -154,6 +156,30 @@ if tonumber(redis.call('GET', retry_key) or '0') > 0 then
   redis.call('DECR', retry_key)
 end
 return 0
+"""
+)
+
+# ARGV[5..]: the park-until score, the job key's keep, arq's job key prefix, then pairs of
+# (arq id, order) of the user's younger open rows. Parks those that are due and that no worker
+# has claimed, without a pickup each. Returns how many it parked.
+_PARK_YOUNGER = (
+    _COMMON
+    + """
+local park_until, keep_ms, job_keys = ARGV[5], ARGV[6], ARGV[7]
+local parked = 0
+for i = 8, #ARGV, 2 do
+  local member, member_order = ARGV[i], ARGV[i + 1]
+  local score = redis.call('ZSCORE', queue, member)
+  if score and tonumber(score) <= tonumber(now_ms)
+      and redis.call('EXISTS', in_progress .. member) == 0
+      and not redis.call('ZSCORE', running, member) then
+    redis.call('ZADD', waiting, member_order, member)
+    redis.call('ZADD', queue, 'XX', park_until, member)
+    redis.call('PEXPIRE', job_keys .. member, keep_ms, 'GT')
+    parked = parked + 1
+  end
+end
+return parked
 """
 )
 
@@ -272,6 +298,26 @@ async def _older_open(
         return [JOB_IDS[kind].build(i) for i in ids]
 
 
+async def _younger_open(
+    sessions: async_sessionmaker[AsyncSession], kind: RowKind, row_id: uuid.UUID, row: _Row
+) -> list[tuple[str, int]]:
+    """(arq id, order) of the user's oldest `PARK_AHEAD_ROWS` open rows enqueued after `row`."""
+    table = _table(kind)
+    async with sessions() as session:
+        found = await session.execute(
+            select(table.id, table.created_at)
+            .where(
+                table.user_id == row.user_id,
+                _has_work(kind),
+                tuple_(table.created_at, table.id)
+                > tuple_(literal(row.created_at), literal(row_id)),
+            )
+            .order_by(table.created_at, table.id)
+            .limit(PARK_AHEAD_ROWS)
+        )
+        return [(JOB_IDS[kind].build(i), order_us(created_at)) for i, created_at in found]
+
+
 async def claim(ctx: Ctx) -> Claim | None:
     """This try's turn among its user's jobs; None for a job no user's share covers.
 
@@ -310,11 +356,31 @@ async def claim(ctx: Ctx) -> Claim | None:
         retry_key_prefix,
         *ahead,
     )
-    if not admitted and set(await _older_open(sessions, kind, row_id, row, limit)) < set(ahead):
+    claimed = Claim(job_id, queue, share, admitted=bool(admitted))
+    if admitted:
+        return claimed
+    if set(await _older_open(sessions, kind, row_id, row, limit)) < set(ahead):
         # One ahead ended after the read above and before the script: its release found
         # nobody parked to wake. Come back at the next poll.
         await cast(Any, ctx["redis"].zadd(queue, {job_id: now_ms}, xx=True, lt=True))
-    return Claim(job_id, queue, share, admitted=bool(admitted))
+    younger = await _younger_open(sessions, kind, row_id, row)
+    if younger:
+        # arq starts at most as many jobs per poll as it has free slots, so a burst parked one
+        # pickup at a time would hold other users' jobs back for many polls: park the rest of
+        # this user's due jobs now, in one step.
+        await _eval(
+            ctx["redis"],
+            _PARK_YOUNGER,
+            share,
+            queue,
+            job_id,
+            now_ms,
+            park_until_ms,
+            PARKED_JOB_KEY_KEEP_MS,
+            job_key_prefix,
+            *(value for pair in younger for value in pair),
+        )
+    return claimed
 
 
 async def release(redis: ArqRedis, claim: Claim) -> int:

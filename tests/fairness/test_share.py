@@ -196,3 +196,27 @@ async def test_an_import_of_a_deleted_row_is_not_shared(open_ctx: CtxOpener) -> 
     ctx = await open_ctx("imports")
     ctx["job_id"] = import_job_id(uuid.uuid4())
     assert await fairness.claim(ctx) is None
+
+
+async def test_a_park_parks_the_users_younger_due_jobs_too(
+    open_ctx: CtxOpener, jobs_client: JobsClient, redis_raw: aioredis.Redis, sessions: Sessions
+) -> None:
+    a, b = await new_user(sessions), await new_user(sessions)
+    first, second, *younger = [await new_import(jobs_client, a) for _ in range(4)]
+    running_elsewhere = await new_import(jobs_client, a)
+    others = await new_import(jobs_client, b)
+    await picked_up(redis_raw, import_job_id(running_elsewhere))  # claimed by another worker
+    ctx = await open_ctx("imports")
+    holder = await try_of(ctx, redis_raw, first)
+    assert not (await try_of(ctx, redis_raw, second)).admitted
+    # The younger ones are parked without a pickup each (arq starts one job per free slot
+    # per poll), in order; a job another worker has claimed, and other users', are left.
+    assert await waiting(redis_raw, holder.share) == [import_job_id(i) for i in [second, *younger]]
+    for import_id in younger:
+        due_in_s = await score_s_from_now(redis_raw, "imports", import_job_id(import_id))
+        assert due_in_s is not None and due_in_s > 60
+    for import_id in (running_elsewhere, others):
+        due_in_s = await score_s_from_now(redis_raw, "imports", import_job_id(import_id))
+        assert due_in_s is not None and due_in_s <= 0
+    assert await ended(ctx, redis_raw, holder) == 1
+    assert (await try_of(ctx, redis_raw, second)).admitted
