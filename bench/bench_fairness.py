@@ -1,4 +1,4 @@
-"""Fair sharing: how long a small import of user B waits behind user A's burst (`make bench-fairness`).
+"""Fair sharing: how long user B's small import waits behind user A's burst (`make bench-fairness`).
 
     python bench/bench_fairness.py [--rows 100000] [--a-imports 10] [--b-rows 1000]
 
@@ -10,8 +10,8 @@ how long A's whole burst took (first `created_at` to last `finished_at`), and ho
 failed and were retried.
 
 Uses a database of its own (`c360_bench_fairness`, dropped at the end) on BENCH_PG_SERVER and
-Redis db BENCH_REDIS_DB (default 13; it must be empty or the test rig's, and is flushed). Timings are
-reported, never asserted.
+Redis db BENCH_REDIS_DB (default 13; it must be empty or the test rig's, and is flushed).
+BENCH_LOG_LEVEL=INFO shows the worker's log. Timings are reported, never asserted.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import asyncio
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -89,8 +88,8 @@ async def scenario(
         "LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "WARNING"),
         "PYTHONPATH": str(ROOT),
     }
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "worker", "work", "imports"], env=env, cwd=ROOT
+    worker = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "worker", "work", "imports", env=env, cwd=ROOT
     )
     try:
 
@@ -114,7 +113,7 @@ async def scenario(
         retried = int(await redis.hget("c360:stats:imports", "retried") or 0)
     finally:
         worker.send_signal(signal.SIGTERM)
-        worker.wait(60)
+        await asyncio.wait_for(worker.wait(), 60)
         await redis.flushdb()
         await redis.aclose()
     b_s = await pg.fetchval(
