@@ -9,10 +9,18 @@ import pytest
 import redis.asyncio as aioredis
 from arq.connections import ArqRedis
 from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
+from arq.worker import Retry
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from tests.fairness.conftest import new_import, picked_up, score_s_from_now, settings_with
+from jobs.imports import process_contacts_import
+from tests.fairness.conftest import (
+    import_times,
+    new_import,
+    picked_up,
+    score_s_from_now,
+    settings_with,
+)
 from tests.support.ctx import CtxOpener
 from tests.support.redis_replies import reply
 from tests.support.users import new_user
@@ -220,3 +228,24 @@ async def test_a_park_parks_the_users_younger_due_jobs_too(
         assert due_in_s is not None and due_in_s <= 0
     assert await ended(ctx, redis_raw, holder) == 1
     assert (await try_of(ctx, redis_raw, second)).admitted
+
+
+async def test_a_claim_that_cannot_reach_the_database_comes_back_later_with_its_try(
+    open_ctx: CtxOpener,
+    settings: Settings,
+    jobs_client: JobsClient,
+    redis_raw: aioredis.Redis,
+    sessions: Sessions,
+) -> None:
+    import_id = await new_import(jobs_client, await new_user(sessions))
+    # Nothing listens on port 1: PostgreSQL is unreachable for this worker.
+    unreachable = settings.database.set(port=1).render_as_string(hide_password=False)
+    ctx = await open_ctx("imports", settings=settings_with(settings, database_url=unreachable))
+    ctx["job_id"] = import_job_id(import_id)
+    await picked_up(redis_raw, ctx["job_id"])
+    with pytest.raises(Retry) as caught:
+        await process_contacts_import.run(ctx, job_id=str(import_id))
+    assert (caught.value.defer_score or 0) > 0  # after a backoff, not at once
+    assert int(await redis_raw.get(retry_key_prefix + ctx["job_id"]) or 0) == 0
+    row = (await import_times(sessions, [import_id]))[0]
+    assert row[0] == "pending"  # nothing recorded as failed, nothing lost
