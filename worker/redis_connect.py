@@ -29,7 +29,7 @@ from typing import Any, cast
 from arq.connections import ArqRedis, RedisSettings, create_pool
 from arq.constants import default_queue_name as arq_default_queue_name
 from redis.asyncio import Redis
-from redis.asyncio.sentinel import Sentinel
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.exceptions import RedisError
 
 from worker.serialization import deserialize, serialize
@@ -52,6 +52,22 @@ def describe(settings: Settings) -> str:
         return f"master {settings.redis_sentinel_master!r} via Sentinels {settings.redis_sentinels}"
     parsed = RedisSettings.from_dsn(settings.redis_url)
     return parsed.unix_socket_path or f"{parsed.host}:{parsed.port}"
+
+
+class _SentinelPool(SentinelConnectionPool):
+    """redis-py's pool of master connections, which also closes its Sentinel clients.
+
+    Closing a client made by `Sentinel.master_for` disconnects only the master connections;
+    the Sentinel clients' connections stay open (and warn when collected). A full disconnect
+    (`inuse_connections=True`: the client's `aclose`) closes them too. The pool calls
+    `disconnect(inuse_connections=False)` itself when the master moves: that one keeps them.
+    """
+
+    async def disconnect(self, inuse_connections: bool = True) -> None:
+        await super().disconnect(inuse_connections)
+        if inuse_connections:
+            for sentinel in self.sentinel_manager.sentinels:
+                await sentinel.aclose()
 
 
 def _sentinel(settings: Settings, **connection: Any) -> Sentinel:
@@ -90,7 +106,12 @@ def redis_client(settings: Settings, *, timeout_s: float | None = None) -> Redis
         )
         return direct
     sentinel = _sentinel(settings, socket_timeout=timeout_s)
-    return cast(Redis, sentinel.master_for(settings.redis_sentinel_master, redis_class=Redis))
+    return cast(
+        Redis,
+        sentinel.master_for(
+            settings.redis_sentinel_master, redis_class=Redis, connection_pool_class=_SentinelPool
+        ),
+    )
 
 
 async def arq_pool(
@@ -111,7 +132,11 @@ async def arq_pool(
     for attempt in range(CONNECT_RETRIES + 1):
         pool = cast(
             ArqRedis,
-            _sentinel(settings).master_for(settings.redis_sentinel_master, redis_class=ArqRedis),
+            _sentinel(settings).master_for(
+                settings.redis_sentinel_master,
+                redis_class=ArqRedis,
+                connection_pool_class=_SentinelPool,
+            ),
         )
         # What arq's create_pool sets on the pools it makes.
         pool.job_serializer, pool.job_deserializer = serialize, deserialize

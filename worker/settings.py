@@ -300,6 +300,8 @@ class _MaskedRedisSettings(RedisSettings):
 
 
 _SENTINEL_MASTER_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_HOST_NAME = re.compile(r"[A-Za-z0-9._-]{1,253}")
+_IPV6 = re.compile(r"[0-9A-Fa-f:.]{2,45}")
 
 
 def parse_sentinels(value: str) -> list[tuple[str, int]]:
@@ -312,14 +314,15 @@ def parse_sentinels(value: str) -> list[tuple[str, int]]:
         # Named by position, never echoed: a mistyped entry may hold a password (user:pw@...).
         where = f"REDIS_SENTINELS entry {position} of {len(entries)}"
         host, colon, port = raw.strip().rpartition(":")
-        if host.startswith("[") and host.endswith("]"):
+        bracketed = host.startswith("[") and host.endswith("]")
+        if bracketed:
             host = host[1:-1]
         if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError(
                 f"{where} is not host:port (expected e.g. "
                 "10.0.0.5:26379,10.0.0.6:26379,10.0.0.7:26379)"
             )
-        if any(c.isspace() or c in "/@?#[]" for c in host):
+        if not (_IPV6 if bracketed else _HOST_NAME).fullmatch(host):
             raise ValueError(f"{where} is not a host name or address")
         if (host, int(port)) in found:
             raise ValueError(f"{where} repeats an earlier one")
