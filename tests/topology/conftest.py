@@ -113,12 +113,13 @@ class SentinelCluster:
             return False
         finally:
             await client.aclose()
-        return info.get("master_link_status") == "up"
+        return bool(info.get("master_link_status") == "up")
 
     async def _master_state(self, port: int) -> dict[str, object] | None:
         client = self.sentinel(port)
         try:
-            masters = await client.sentinel_masters()
+            # redis-py's Sentinel commands are not annotated.
+            masters = await client.sentinel_masters()  # type: ignore[no-untyped-call]
         except Exception:
             return None
         finally:
@@ -130,7 +131,9 @@ class SentinelCluster:
         """The master's port as one Sentinel names it now."""
         client = self.sentinel(sentinel_port)
         try:
-            found = await client.sentinel_get_master_addr_by_name(MASTER_NAME)
+            found = await client.sentinel_get_master_addr_by_name(  # type: ignore[no-untyped-call]
+                MASTER_NAME
+            )
         except Exception:
             return None
         finally:
@@ -152,7 +155,7 @@ class SentinelCluster:
             role = (await client.info("replication")).get("role")
         finally:
             await client.aclose()
-        return role == "master"
+        return bool(role == "master")
 
     def stop(self) -> None:
         for process in self.processes.values():

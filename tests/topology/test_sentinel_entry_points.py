@@ -43,7 +43,7 @@ async def empty_cluster(cluster: SentinelCluster) -> None:
     primary = cluster.node(cluster.primary_port)
     try:
         await primary.flushall()  # the cluster's own primary, never the tests' usual Redis
-        await primary.execute_command("WAIT", 1, 2000)  # the replica too
+        await primary.wait(1, 2000)  # the replica too
     finally:
         await primary.aclose()
 
