@@ -114,21 +114,20 @@ def redis_client(settings: Settings, *, timeout_s: float | None = None) -> Redis
     )
 
 
-async def arq_pool(
-    settings: Settings, *, default_queue_name: str = arq_default_queue_name
-) -> ArqRedis:
+async def arq_pool(settings: Settings, *, queue: str = arq_default_queue_name) -> ArqRedis:
     """An arq pool with our JSON serializer, once the master answers a PING.
+
+    `queue`: where `enqueue_job` puts a job that names none (arq's `default_queue_name`).
 
     Retries `CONNECT_RETRIES` times, `CONNECT_RETRY_DELAY_S` apart (a failover in progress
     has no master to name for a few seconds), then raises the last `RedisError`/`OSError`.
     """
     if not settings.redis_sentinels:
-        return await create_pool(
-            settings.redis_settings(),
-            job_serializer=serialize,
-            job_deserializer=deserialize,
-            default_queue_name=default_queue_name,
+        direct = await create_pool(
+            settings.redis_settings(), job_serializer=serialize, job_deserializer=deserialize
         )
+        direct.default_queue_name = queue
+        return direct
     for attempt in range(CONNECT_RETRIES + 1):
         pool = cast(
             ArqRedis,
@@ -140,7 +139,7 @@ async def arq_pool(
         )
         # What arq's create_pool sets on the pools it makes.
         pool.job_serializer, pool.job_deserializer = serialize, deserialize
-        pool.default_queue_name = default_queue_name
+        pool.default_queue_name = queue
         try:
             await pool.ping()
         except (RedisError, OSError, TimeoutError) as exc:

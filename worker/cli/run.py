@@ -48,7 +48,7 @@ async def run_worker(args: argparse.Namespace, settings: Settings) -> int:
     config = worker_settings(args.queue, settings, burst=args.burst, recycle=True)
     try:
         # Ours rather than arq's create_pool: through Sentinel, arq's sets no timeouts.
-        pool = await arq_pool(settings, default_queue_name=args.queue)
+        pool = await arq_pool(settings, queue=args.queue)
     except (redis.exceptions.RedisError, OSError) as exc:
         log.error("cannot reach Redis (%s): %s", describe(settings), exc)
         return 1
