@@ -19,7 +19,13 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from tests.reliability.conftest import REPO_ROOT, worker_env
-from tests.topology.conftest import SentinelCluster, running_cluster, sentinel_env
+from tests.topology.conftest import (
+    DATA_PASSWORD,
+    SENTINEL_PASSWORD,
+    SentinelCluster,
+    running_cluster,
+    sentinel_env,
+)
 from worker.client import JobsClient
 from worker.ratelimit import RateLimiter
 from worker.redis_connect import arq_pool, redis_client
@@ -120,7 +126,8 @@ async def test_cli_status_and_health_read_the_master(
     broken = {**env, "REDIS_SENTINELS": f"127.0.0.1:{cluster.primary_port}"}
     failed = await cli(broken, "status", "--json")
     assert failed.returncode == 1
-    assert "via Sentinels" in failed.stderr and "pw" not in failed.stderr
+    assert "cannot read Redis at master 'c360test' via Sentinels" in failed.stderr
+    assert DATA_PASSWORD not in failed.stderr and SENTINEL_PASSWORD not in failed.stderr
 
 
 async def test_rate_limiter_and_plain_clients_use_the_master(
