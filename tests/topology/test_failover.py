@@ -37,7 +37,7 @@ from tests.reliability.conftest import Db, Processes, wait_for, worker_env
 from tests.reliability.test_import_faults import import_row, place, snapshot
 from tests.support.provider_server import ProviderServer
 from tests.support.users import new_user
-from tests.topology.conftest import SentinelCluster, sentinel_env
+from tests.topology.conftest import MASTER_NAME, SentinelCluster, sentinel_env
 from worker.client import JobsClient
 from worker.serialization import deserialize
 from worker.settings import Settings
@@ -254,3 +254,55 @@ async def _age_outbox_rows(sessions: Sessions, keys: list[str]) -> None:
             {"keys": keys},
         )
     assert aged.rowcount == len(keys), "a lost email was sent before its job was lost"  # type: ignore[attr-defined]
+
+
+async def test_a_manual_failover_moves_the_client_and_the_workers_to_the_new_master(
+    settings: Settings,
+    cluster: SentinelCluster,
+    processes: Processes,
+    jobs: JobsClient,
+    db: Db,
+) -> None:
+    """`SENTINEL FAILOVER`: the old master lives on as a replica (a write that still reached it
+    would answer READONLY) and the Sentinels drop its clients. The client and a running worker
+    must end up on the new master with no one restarting anything by hand."""
+    env = {**worker_env(settings, c360_job_modules=""), **sentinel_env(cluster)}
+    supervisor = processes.start("run", "--queue", "default", env=env)
+
+    async def sent(key: str) -> bool:
+        status = await db.scalar(
+            "SELECT status FROM email_messages WHERE idempotency_key = :k", k=f"caller/{key}"
+        )
+        return bool(status == "sent")
+
+    await jobs.send_email("before@example.com", "Before", "<p>1</p>", idempotency_key="before")
+    await wait_for(lambda: sent("before"), 30, "the email sent before the failover")
+
+    sentinel = cluster.sentinel(cluster.sentinel_ports[0])
+    try:
+        await sentinel.execute_command("SENTINEL", "FAILOVER", MASTER_NAME)  # type: ignore[no-untyped-call]
+    finally:
+        await sentinel.aclose()
+    await wait_for(cluster.failed_over, 30, "the Sentinels to promote the replica")
+
+    async def old_primary_demoted() -> bool:
+        old = cluster.node(cluster.primary_port)
+        try:
+            return bool((await old.info("replication")).get("role") == "slave")
+        finally:
+            await old.aclose()
+
+    await wait_for(old_primary_demoted, 30, "the old primary to follow the new one")
+    after = await until_redis_answers(
+        lambda: jobs.send_email("after@example.com", "After", "<p>2</p>", idempotency_key="after"),
+        "the enqueue after the failover",
+    )
+    await wait_for(lambda: sent("after"), 40, "the email enqueued after the failover to be sent")
+    new_master = cluster.node(cluster.replica_port)
+    try:
+        assert await new_master.exists(f"arq:result:{after.job_id}") == 1  # run on the new one
+    finally:
+        await new_master.aclose()
+    assert supervisor.poll() is None
+    log = processes.log(supervisor)
+    print(f"\nmanual failover: worker restarts {log.count('started default worker') - 1}")
