@@ -1,7 +1,8 @@
 """Every Redis connection of the app, from settings: straight to REDIS_URL or through Sentinel.
 
-    pool = await arq_pool(settings)          # arq's ArqRedis: workers, JobsClient, the console
-    client = redis_client(settings)          # plain redis.asyncio: the CLI's status and health
+    pool = await arq_pool(settings)        # arq's ArqRedis: workers, JobsClient, the console
+    pool = sentinel_arq_pool(settings)     # the same, unconnected: arq's CLI (worker/main.py)
+    client = redis_client(settings)        # plain redis.asyncio: the CLI's status and health
 
 With `REDIS_SENTINELS` set, both ask the Sentinels for the master of `REDIS_SENTINEL_MASTER`
 (redis-py's `SentinelConnectionPool`) each time they open a connection; `REDIS_URL` gives the
@@ -17,7 +18,10 @@ database number, the password and TLS (`rediss://`). After a failover:
 
 arq's own Sentinel branch (`create_pool` with `RedisSettings(sentinel=True)`) sets no timeouts,
 so a master that vanished from the network (rather than refusing connections) would hold every
-connect for the kernel's ~2 minutes; ours bound each connect and each Sentinel query.
+connect for the kernel's ~2 minutes, and it sends no password to the Sentinels; ours bound each
+connect and each Sentinel query, and authenticate with REDIS_SENTINEL_PASSWORD. A planned
+failover (`SENTINEL FAILOVER`) drops the old master's clients; an idle pooled connection found
+closed is replaced at checkout, so workers move over without exiting.
 """
 
 from __future__ import annotations
@@ -114,6 +118,26 @@ def redis_client(settings: Settings, *, timeout_s: float | None = None) -> Redis
     )
 
 
+def sentinel_arq_pool(settings: Settings, *, queue: str = arq_default_queue_name) -> ArqRedis:
+    """An arq pool of the master the Sentinels name, not connected yet (nothing is opened).
+
+    For arq's own CLI too (worker/main.py), whose Sentinel branch has no timeouts and cannot
+    authenticate to the Sentinels.
+    """
+    pool = cast(
+        ArqRedis,
+        _sentinel(settings).master_for(
+            settings.redis_sentinel_master,
+            redis_class=ArqRedis,
+            connection_pool_class=_SentinelPool,
+        ),
+    )
+    # What arq's create_pool sets on the pools it makes.
+    pool.job_serializer, pool.job_deserializer = serialize, deserialize
+    pool.default_queue_name = queue
+    return pool
+
+
 async def arq_pool(settings: Settings, *, queue: str = arq_default_queue_name) -> ArqRedis:
     """An arq pool with our JSON serializer, once the master answers a PING.
 
@@ -129,17 +153,7 @@ async def arq_pool(settings: Settings, *, queue: str = arq_default_queue_name) -
         direct.default_queue_name = queue
         return direct
     for attempt in range(CONNECT_RETRIES + 1):
-        pool = cast(
-            ArqRedis,
-            _sentinel(settings).master_for(
-                settings.redis_sentinel_master,
-                redis_class=ArqRedis,
-                connection_pool_class=_SentinelPool,
-            ),
-        )
-        # What arq's create_pool sets on the pools it makes.
-        pool.job_serializer, pool.job_deserializer = serialize, deserialize
-        pool.default_queue_name = queue
+        pool = sentinel_arq_pool(settings, queue=queue)
         try:
             await pool.ping()
         except (RedisError, OSError, TimeoutError) as exc:

@@ -241,9 +241,8 @@ class Settings(BaseSettings):
     def redis_settings(self) -> RedisSettings:
         """`REDIS_URL` (and the Sentinels, when set) for arq; its repr masks the password.
 
-        Only arq's own CLI (`arq worker.main.DefaultWorker`) connects with this for Sentinel:
-        everything else goes through worker/redis_connect.py, which adds timeouts arq's
-        Sentinel branch leaves out.
+        Through Sentinel nothing of ours connects with it: worker/redis_connect.py makes the
+        pools, with the timeouts and Sentinel password that arq's Sentinel branch leaves out.
         """
         parsed = RedisSettings.from_dsn(self.redis_url)
         fields = vars(parsed)

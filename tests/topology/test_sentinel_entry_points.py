@@ -110,6 +110,27 @@ async def test_a_worker_process_runs_the_job_through_sentinel(
     assert (await queued(cluster, "default"))[0] == 0
 
 
+async def test_arqs_own_cli_runs_the_job_through_sentinel(
+    settings: Settings, sentinel_settings: Settings, cluster: SentinelCluster, sessions: Sessions
+) -> None:
+    async with JobsClient.from_settings(sentinel_settings) as jobs:
+        await jobs.send_email("cy@example.com", "Hey", "<p>Hey</p>", idempotency_key="e2")
+    env = {**worker_env(settings, c360_job_modules=""), **sentinel_env(cluster)}
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "arq", "worker.main.DefaultWorker", "--burst"],
+        env=env,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    async with sessions() as session:
+        status = await session.scalar(text("SELECT status FROM email_messages"))
+    assert status == "sent"
+
+
 async def test_cli_status_and_health_read_the_master(
     settings: Settings, sentinel_settings: Settings, cluster: SentinelCluster
 ) -> None:
