@@ -20,9 +20,10 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from http import HTTPStatus
 from typing import Annotated
 
-from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, status
+from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 from starlette.requests import ClientDisconnect
@@ -69,9 +70,7 @@ async def current_user(jobs: Jobs, x_user_id: Annotated[str | None, Header()] = 
         async with jobs.sessions() as session:
             if await session.get(User, user_id) is not None:
                 return user_id
-    raise HTTPException(
-        status.HTTP_401_UNAUTHORIZED, "not signed in: send X-User-Id with a user's id"
-    )
+    raise HTTPException(HTTPStatus.UNAUTHORIZED, "not signed in: send X-User-Id with a user's id")
 
 
 UserId = Annotated[uuid.UUID, Depends(current_user)]
@@ -79,7 +78,7 @@ UserId = Annotated[uuid.UUID, Depends(current_user)]
 
 def _no_import(import_id: uuid.UUID) -> HTTPException:
     # Another user's import and an unknown id read the same, so ids cannot be probed.
-    return HTTPException(status.HTTP_404_NOT_FOUND, f"no import {import_id}")
+    return HTTPException(HTTPStatus.NOT_FOUND, f"no import {import_id}")
 
 
 class WaitlistJoin(BaseModel):
@@ -130,7 +129,7 @@ def create_app(
 
     @app.post(
         "/imports",
-        status_code=status.HTTP_202_ACCEPTED,
+        status_code=HTTPStatus.ACCEPTED,
         openapi_extra={"requestBody": {**CSV_BODY_DOC, "required": True}},
     )
     async def start_import(request: Request, jobs: Jobs, user_id: UserId) -> ImportStatus:
@@ -138,7 +137,7 @@ def create_app(
         media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
         if media_type not in CSV_MEDIA_TYPES:
             raise HTTPException(
-                status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
+                HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
                 "send the CSV file itself as the body, with Content-Type: text/csv",
             )
         declared = request.headers.get("content-length", "")
@@ -148,12 +147,12 @@ def create_app(
         try:
             path = await uploads.save_upload(request.stream(), directory, max_upload_bytes)
         except ClientDisconnect:  # the partial file is gone; nobody reads this answer
-            raise HTTPException(status.HTTP_400_BAD_REQUEST, "the upload was cut off") from None
+            raise HTTPException(HTTPStatus.BAD_REQUEST, "the upload was cut off") from None
         try:
             return await jobs.import_contacts(user_id, str(path))
         except ValueError as error:  # refused before anything was created: the file goes too
             await uploads.remove(path)
-            raise HTTPException(status.HTTP_400_BAD_REQUEST, str(error)) from None
+            raise HTTPException(HTTPStatus.BAD_REQUEST, str(error)) from None
         # Any other error keeps the file: the import's row may be committed already (a failed
         # enqueue), and the worker's reconciler then enqueues it from PostgreSQL.
 
@@ -199,18 +198,18 @@ def create_app(
         except LookupError:
             raise _no_import(import_id) from None
 
-    @app.post("/emails/welcome", status_code=status.HTTP_202_ACCEPTED)
+    @app.post("/emails/welcome", status_code=HTTPStatus.ACCEPTED)
     async def send_welcome(jobs: Jobs, user_id: UserId) -> EnqueuedJob:
         """The user's welcome email (once per user: a repeat sends nothing more)."""
         return await jobs.send_welcome_email(user_id)
 
-    @app.post("/waitlist", status_code=status.HTTP_202_ACCEPTED)
+    @app.post("/waitlist", status_code=HTTPStatus.ACCEPTED)
     async def join_waitlist(signup: WaitlistJoin, jobs: Jobs) -> WaitlistSignup:
         """A public sign-up; the confirmation email follows (WAITLIST_CONFIRM)."""
         try:
             return await jobs.join_waitlist(signup.email, signup.name)
         except ValueError as error:
-            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(error)) from None
+            raise HTTPException(HTTPStatus.UNPROCESSABLE_ENTITY, str(error)) from None
 
     # Last: a mount at the root matches every path, so the routes above must come first.
     app.mount("/", mounted)

@@ -12,10 +12,11 @@ from __future__ import annotations
 import functools
 import uuid
 from collections.abc import AsyncIterator
+from http import HTTPStatus
 from pathlib import Path
 
 import anyio
-from fastapi import HTTPException, status
+from fastapi import HTTPException
 
 # Servers hand the body over in pieces of a few KiB to 64 KiB: gathering them into one write
 # per 256 KiB keeps the thread hops few without holding much of the upload.
@@ -26,7 +27,7 @@ PARTIAL_SUFFIX = ".part"
 
 def too_large(max_bytes: int) -> HTTPException:
     return HTTPException(
-        status.HTTP_413_CONTENT_TOO_LARGE,
+        HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
         f"the upload is larger than the limit of {max_bytes} bytes; split the file",
     )
 
@@ -56,7 +57,7 @@ async def save_upload(chunks: AsyncIterator[bytes], directory: Path, max_bytes: 
                     pending, pending_bytes = [], 0
             await out.write(b"".join(pending))
         if size_bytes == 0:
-            raise HTTPException(status.HTTP_400_BAD_REQUEST, "the upload is empty: send a CSV")
+            raise HTTPException(HTTPStatus.BAD_REQUEST, "the upload is empty: send a CSV")
         await anyio.to_thread.run_sync(partial.rename, final)
     except BaseException:
         # Also on cancellation (the client went away): shielded, so the clean-up itself runs.
