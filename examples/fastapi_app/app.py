@@ -6,8 +6,8 @@ One `JobsClient` per process, opened by the lifespan and closed at shutdown, rea
 route through `Depends(get_jobs)`. The public app (unsubscribe and confirmation links, provider
 webhooks) is mounted at the root on that same client. Routes (all JSON but the SSE stream):
 
-- `POST /imports`: a raw CSV body (`Content-Type: text/csv`) streamed to
-  `IMPORT_DIR/<user_id>/<uuid>.csv`, then enqueued; 202 with the import's status.
+- `POST /imports`: a raw CSV body (`Content-Type: text/csv`) or a form's file field `file`,
+  streamed to `IMPORT_DIR/<user_id>/<uuid>.csv`, then enqueued; 202 with the import's status.
 - `GET /imports/{id}`, `GET /imports/{id}/events` (SSE), `GET /imports/{id}/errors`,
   `POST /imports/{id}/cancel`: only the signed-in user's imports; any other id is 404.
 - `POST /emails/welcome`: the signed-in user's welcome email. `POST /waitlist`: a sign-up.
@@ -30,7 +30,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from db.models import User
-from examples.fastapi_app import events, uploads
+from examples.fastapi_app import events, multipart, uploads
 from worker.client import EnqueuedJob, ImportRowError, ImportStatus, JobsClient, WaitlistSignup
 from worker.import_source import user_import_dir
 from worker.settings import Settings
@@ -41,7 +41,18 @@ from worker.web import public
 CSV_MEDIA_TYPES = frozenset(
     {"text/csv", "application/csv", "text/plain", "text/tab-separated-values"}
 )
-CSV_BODY_DOC = {"content": {"text/csv": {"schema": {"type": "string", "format": "binary"}}}}
+CSV_BODY_DOC = {
+    "content": {
+        "text/csv": {"schema": {"type": "string", "format": "binary"}},
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "properties": {multipart.FILE_FIELD: {"type": "string", "format": "binary"}},
+                "required": [multipart.FILE_FIELD],
+            }
+        },
+    }
+}
 
 
 def get_jobs(request: Request) -> JobsClient:
@@ -134,18 +145,23 @@ def create_app(
     )
     async def start_import(request: Request, jobs: Jobs, user_id: UserId) -> ImportStatus:
         """Stream the CSV body to the user's import directory and enqueue its import."""
-        media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
-        if media_type not in CSV_MEDIA_TYPES:
+        content_type = request.headers.get("content-type", "")
+        media_type = content_type.partition(";")[0].strip().lower()
+        if media_type == "multipart/form-data":
+            body = multipart.file_chunks(request.stream(), content_type)
+        elif media_type in CSV_MEDIA_TYPES:
+            body = request.stream()
+        else:
             raise HTTPException(
                 HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
-                "send the CSV file itself as the body, with Content-Type: text/csv",
+                "send the CSV as the body (Content-Type: text/csv) or as the form field 'file'",
             )
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > max_upload_bytes:
             raise uploads.too_large(max_upload_bytes)  # before a byte of it is read
         directory = user_import_dir(jobs.settings, user_id)
         try:
-            path = await uploads.save_upload(request.stream(), directory, max_upload_bytes)
+            path = await uploads.save_upload(body, directory, max_upload_bytes)
         except ClientDisconnect:  # the partial file is gone; nobody reads this answer
             raise HTTPException(HTTPStatus.BAD_REQUEST, "the upload was cut off") from None
         try:

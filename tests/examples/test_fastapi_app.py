@@ -84,15 +84,18 @@ async def wait_for(condition: Callable[[], bool], what: str) -> None:
         await asyncio.sleep(0.01)
 
 
-async def watched_upload(data: bytes, directory: Path) -> AsyncIterator[bytes]:
+async def watched_upload(
+    data: bytes, directory: Path, chunk_bytes: int = CHUNK_BYTES, overhead_bytes: int = 0
+) -> AsyncIterator[bytes]:
     """`data` in chunks; before each next chunk, the app must have written what it was sent.
 
     An app that held the body in memory until the end would never get the partial file to
     grow while the upload is under way: this generator then fails instead of sending on.
+    `overhead_bytes`: what the body holds besides the file (a form's parts and boundaries).
     """
-    for start in range(0, len(data), CHUNK_BYTES):
-        yield data[start : start + CHUNK_BYTES]
-        sent = start + CHUNK_BYTES
+    for start in range(0, len(data), chunk_bytes):
+        yield data[start : start + chunk_bytes]
+        sent = start + chunk_bytes - overhead_bytes
         if sent < 2 * FLUSH_BYTES:
             continue
 
@@ -178,6 +181,61 @@ async def test_a_streamed_upload_is_imported_and_progress_is_polled_and_streamed
         assert stored_rows == ROWS - bad_rows
         source = await session.scalar(select(ContactImportJob.file_path))
     assert source == str(stored)
+
+
+def form(boundary: str, *parts: tuple[str, str | None, bytes]) -> bytes:
+    """A multipart/form-data body of (field name, file name or None, value) parts."""
+    body = b""
+    for name, filename, value in parts:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        kind = "\r\nContent-Type: text/csv" if filename else ""
+        body += f"--{boundary}\r\nContent-Disposition: {disposition}{kind}\r\n\r\n".encode()
+        body += value + b"\r\n"
+    return body + f"--{boundary}--\r\n".encode()
+
+
+async def test_a_form_upload_streams_its_file_field_alone(
+    serve: Serve, settings: Settings, sessions: Sessions
+) -> None:
+    user_id = await new_user(sessions)
+    directory = user_import_dir(settings, user_id)
+    data = contacts_csv(ROWS)
+    boundary = "c360-test-boundary-7MA4YWxkTrZu0gW"
+    body = form(boundary, ("note", None, b"my contacts"), ("file", "c.csv", data), ("x", None, b""))
+    multipart = {"content-type": f"multipart/form-data; boundary={boundary}", **as_user(user_id)}
+    async with serve() as http:
+        # An odd chunk size, so boundaries and part headers fall across chunks.
+        chunks = watched_upload(
+            body, directory, chunk_bytes=997, overhead_bytes=len(body) - len(data)
+        )
+        answer = await http.post("/imports", content=chunks, headers=multipart)
+        assert answer.status_code == 202, answer.text
+        (stored,) = files_in(directory)
+        assert stored.read_bytes() == data  # the file field's bytes, and nothing else
+        stored.unlink()
+        # httpx's own form encoder, as a browser's form would send it.
+        encoded = await http.post(
+            "/imports", files={"file": ("c.csv", data, "text/csv")}, headers=as_user(user_id)
+        )
+        assert encoded.status_code == 202, encoded.text
+        (stored,) = files_in(directory)
+        stored.unlink()
+
+        for refused in (
+            form(boundary, ("note", None, b"no file here")),
+            form(boundary, ("file", "a.csv", data[:100]), ("file", "b.csv", data[:100])),
+            form(boundary, ("file", "a.csv", data))[:-200],  # cut short
+            form(boundary, ("note", None, b"n" * 70_000), ("file", "a.csv", data)),
+        ):
+            answer = await http.post("/imports", content=refused, headers=multipart)
+            assert answer.status_code == 400, answer.text
+            assert "form" in answer.json()["detail"]
+            assert files_in(directory) == []
+        no_boundary = {"content-type": "multipart/form-data", **as_user(user_id)}
+        answer = await http.post("/imports", content=form(boundary), headers=no_boundary)
+        assert answer.status_code == 400
+    async with sessions() as session:
+        assert await session.scalar(select(func.count()).select_from(ContactImportJob)) == 2
 
 
 async def test_another_users_import_is_404_and_left_alone(serve: Serve, sessions: Sessions) -> None:
