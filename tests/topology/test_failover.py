@@ -35,7 +35,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from bench.make_contacts_csv import main as make_contacts_csv
 from tests.reliability.conftest import Db, Processes, wait_for, worker_env
 from tests.reliability.test_import_faults import import_row, place, snapshot
-from tests.support.provider_server import ProviderServer
+from tests.support.provider_server import RESEND_EMAILS, ProviderServer
 from tests.support.users import new_user
 from tests.topology.conftest import MASTER_NAME, SentinelCluster, sentinel_env
 from worker.client import JobsClient
@@ -206,6 +206,8 @@ async def test_primary_killed_mid_import_and_mid_burst_loses_and_doubles_nothing
     assert await snapshot(sessions, user) == expected
     delivered = Counter(d.json["subject"] for d in resend.delivered)
     assert delivered == Counter(keys + late_keys)  # each once, whatever was requested twice
+    requested = {r.headers["Idempotency-Key"] for r in resend.requests_to(RESEND_EMAILS)}
+    assert requested == {f"caller/{k}" for k in keys + late_keys}  # one key per email
     assert await db.rows("SELECT status, count(*) FROM contact_import_jobs GROUP BY status") == [
         ("completed", 2)
     ]
