@@ -14,7 +14,7 @@ the coroutine's parameters and result (`JobDefinition[P, R]`), so `run(ctx, ...)
   detail while `on_failure` records the error's `public_message` on the job's own row
   (import, export, email), plain words without hosts, buckets, paths or SQL values;
 - a try cancelled by a shutdown goes back to the queue without using up a try;
-- an import or export waits for its turn among its user's jobs (worker/fairness.py) before
+- an import or export waits for its turn among its user's jobs (worker/fairness/) before
   its body runs: over the user's cap it is parked and gives its worker slot back at once,
   and when it ends its user's next job is woken;
 - outcomes, durations and queue waits are counted in Redis for `python -m worker status` and
@@ -71,7 +71,7 @@ async def _give_try_back(ctx: Ctx) -> None:
 
 
 async def _take_turn(ctx: Ctx) -> fairness.Claim | None:
-    """The try's turn among its user's jobs (worker/fairness.py); parked: `Retry(defer=0)`."""
+    """The try's turn among its user's jobs (worker/fairness/); parked: `Retry(defer=0)`."""
     try:
         claim = await fairness.claim(ctx)
     except Exception as exc:

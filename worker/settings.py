@@ -73,7 +73,7 @@ class Settings(BaseSettings):
     import_batch_rows: int = Field(default=5000, gt=0)
     import_max_stored_errors: int = Field(default=1000, ge=0)
 
-    # Fair sharing (worker/fairness.py): how many of one user's imports (exports) run at once,
+    # Fair sharing (worker/fairness/): how many of one user's imports (exports) run at once,
     # counted across every worker process; the user's further jobs wait without a worker slot.
     import_max_running_per_user: int = Field(default=1, ge=1)
     export_max_running_per_user: int = Field(default=1, ge=1)
