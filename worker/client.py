@@ -195,7 +195,9 @@ class JobsClient:
             job_serializer=serialize,
             job_deserializer=deserialize,
         )
-        engine = create_engine(settings.database, pool_size=5, pre_ping=True)
+        engine = create_engine(
+            settings.database, pool_size=5, pre_ping=True, pooler=settings.database_pooler
+        )
         try:
             async with cls(redis=redis, sessions=make_sessionmaker(engine), settings=settings) as c:
                 yield c

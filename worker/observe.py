@@ -215,7 +215,7 @@ async def collect(settings: Settings) -> dict[str, Any]:
     client = aioredis.Redis.from_url(
         settings.redis_url, socket_connect_timeout=REDIS_TIMEOUT_S, socket_timeout=REDIS_TIMEOUT_S
     )
-    engine = create_engine(settings.database, pool_size=1)
+    engine = create_engine(settings.database, pool_size=1, pooler=settings.database_pooler)
     try:
         return await snapshot(client, make_sessionmaker(engine))
     except redis.exceptions.RedisError as exc:

@@ -123,7 +123,9 @@ class Console:
         redis = await create_pool(
             self.settings.redis_settings(), job_serializer=serialize, job_deserializer=deserialize
         )
-        engine = create_engine(self.settings.database, pool_size=5, pre_ping=True)
+        engine = create_engine(
+            self.settings.database, pool_size=5, pre_ping=True, pooler=self.settings.database_pooler
+        )
         try:
             async with JobsClient(
                 redis=redis, sessions=make_sessionmaker(engine), settings=self.settings
