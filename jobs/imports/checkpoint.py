@@ -34,7 +34,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from db.models import ImportStatusName
 from db.session import driver_connection
-from jobs.imports.lease import LEASE_S, import_lease
+from jobs.imports.lease import LEASE_S, ImportRunningElsewhere, import_lease
 from jobs.imports.merge import (
     ALL_PARTS,
     BatchCounts,
@@ -44,21 +44,13 @@ from jobs.imports.merge import (
     upsert_companies,
 )
 from worker.context import Ctx
-from worker.errors import TransientError
 
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
+__all__ = ["ImportRunningElsewhere"]  # raised here, defined with the lease it is about
 
 FINAL_STATUSES: frozenset[ImportStatusName] = frozenset({"completed", "failed", "cancelled"})
-
-
-class ImportRunningElsewhere(TransientError):
-    """Another runner owns this import; this delivery retries later (and usually finds it
-    finished)."""
-
-    def __init__(self) -> None:
-        super().__init__("import is running elsewhere")
 
 
 @dataclass(frozen=True)
@@ -309,8 +301,8 @@ async def record_failure(ctx: Ctx, kwargs: dict[str, Any], message: str) -> None
     import the owner is still making progress on.
     """
     import_id = uuid.UUID(str(kwargs["job_id"]))
-    async with import_lease(ctx["sessions"], import_id) as lease:
-        if lease is None:
-            log.warning("not marking import %s failed: another runner owns it", import_id)
-            return
-        await finish(ctx["sessions"], import_id, lease.owner, "failed", message)
+    try:
+        async with import_lease(ctx["sessions"], import_id) as lease:
+            await finish(ctx["sessions"], import_id, lease.owner, "failed", message)
+    except ImportRunningElsewhere:
+        log.warning("not marking import %s failed: another runner owns it", import_id)

@@ -22,7 +22,6 @@ from db.models import ImportStatusName
 from jobs.imports.checkpoint import (
     FINAL_STATUSES,
     ImportRow,
-    ImportRunningElsewhere,
     apply_batch,
     finish,
     load,
@@ -112,8 +111,6 @@ async def _run_locked(
         import_lease(sessions, import_id) as lease,
         contextlib.AsyncExitStack() as opened,
     ):
-        if lease is None:
-            raise ImportRunningElsewhere()
         owner = lease.owner
         # Re-read under the lease: whatever an earlier runner committed is final.
         row = await load(sessions, import_id)

@@ -17,8 +17,13 @@ pooler (one code path):
   this run's, and a lease taken over is lost whatever the time.
 - A SIGKILLed runner renews nothing: its lease expires within `LEASE_S` (less than arq's
   own 15 s in-progress lease, `worker/lease.py`, so the redelivery normally finds it free)
-  and the next try resumes from the checkpoint. A lease that has missed two renewals is
-  waited out (at most `STALE_BELOW_S`) instead of bouncing the delivery and using up a try.
+  and the next try resumes from the checkpoint.
+- A run that finds the lease held watches it for one renewal period (`PROBE_S`): a live
+  holder renews it, and this delivery bounces (`ImportRunningElsewhere`, back once the lease
+  could have expired); a lease nobody renews belongs to a dead run, and is waited out (at
+  most `LEASE_S`) and taken, rather than bouncing the delivery and using up a try. That is
+  what happens when the reconciler re-enqueues the import of a worker that died with Redis's
+  data: its lease may still run for seconds.
 """
 
 from __future__ import annotations
@@ -31,17 +36,20 @@ import socket
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from worker.errors import RateLimited
 
 log = logging.getLogger(__name__)
 
 LEASE_S = 10.0
 RENEW_EVERY_S = 2.0
-# A live holder renews every RENEW_EVERY_S, so its lease has more than this left (two
-# renewals of slack for a slow round trip); less: the holder is most likely gone.
-STALE_BELOW_S = LEASE_S - 2 * RENEW_EVERY_S
+# Long enough to see a live holder's renewal (with slack for a slow round trip).
+PROBE_S = RENEW_EVERY_S * 1.5
+RELEASE_WAIT_MS = 2000
 
 # Free, expired, or already ours (a retry of the same run never happens: tokens are per run).
 _TAKE = text(
@@ -50,8 +58,9 @@ _TAKE = text(
     " WHERE id = :id AND (lease_owner IS NULL OR lease_expires_at <= now()"
     " OR lease_owner = :owner) RETURNING id"
 )
-_LEFT = text(
-    "SELECT extract(epoch FROM lease_expires_at - now()) FROM contact_import_jobs WHERE id = :id"
+_HELD = text(
+    "SELECT lease_expires_at, extract(epoch FROM lease_expires_at - now())"
+    " FROM contact_import_jobs WHERE id = :id"
 )
 _RENEW = text(
     "UPDATE contact_import_jobs SET lease_expires_at = now() + make_interval(secs => :lease_s)"
@@ -63,21 +72,53 @@ _RELEASE = text(
 )
 
 
+class ImportRunningElsewhere(RateLimited):
+    """Another run holds this import's lease: this delivery comes back once that lease could
+    have expired (and usually finds the import finished), so a lease left behind by a run
+    that could not release it costs one try, not all of them."""
+
+    def __init__(self, lease_left_s: float = LEASE_S) -> None:
+        super().__init__("import is running elsewhere", retry_after_s=lease_left_s + 0.5)
+
+
 def new_owner() -> str:
     """A token for one run: host and pid for the operator, random so no two runs share it."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
 
 
+@dataclass(frozen=True)
+class Held:
+    """Someone else's lease as `take` found it."""
+
+    expires_at: datetime
+    left_s: float
+
+
 async def take(
     sessions: async_sessionmaker[AsyncSession], import_id: uuid.UUID, owner: str
-) -> float | None:
+) -> Held | None:
     """Take the lease for `owner`: None when taken (or no such import: the caller's read
-    says so), else the seconds the current holder's lease has left."""
+    says so), else the current holder's lease."""
     async with sessions.begin() as session:
         if await session.scalar(_TAKE, {"id": import_id, "owner": owner, "lease_s": LEASE_S}):
             return None
-        left = await session.scalar(_LEFT, {"id": import_id})
-    return None if left is None else max(0.0, float(left))
+        found = (await session.execute(_HELD, {"id": import_id})).one_or_none()
+    if found is None or found[0] is None:
+        return None  # gone, or released in between: the caller's read decides
+    return Held(found[0], max(0.0, float(found[1])))
+
+
+async def take_unless_renewed(
+    sessions: async_sessionmaker[AsyncSession], import_id: uuid.UUID, owner: str
+) -> None:
+    """Take the lease, waiting out one nobody renews; raise `ImportRunningElsewhere` as soon
+    as the holder renews it (it is alive)."""
+    first: Held | None = None
+    while (held := await take(sessions, import_id, owner)) is not None:
+        if first is not None and held.expires_at != first.expires_at:
+            raise ImportRunningElsewhere(held.left_s)
+        first = first or held
+        await asyncio.sleep(min(held.left_s, PROBE_S) + 0.05)
 
 
 @dataclass
@@ -111,24 +152,33 @@ class ImportLease:
                 log.warning("import %s: lease renewal failed (%s)", self.import_id, exc)
 
     async def release(self) -> None:
+        try:
+            await self._release()
+        except Exception as exc:
+            # Most often the connection died with the error that ended the run: SQLAlchemy
+            # then recycles the pool's older connections, so a second try gets a fresh one.
+            log.info("import %s: lease release failed (%s); once more", self.import_id, exc)
+            await self._release()
+
+    async def _release(self) -> None:
         async with self.sessions.begin() as session:
+            # A run that is stopping (a shutdown's cancel) must not wait on whoever holds the
+            # row; the lease expires by itself. SET LOCAL: this transaction only, so it holds
+            # behind a transaction pooler too.
+            await session.execute(text(f"SET LOCAL lock_timeout = '{RELEASE_WAIT_MS}ms'"))
             await session.execute(_RELEASE, {"id": self.import_id, "owner": self.owner})
 
 
 @contextlib.asynccontextmanager
 async def import_lease(
     sessions: async_sessionmaker[AsyncSession], import_id: uuid.UUID
-) -> AsyncIterator[ImportLease | None]:
-    """Yield this run's lease, renewed until exit and then released; None: another run
-    holds it (after waiting out a stale one, see the module docstring)."""
+) -> AsyncIterator[ImportLease]:
+    """Yield this run's lease, renewed until exit and then released.
+
+    Raises `ImportRunningElsewhere` when another live run holds it (`take_unless_renewed`).
+    """
     owner = new_owner()
-    left_s = await take(sessions, import_id, owner)
-    if left_s is not None and left_s < STALE_BELOW_S:
-        await asyncio.sleep(left_s + 0.05)
-        left_s = await take(sessions, import_id, owner)
-    if left_s is not None:
-        yield None
-        return
+    await take_unless_renewed(sessions, import_id, owner)
     lease = ImportLease(sessions, import_id, owner)
     renewer = asyncio.create_task(lease.renew_forever(), name=f"import-lease-{import_id}")
     try:
