@@ -48,7 +48,6 @@ from worker.context import Ctx
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
-__all__ = ["ImportRunningElsewhere"]  # raised here, defined with the lease it is about
 
 FINAL_STATUSES: frozenset[ImportStatusName] = frozenset({"completed", "failed", "cancelled"})
 

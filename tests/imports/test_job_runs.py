@@ -14,8 +14,9 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 import jobs.imports.checkpoint as checkpoint
 import jobs.imports.merge
-from jobs.imports.checkpoint import ImportRow, ImportRunningElsewhere, apply_batch, record_failure
+from jobs.imports.checkpoint import ImportRow, apply_batch, record_failure
 from jobs.imports.job import ImportResult, run_import
+from jobs.imports.lease import ImportRunningElsewhere
 from jobs.imports.merge import prepare
 from tests.conftest import RunBurst
 from tests.imports.conftest import contacts, counts, run_job, start_import
