@@ -10,14 +10,18 @@ every statement is unnamed and lives only as long as its transaction.
 from __future__ import annotations
 
 import asyncio
+import uuid
 from typing import Any
 
+import asyncpg
 import pytest
+from alembic.script import ScriptDirectory
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from db.migrate import alembic_config, upgrade
 from db.session import Pooler, create_engine, make_sessionmaker
 from tests.pooler.conftest import DUO_DATABASE, POOL_SIZE, PgBouncer
 from tests.support.users import new_user
@@ -89,3 +93,34 @@ async def test_more_clients_than_server_connections_all_get_served(
         await engine.dispose()
     servers = set().union(*seen)
     assert 1 <= len(servers) <= POOL_SIZE  # twelve clients, at most three backends
+
+
+async def test_migrate_creates_and_upgrades_a_database_through_the_pooler(
+    pgbouncer: PgBouncer,
+) -> None:
+    name = f"c360_pooled_migrations_{uuid.uuid4().hex[:8]}"
+    try:
+        # `python -m worker migrate` with DATABASE_URL at PgBouncer and the setting on.
+        await upgrade(make_url(pgbouncer.url(name)), pooler="pgbouncer")
+        direct = await asyncpg.connect(f"postgresql://postgres@127.0.0.1:5432/{name}")
+        try:
+            version = await direct.fetchval("SELECT version_num FROM alembic_version")
+            columns = await direct.fetch(
+                "SELECT column_name FROM information_schema.columns"
+                " WHERE table_name = 'contact_import_jobs' AND column_name LIKE 'lease_%'"
+            )
+        finally:
+            await direct.close()
+        assert (
+            version
+            == ScriptDirectory.from_config(
+                alembic_config(make_url(pgbouncer.url(name)))
+            ).get_current_head()
+        )
+        assert {row["column_name"] for row in columns} == {"lease_owner", "lease_expires_at"}
+    finally:
+        admin = await asyncpg.connect("postgresql://postgres@127.0.0.1:5432/postgres")
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
