@@ -48,9 +48,7 @@ from worker.storage import export_key
 log = logging.getLogger(__name__)
 
 # hashtextextended: a 64-bit key from the export id, prefixed so that another job hashing its own
-# id the same way gets other keys. Imports do not hash: their key is the import id's first 8
-# bytes (`jobs.imports.checkpoint.lock_key`). Both keys come from random ids no caller chooses,
-# so an export and an import colliding is negligible.
+# id the same way gets other keys (imports take no advisory lock: jobs/imports/lease.py).
 _TRY_LOCK = text("SELECT pg_try_advisory_xact_lock(hashtextextended('export:' || :id, 0))")
 
 

@@ -51,7 +51,7 @@ RENEW_EVERY_S = 2.0
 PROBE_S = RENEW_EVERY_S * 1.5
 RELEASE_WAIT_MS = 2000
 
-# Free, expired, or already ours (a retry of the same run never happens: tokens are per run).
+# Free, expired, or already this run's (taking twice is harmless; tokens are per run).
 _TAKE = text(
     "UPDATE contact_import_jobs SET lease_owner = :owner,"
     " lease_expires_at = now() + make_interval(secs => :lease_s)"

@@ -22,6 +22,7 @@ import jobs.imports.merge
 from jobs.imports.checkpoint import ImportRow
 from jobs.imports.job import run_import
 from jobs.imports.lease import LEASE_S, ImportRunningElsewhere
+from jobs.imports.merge import PARTS
 from tests.imports.conftest import contacts, counts, start_import
 from tests.imports.test_job_runs import oracle, sample_csv
 from tests.support.ctx import CtxOpener
@@ -128,16 +129,21 @@ async def test_a_run_whose_lease_was_taken_over_commits_nothing_more(
     data = sample_csv()
     import_id = await start_import(pooled_client, user, data)
     real_merge = jobs.imports.merge.merge_part  # what checkpoint calls, patched there
-    taken: list[bool] = []
+    arrived: list[int] = []
+    taken = asyncio.Event()
 
     async def taken_over_in_batch_three(connection: Any, *args: Any, **kwargs: Any) -> Any:
         row = await connection.fetchval(
             "SELECT processed_rows FROM contact_import_jobs WHERE id = $1", import_id
         )
-        if row == 2 * BATCH_ROWS and not taken:
-            taken.append(True)
-            # Another run took the lease (as after an expiry) while this batch was merging.
-            await set_lease(sessions, import_id, "intruder", 60)
+        if row == 2 * BATCH_ROWS and not taken.is_set():
+            # Both parts of batch three are in their transactions; then another run takes the
+            # lease (as after an expiry), before either part commits.
+            arrived.append(row)
+            if len(arrived) == PARTS:
+                await set_lease(sessions, import_id, "intruder", 60)
+                taken.set()
+            await asyncio.wait_for(taken.wait(), 10)
         return await real_merge(connection, *args, **kwargs)
 
     monkeypatch.setattr(checkpoint, "merge_part", taken_over_in_batch_three)
