@@ -4,8 +4,8 @@ PYTHON ?= python3
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: venv run test lint format bench bench-import bench-export bench-email bench-recovery \
-	bench-console bench-fairness services
+.PHONY: venv run test lint format bench bench-import bench-import-pooler bench-export bench-email \
+	bench-recovery bench-console bench-fairness services
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,9 @@ bench: bench-import bench-export bench-email bench-recovery bench-console bench-
 
 bench-import: venv services
 	$(PY) bench/bench_import.py
+
+bench-import-pooler: venv services
+	$(PY) bench/bench_import_pooler.py
 
 bench-export: venv services
 	$(PY) bench/bench_export.py

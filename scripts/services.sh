@@ -58,6 +58,9 @@ fi
 need_install=()
 command -v pg_ctlcluster >/dev/null || need_install+=(postgresql)
 command -v redis-server >/dev/null || need_install+=(redis-server)
+# tests/pooler start a PgBouncer of their own (own config, own loopback port); the package's
+# system service on 6432, if it starts, is never used.
+command -v pgbouncer >/dev/null || [ -x /usr/sbin/pgbouncer ] || need_install+=(pgbouncer)
 if [ ${#need_install[@]} -gt 0 ]; then
   echo "installing ${need_install[*]} from Debian's packages"
   sudo_ apt-get update -qq

@@ -192,7 +192,9 @@ class JobsClient:
     async def from_settings(cls, settings: Settings) -> AsyncIterator[JobsClient]:
         """A client that owns its Redis pool and database engine, closed on exit."""
         redis = await arq_pool(settings)
-        engine = create_engine(settings.database, pool_size=5, pre_ping=True)
+        engine = create_engine(
+            settings.database, pool_size=5, pre_ping=True, pooler=settings.database_pooler
+        )
         try:
             async with cls(redis=redis, sessions=make_sessionmaker(engine), settings=settings) as c:
                 yield c

@@ -79,7 +79,7 @@ async def startup(arq_ctx: dict[str, Any]) -> None:
 async def _open(stack: AsyncExitStack, given: WorkerGiven) -> Resources:
     """Every resource of the worker, each entered into `stack` as it is opened."""
     settings, redis, queue = given["settings"], given["redis"], given["queue_name"]
-    engine = create_engine(settings.database)
+    engine = create_engine(settings.database, pooler=settings.database_pooler)
     stack.push_async_callback(engine.dispose)
     http = await stack.enter_async_context(make_http_client())
     # Only the default queue sends email and must name a provider (preflight.check_settings);

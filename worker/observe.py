@@ -214,7 +214,7 @@ async def collect(settings: Settings) -> dict[str, Any]:
     A service that cannot be reached raises `ConnectionError` naming it, without secrets.
     """
     client = redis_client(settings, timeout_s=REDIS_TIMEOUT_S)
-    engine = create_engine(settings.database, pool_size=1)
+    engine = create_engine(settings.database, pool_size=1, pooler=settings.database_pooler)
     try:
         return await snapshot(client, make_sessionmaker(engine))
     except redis.exceptions.RedisError as exc:

@@ -18,6 +18,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
+from db.session import Pooler
+
 RESEND_API_BASE_URL = "https://api.resend.com"
 SENDGRID_API_BASE_URL = "https://api.sendgrid.com"
 # 32 characters of token_urlsafe carry ~190 bits: more than HMAC-SHA256 needs, and short
@@ -34,6 +36,9 @@ class Settings(BaseSettings):
     )
 
     database_url: str = "postgresql+asyncpg://postgres@127.0.0.1:5432/contact360"
+    # `pgbouncer`: DATABASE_URL points at PgBouncer in transaction pooling mode, so no
+    # prepared statement may outlive a transaction (db/session.py turns both caches off).
+    database_pooler: Pooler = "none"
     redis_url: str = "redis://127.0.0.1:6379/0"
     # Redis through Sentinel (worker/redis_connect.py): `host:port,host:port`; empty = off.
     # REDIS_URL then gives only the database number, the password and TLS (rediss://).

@@ -311,3 +311,32 @@ def test_docker_compose_refuses_a_missing_secret_naming_it(tmp_path: Path, missi
     done = docker_compose_config({k: v for k, v in REQUIRED.items() if k != missing}, tmp_path)
     assert done.returncode != 0
     assert missing in done.stderr and ".env" in done.stderr, done.stderr
+
+
+def test_the_pooler_profile_puts_pgbouncer_in_transaction_mode_in_front_of_postgres(
+    compose: dict[str, Any],
+) -> None:
+    bouncer = compose["services"]["pgbouncer"]
+    assert bouncer["profiles"] == ["pooler"] and "ports" not in bouncer
+    env = {k: substitute(str(v), REQUIRED) for k, v in bouncer["environment"].items()}
+    assert (env["POOL_MODE"], env["DB_HOST"], env["DB_PORT"]) == ("transaction", "postgres", "5432")
+    assert env["DB_PASSWORD"] == REQUIRED["POSTGRES_PASSWORD"]
+    # The workers' settings with the variables README "PgBouncer" names.
+    raw = compose["x-worker"]["environment"]
+    pooled = {**REQUIRED, "DATABASE_HOST": "pgbouncer", "DATABASE_PORT": env["LISTEN_PORT"]}
+    pooled["DATABASE_POOLER"] = "pgbouncer"
+    settings = Settings(
+        database_url=substitute(raw["DATABASE_URL"], pooled),
+        database_pooler=substitute(raw["DATABASE_POOLER"], pooled),
+    )
+    database = make_url(settings.database_url)
+    assert (database.host, database.port, settings.database_pooler) == (
+        "pgbouncer",
+        6432,
+        "pgbouncer",
+    )
+    # Migrations go straight to PostgreSQL whatever the workers use.
+    migrate = make_url(
+        substitute(compose["services"]["migrate"]["environment"]["DATABASE_URL"], pooled)
+    )
+    assert (migrate.host, migrate.port) == ("postgres", 5432)

@@ -27,7 +27,7 @@ async def run_migrate(args: argparse.Namespace, settings: Settings) -> int:
     # Imported here: Alembic costs every worker process ~6.5 MB of RSS it never uses.
     from db.migrate import upgrade
 
-    await upgrade(settings.database)
+    await upgrade(settings.database, pooler=settings.database_pooler)
     print(f"database {settings.database.database} is at the latest schema")
     return 0
 

@@ -121,7 +121,9 @@ class Console:
     @asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
         redis = await arq_pool(self.settings)
-        engine = create_engine(self.settings.database, pool_size=5, pre_ping=True)
+        engine = create_engine(
+            self.settings.database, pool_size=5, pre_ping=True, pooler=self.settings.database_pooler
+        )
         try:
             async with JobsClient(
                 redis=redis, sessions=make_sessionmaker(engine), settings=self.settings
