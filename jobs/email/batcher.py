@@ -110,8 +110,7 @@ class EmailBatcher:
             await flush(group.ctx, group.provider, group.submissions, self)
         except BaseException as exc:
             for submission in group.submissions:
-                if not submission.future.done():
-                    submission.future.set_exception(exc)
+                submission.resolve(exc)
             if not isinstance(exc, Exception):
                 raise
 

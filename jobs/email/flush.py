@@ -60,7 +60,9 @@ class Submission:
     def resolve(self, result: Outcome | BaseException) -> None:
         if self.future.done():
             return
-        if isinstance(result, BaseException):
+        if isinstance(result, asyncio.CancelledError):  # the flush was cancelled (shutdown)
+            self.future.cancel()
+        elif isinstance(result, BaseException):
             self.future.set_exception(result)
         else:
             self.future.set_result(result)

@@ -311,3 +311,26 @@ async def test_the_fake_enforces_a_request_rate_with_retry_after(
         await provider.send(OutgoingEmail("a@x.io", ("b@x.io",), "s", "h"), "k2")
     assert limited.value.retry_after_s == 1.0
     assert provider_server.rate_limited == 1 and len(provider_server.delivered) == 1
+
+
+async def test_a_cancelled_caller_never_cancels_its_batch(
+    job_ctx: BuildCtx,
+    provider_server: ProviderServer,
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    ctx = await job_ctx("resend")
+    provider_server.default_delay_s = 0.5
+    batch = drafts(3)
+    tasks = [asyncio.create_task(deliver(ctx, d)) for d in batch]
+    await asyncio.sleep(0.25)  # the batch is with the provider now
+    tasks[0].cancel()  # its job timed out
+
+    with pytest.raises(asyncio.CancelledError):
+        await tasks[0]
+    outcomes = await asyncio.gather(*tasks[1:])
+
+    assert [o.status for o in outcomes] == ["sent", "sent"]
+    [request] = provider_server.requests
+    assert len(request.json) == 3
+    # The cancelled caller's email went with its batch and was settled with it.
+    assert {r.status for r in await outbox_rows(sessions)} == {"sent"}
