@@ -40,6 +40,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# A 429 asking for at most RATE_LIMITED_WAIT_S is waited out inside the flush, up to this many
+# times, before the members go back to `pending` for their callers' retries.
+RATE_LIMITED_RETRIES = 2
+RATE_LIMITED_WAIT_S = 5.0
+
 
 @dataclass(eq=False)
 class Submission:
@@ -83,7 +88,7 @@ async def flush(
         for _extra in units[1:]:  # the main unit's slot was taken before the claim
             await ctx["email_rate_limiter"].acquire()
         sender = ctx["settings"].email_from
-        answers = await asyncio.gather(*(_exchange(provider, unit, sender) for unit in units))
+        answers = await asyncio.gather(*(_send(ctx, provider, unit, sender) for unit in units))
         await _settle(ctx, provider, units, answers, waiting, batcher.worker)
     finally:
         batcher.in_flight.discard(batch_id)
@@ -206,6 +211,26 @@ async def _claim_is_live(ctx: Ctx, row: Found, batcher: EmailBatcher) -> bool:
     if row.claimed_by == batcher.worker:
         return row.batch_id in batcher.in_flight
     return await process_info.alive(ctx["redis"], row.claimed_by)
+
+
+async def _send(
+    ctx: Ctx, provider: EmailProvider, unit: Unit, sender: str
+) -> list[MemberAnswer] | BaseException:
+    """`_exchange`, asked again after a short 429: the provider refused the whole request, so
+    the same request is safe to repeat, and a batch of 100 is not left for a later tick over
+    a limiter's jitter. A longer wait is left to the callers' retries (rows back to `pending`)."""
+    limiter = ctx["email_rate_limiter"]
+    for _ in range(RATE_LIMITED_RETRIES):
+        answer = await _exchange(provider, unit, sender)
+        if not isinstance(answer, RateLimited) or answer.retry_after_s > RATE_LIMITED_WAIT_S:
+            return answer
+        # Every process waits, not just this one: the provider's limit is per account.
+        await limiter.pause_for(answer.retry_after_s)
+        try:
+            await limiter.acquire(timeout_s=RATE_LIMITED_WAIT_S * 2)
+        except (TimeoutError, ProviderFault):
+            return answer
+    return await _exchange(provider, unit, sender)
 
 
 async def _exchange(

@@ -257,7 +257,8 @@ async def test_a_429_does_not_count_an_attempt(
 ) -> None:
     ctx = await job_ctx("resend")
     path = "/emails" if count == 1 else RESEND_BATCH
-    provider_server.script(path, Answer(status=429, headers={"retry-after": "1"}))
+    # Longer than a flush waits out itself: the callers see it.
+    provider_server.script(path, Answer(status=429, headers={"retry-after": "30"}))
 
     # A cron gives each message one attempt per tick: a counted 429 would fail it now.
     results = await deliver_all(ctx, drafts(count), max_attempts=1)
@@ -334,3 +335,22 @@ async def test_a_cancelled_caller_never_cancels_its_batch(
     assert len(request.json) == 3
     # The cancelled caller's email went with its batch and was settled with it.
     assert {r.status for r in await outbox_rows(sessions)} == {"sent"}
+
+
+async def test_a_short_429_is_waited_out_and_the_same_batch_asked_again(
+    job_ctx: BuildCtx,
+    provider_server: ProviderServer,
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    ctx = await job_ctx("resend")
+    provider_server.script(RESEND_BATCH, Answer(status=429, headers={"retry-after": "1"}))
+
+    outcomes = await deliver_all(ctx, drafts(3), max_attempts=1)
+
+    # Not left for a later tick over a second's wait: sent now, on the one counted attempt.
+    assert [o.status for o in outcomes] == ["sent"] * 3
+    refused, accepted = batch_requests(provider_server)
+    assert refused.headers["Idempotency-Key"] == accepted.headers["Idempotency-Key"]
+    assert refused.raw_body == accepted.raw_body
+    assert {(r.status, r.attempts) for r in await outbox_rows(sessions)} == {("sent", 1)}
+    assert (await ctx["email_rate_limiter"].pauses())["rate_limited"] == 1
