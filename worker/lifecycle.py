@@ -19,8 +19,8 @@ One worker process, `worker.main.worker_settings` wiring arq's hooks (arq.worker
       │    after_job_end       recycle.after_job_end (recycling workers only): count the job;
       │                        past a limit, SIGTERM this process once, arq drains and stops
       │
-    on_shutdown                shutdown (below): close the stack in reverse (renewal task,
-                               HTTP client, engine)
+    on_shutdown                shutdown (below): close the stack in reverse (the email
+                               batcher's flushes in flight, renewal task, HTTP client, engine)
     arq: close its pool
 
 `startup` either opens everything or, on a failure, closes what it opened and raises: `ctx`
