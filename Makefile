@@ -30,7 +30,7 @@ test: venv
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy worker jobs db tests
+	$(VENV)/bin/mypy worker jobs db examples tests
 
 format: venv
 	$(VENV)/bin/ruff check --fix .

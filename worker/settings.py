@@ -6,6 +6,7 @@ Nothing here runs at import time: callers build `Settings()` themselves, tests b
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Self
@@ -48,6 +49,12 @@ class Settings(BaseSettings):
 
     database_url: str = "postgresql+asyncpg://postgres@127.0.0.1:5432/contact360"
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # Redis through Sentinel (worker/redis_connect.py): `host:port,host:port`; empty = off.
+    # REDIS_URL then gives only the database number, the password and TLS (rediss://).
+    redis_sentinels: str = ""
+    redis_sentinel_master: str = "mymaster"
+    # The Sentinels' own `requirepass`, when they have one (the master's is REDIS_URL's).
+    redis_sentinel_password: SecretStr | None = None
 
     import_dir: Path = Path("./data/imports")
     storage_backend: Literal["local", "s3"] = "local"
@@ -149,7 +156,13 @@ class Settings(BaseSettings):
             )
         return value
 
-    @field_validator("email_api_key", "marketing_api_key", "console_password", "metrics_token")
+    @field_validator(
+        "email_api_key",
+        "marketing_api_key",
+        "console_password",
+        "metrics_token",
+        "redis_sentinel_password",
+    )
     @classmethod
     def _empty_secret_is_unset(cls, value: SecretStr | None) -> SecretStr | None:
         # `EMAIL_API_KEY=` (an .env line left empty) must read as missing, so a provider that
@@ -198,8 +211,30 @@ class Settings(BaseSettings):
             raise ValueError("REDIS_URL must start with redis://, rediss:// or unix://")
         return value
 
+    @field_validator("redis_sentinels")
+    @classmethod
+    def _sentinel_list(cls, value: str) -> str:
+        pairs = parse_sentinels(value)
+        return ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in pairs)
+
+    @field_validator("redis_sentinel_master")
+    @classmethod
+    def _sentinel_master_name(cls, value: str) -> str:
+        value = value.strip()
+        if not _SENTINEL_MASTER_NAME.fullmatch(value):
+            raise ValueError(
+                "REDIS_SENTINEL_MASTER must be the name the Sentinels monitor (`sentinel "
+                "monitor NAME ...`): letters, digits, '.', '-', '_'"
+            )
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> Self:
+        if self.redis_sentinels and self.redis_url.startswith("unix://"):
+            raise ValueError(
+                "REDIS_SENTINELS needs a redis:// or rediss:// REDIS_URL (a unix socket names "
+                "one server; Sentinel names the master)"
+            )
         if self.storage_backend == "s3" and not self.s3_bucket:
             raise ValueError(
                 "STORAGE_BACKEND=s3 needs S3_BUCKET (the bucket exports are written to)"
@@ -222,10 +257,26 @@ class Settings(BaseSettings):
         """`DATABASE_URL` parsed; render it with `hide_password=True` anywhere it may be shown."""
         return make_url(self.database_url)
 
+    @property
+    def redis_sentinel_addresses(self) -> list[tuple[str, int]]:
+        """`REDIS_SENTINELS` as (host, port) pairs; empty when Redis is reached directly."""
+        return parse_sentinels(self.redis_sentinels)
+
     def redis_settings(self) -> RedisSettings:
-        """`REDIS_URL` for arq; its repr masks the password (arq's own shows it)."""
+        """`REDIS_URL` (and the Sentinels, when set) for arq; its repr masks the password.
+
+        Through Sentinel nothing of ours connects with it: worker/redis_connect.py makes the
+        pools, with the timeouts and Sentinel password that arq's Sentinel branch leaves out.
+        """
         parsed = RedisSettings.from_dsn(self.redis_url)
-        return _MaskedRedisSettings(**vars(parsed))
+        fields = vars(parsed)
+        if self.redis_sentinels:
+            fields.update(
+                host=self.redis_sentinel_addresses,
+                sentinel=True,
+                sentinel_master=self.redis_sentinel_master,
+            )
+        return _MaskedRedisSettings(**fields)
 
     @property
     def email_rate_per_s(self) -> float:
@@ -282,6 +333,37 @@ class _MaskedRedisSettings(RedisSettings):
     def __repr__(self) -> str:
         shown = {**vars(self), "password": "***" if self.password else self.password}
         return "RedisSettings({})".format(", ".join(f"{k}={v!r}" for k, v in shown.items()))
+
+
+_SENTINEL_MASTER_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_HOST_NAME = re.compile(r"[A-Za-z0-9._-]{1,253}")
+_IPV6 = re.compile(r"[0-9A-Fa-f:.]{2,45}")
+
+
+def parse_sentinels(value: str) -> list[tuple[str, int]]:
+    """`host:port,host:port` (IPv6 as `[::1]:26379`) as pairs; `ValueError` saying which entry."""
+    if not value.strip():
+        return []
+    found: list[tuple[str, int]] = []
+    entries = value.split(",")
+    for position, raw in enumerate(entries, start=1):
+        # Named by position, never echoed: a mistyped entry may hold a password (user:pw@...).
+        where = f"REDIS_SENTINELS entry {position} of {len(entries)}"
+        host, colon, port = raw.strip().rpartition(":")
+        bracketed = host.startswith("[") and host.endswith("]")
+        if bracketed:
+            host = host[1:-1]
+        if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(
+                f"{where} is not host:port (expected e.g. "
+                "10.0.0.5:26379,10.0.0.6:26379,10.0.0.7:26379)"
+            )
+        if not (_IPV6 if bracketed else _HOST_NAME).fullmatch(host):
+            raise ValueError(f"{where} is not a host name or address")
+        if (host, int(port)) in found:
+            raise ValueError(f"{where} repeats an earlier one")
+        found.append((host, int(port)))
+    return found
 
 
 def mask_url_password(url: str) -> str:

@@ -16,13 +16,13 @@ import sys
 import time
 from typing import Any
 
-import redis.asyncio as aioredis
 import redis.exceptions
 from arq.worker import Worker
 
 from worker import preflight
 from worker.lease import shorten_initial_claim
 from worker.main import worker_settings
+from worker.redis_connect import arq_pool, describe, redis_client
 from worker.routes import QUEUES
 from worker.settings import Settings
 
@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 # A child that dies faster than this after starting is crash-looping: back off before the next.
 FAST_EXIT_S = 5.0
 MAX_RESTART_DELAY_S = 30.0
+PREFLIGHT_TIMEOUT_S = 5.0
 
 
 def register(subparsers: Any) -> None:
@@ -44,7 +45,14 @@ def register(subparsers: Any) -> None:
 
 
 async def run_worker(args: argparse.Namespace, settings: Settings) -> int:
-    worker = Worker(**worker_settings(args.queue, settings, burst=args.burst, recycle=True))
+    config = worker_settings(args.queue, settings, burst=args.burst, recycle=True)
+    try:
+        # Ours rather than arq's create_pool: through Sentinel, arq's sets no timeouts.
+        pool = await arq_pool(settings, queue=args.queue)
+    except (redis.exceptions.RedisError, OSError) as exc:
+        log.error("cannot reach Redis (%s): %s", describe(settings), exc)
+        return 1
+    worker = Worker(**config, redis_pool=pool)
     shorten_initial_claim(worker)
     try:
         await worker.async_run()
@@ -107,14 +115,14 @@ async def run_supervisor(args: argparse.Namespace, settings: Settings) -> int:
     # The children would refuse too, but one line here beats a crash-looping child per queue.
     for queue in queues:
         preflight.check_settings(queue, settings)
-    redis_client = aioredis.Redis.from_url(settings.redis_url, socket_connect_timeout=5)
+    client = redis_client(settings, timeout_s=PREFLIGHT_TIMEOUT_S)
     try:
-        await preflight.check_redis(redis_client)
+        await preflight.check_redis(client)
     except redis.exceptions.ConnectionError as exc:
         # Not up yet: start anyway, as before; each worker checks the version when it connects.
         log.warning("Redis not reachable (%s); the workers will wait for it", exc)
     finally:
-        await redis_client.aclose()
+        await client.aclose()
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
