@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
 .PHONY: venv run test lint format bench bench-import bench-import-pooler bench-export bench-email \
-	bench-recovery bench-console bench-fairness services
+	bench-email-batch bench-recovery bench-console bench-fairness services
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,7 +39,8 @@ format: venv
 services:
 	scripts/services.sh test
 
-bench: bench-import bench-export bench-email bench-recovery bench-console bench-fairness
+bench: bench-import bench-export bench-email bench-email-batch bench-recovery bench-console \
+	bench-fairness
 
 bench-import: venv services
 	$(PY) bench/bench_import.py
@@ -56,6 +57,10 @@ bench-email: venv services
 
 bench-recovery: venv services
 	$(PY) bench/bench_recovery.py
+
+## Batches against a fake Resend enforcing its documented 5 requests/s (README "Email guarantees").
+bench-email-batch: venv services
+	$(PY) bench/bench_email_batch.py
 
 ## The console under a backlog of 10^5 jobs and outbox rows: latency, and 50 polling dashboards.
 bench-console: venv services

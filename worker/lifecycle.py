@@ -19,8 +19,8 @@ One worker process, `worker.main.worker_settings` wiring arq's hooks (arq.worker
       │    after_job_end       recycle.after_job_end (recycling workers only): count the job;
       │                        past a limit, SIGTERM this process once, arq drains and stops
       │
-    on_shutdown                shutdown (below): close the stack in reverse (renewal task,
-                               HTTP client, engine)
+    on_shutdown                shutdown (below): close the stack in reverse (the email
+                               batcher's flushes in flight, renewal task, HTTP client, engine)
     arq: close its pool
 
 `startup` either opens everything or, on a failure, closes what it opened and raises: `ctx`
@@ -38,10 +38,11 @@ from typing import Any, cast
 import aioboto3
 
 from db.session import create_engine, make_sessionmaker
+from jobs.email.batcher import EmailBatcher
 from worker.context import Resources, WorkerGiven
 from worker.email_providers import make_email_provider
 from worker.http import make_http_client
-from worker.lease import Leases, renewing
+from worker.lease import Leases, renewing, worker_name
 from worker.marketing import make_marketing_provider
 from worker.preflight import EMAIL_QUEUE, check_redis
 from worker.ratelimit import RateLimiter
@@ -99,15 +100,24 @@ async def _open(stack: AsyncExitStack, given: WorkerGiven) -> Resources:
         "email_provider": email_provider,
         "marketing_provider": make_marketing_provider(settings, http),
         # Shared by every worker process through Redis: the provider's limit is global.
-        "email_rate_limiter": RateLimiter(redis, settings.email_rate_limit_per_s),
+        "email_rate_limiter": RateLimiter(redis, settings.email_rate_per_s),
         "s3_session": s3_session,
         "storage": make_storage(settings, s3_client_factory(s3_session, settings)),
         "leases": await stack.enter_async_context(renewing(Leases(redis, queue))),
+        # Closed first (pushed last): its flushes in flight finish on the engine and client.
+        "email_batcher": _batcher(stack),
         "recycler": Recycler(
             max_jobs=settings.worker_max_jobs_per_process,
             max_memory_mb=settings.worker_max_memory_mb,
         ),
     }
+
+
+def _batcher(stack: AsyncExitStack) -> EmailBatcher:
+    """The process's email coalescer (jobs/email/batcher.py), named by this process's id."""
+    batcher = EmailBatcher(worker_name())
+    stack.push_async_callback(batcher.aclose)
+    return batcher
 
 
 async def shutdown(arq_ctx: dict[str, Any]) -> None:

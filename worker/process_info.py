@@ -18,6 +18,9 @@ import psutil
 PROCESS_KEY_PREFIX = "c360:process:"
 # Several renewals (worker/lease.py RENEW_EVERY_S = 5 s): one late refresh does not lose it.
 PROCESS_TTL_S = 30
+# A process whose hash was not refreshed for three renewals is taken for dead (a SIGKILLed
+# worker's hash outlives it by up to PROCESS_TTL_S): the same 15 s as a job's lease.
+STALE_AFTER_MS = 15_000
 
 
 def process_key(worker: str) -> str:
@@ -42,6 +45,20 @@ def describe(pipe: Any, worker: str, queue: str, started_ms: int) -> None:
         },
     )
     pipe.expire(key, PROCESS_TTL_S)
+
+
+async def alive(redis: Any, worker: str) -> bool:
+    """Whether the worker process `worker` (`host:pid`) refreshed its hash lately.
+
+    Unknown (Redis unreachable) counts as alive: a live claim must never be taken over.
+    """
+    try:
+        updated_ms = await redis.hget(process_key(worker), "updated_ms")
+    except Exception:
+        return True
+    if updated_ms is None:
+        return False
+    return int(time.time() * 1000) - int(updated_ms) < STALE_AFTER_MS
 
 
 def parse(raw: dict[Any, Any]) -> dict[str, Any]:

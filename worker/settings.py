@@ -25,6 +25,20 @@ SENDGRID_API_BASE_URL = "https://api.sendgrid.com"
 # 32 characters of token_urlsafe carry ~190 bits: more than HMAC-SHA256 needs, and short
 # enough that nobody is tempted to pick a word instead.
 MIN_SECRET_KEY_CHARS = 32
+# Provider API requests per second for a new account, when EMAIL_RATE_LIMIT_PER_S is unset (a
+# batch of up to 100 emails is one request).
+# - Resend: "The default maximum rate limit is 5 requests per second per team. This limit
+#   applies across all API keys" (https://resend.com/docs/api-reference/rate-limit; earlier
+#   revisions of the page said 2). A team granted more sets EMAIL_RATE_LIMIT_PER_S.
+# - SendGrid: Twilio publishes no fixed figure for v3 mail/send (limits are per endpoint and
+#   read from `X-RateLimit-*`: https://www.twilio.com/docs/sendgrid/api-reference/
+#   how-to-use-the-sendgrid-v3-api/rate-limits); its documented default for its other endpoints
+#   is 600 requests/minute/user (Twilio changelog 2019-10-10, "Imposing Rate Limits on some
+#   SendGrid V2 API Endpoints"), i.e. 10/s, which we keep. A 429 still pauses every process.
+# - console: nothing leaves the process; a generous figure keeps development quick.
+DEFAULT_EMAIL_RATE_PER_S: dict[str, float] = {"resend": 5.0, "sendgrid": 10.0, "console": 100.0}
+# SendGrid Marketing Contacts (MARKETING_PROVIDER=sendgrid), unless MARKETING_RATE_LIMIT_PER_S.
+DEFAULT_MARKETING_RATE_PER_S = 10.0
 
 
 class Settings(BaseSettings):
@@ -60,11 +74,15 @@ class Settings(BaseSettings):
     email_api_key: SecretStr | None = None
     email_from: str = "Contact360 <no-reply@localhost>"
     email_api_base_url: str | None = None
-    email_rate_limit_per_s: float = Field(default=10, gt=0)
+    # Provider requests per second, across all workers; unset: the provider's documented
+    # default for a new account (DEFAULT_EMAIL_RATE_PER_S). Read it as `email_rate_per_s`.
+    email_rate_limit_per_s: float | None = Field(default=None, gt=0)
 
     marketing_provider: Literal["none", "sendgrid"] = "none"
     marketing_api_key: SecretStr | None = None
     marketing_api_base_url: str | None = None
+    # The marketing API's own limit (its own limiter key): never the email provider's figure.
+    marketing_rate_limit_per_s: float | None = Field(default=None, gt=0)
 
     job_timeout_s: float = Field(default=1800, gt=0)
     job_soft_timeout_s: float = Field(default=1500, gt=0)
@@ -190,6 +208,12 @@ class Settings(BaseSettings):
             raise ValueError(f"SENDGRID_WEBHOOK_PUBLIC_KEY {exc}") from None
         return value.strip()
 
+    @field_validator("email_rate_limit_per_s", "marketing_rate_limit_per_s", mode="before")
+    @classmethod
+    def _empty_rate_is_unset(cls, value: Any) -> Any:
+        # `EMAIL_RATE_LIMIT_PER_S=` (compose passes an unset variable as empty) means "default".
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("redis_url")
     @classmethod
     def _redis_url_scheme(cls, value: str) -> str:
@@ -263,6 +287,19 @@ class Settings(BaseSettings):
                 sentinel_master=self.redis_sentinel_master,
             )
         return _MaskedRedisSettings(**fields)
+
+    @property
+    def email_rate_per_s(self) -> float:
+        """Provider requests per second: EMAIL_RATE_LIMIT_PER_S, or the provider's default."""
+        if self.email_rate_limit_per_s is not None:
+            return self.email_rate_limit_per_s
+        return DEFAULT_EMAIL_RATE_PER_S.get(self.email_provider or "console", 10.0)
+
+    @property
+    def marketing_rate_per_s(self) -> float:
+        if self.marketing_rate_limit_per_s is not None:
+            return self.marketing_rate_limit_per_s
+        return DEFAULT_MARKETING_RATE_PER_S
 
     @property
     def email_base_url(self) -> str:

@@ -35,7 +35,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from bench.make_contacts_csv import main as make_contacts_csv
 from tests.reliability.conftest import Db, Processes, wait_for, worker_env
 from tests.reliability.test_import_faults import import_row, place, snapshot
-from tests.support.provider_server import RESEND_EMAILS, ProviderServer
+from tests.support.provider_server import RESEND_BATCH, RESEND_EMAILS, Answer, ProviderServer
 from tests.support.users import new_user
 from tests.topology.conftest import MASTER_NAME, SentinelCluster, sentinel_env
 from worker.client import JobsClient
@@ -50,7 +50,8 @@ ROWS = 60_000
 BATCH_ROWS = 2_000
 EMAILS = 240
 LATE_EMAILS = 4  # enqueued last, then lost with the primary
-RATE_PER_S = 30  # the burst takes ~8 s: the kill lands in it
+RATE_PER_S = 30
+BURST_S = 8.0  # how long the burst's batches wait for their answers: the kill lands in it
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +76,12 @@ def db(sessions: Sessions) -> Db:
 @pytest.fixture
 def resend() -> Iterator[ProviderServer]:
     with ProviderServer(default_delay_s=0.02) as server:
+        # The burst goes out in a few batches (jobs/email/batcher.py), each answered after
+        # BURST_S: the burst's jobs hold the default queue's slots that long (the late jobs
+        # queued behind them stay unclaimed) and the kill lands in it, with the first batch
+        # delivered (accepted at once) and the others not yet. The kill restores the delay.
+        server.default_delay_s = BURST_S
+        server.script(RESEND_BATCH, Answer(accept=True, delay_s=BURST_S))
         yield server
 
 
@@ -161,6 +168,7 @@ async def test_primary_killed_mid_import_and_mid_burst_loses_and_doubles_nothing
         assert await primary.exists(*(job_key_prefix + str(j) for j in late_jobs)) == LATE_EMAILS
         assert await primary.exists(*(in_progress_key_prefix + str(j) for j in late_jobs)) == 0
         cluster.kill_primary()
+        resend.default_delay_s = 0.02  # what is sent from now on is answered at once
     finally:
         await primary.aclose()
         await replica.aclose()
@@ -206,8 +214,17 @@ async def test_primary_killed_mid_import_and_mid_burst_loses_and_doubles_nothing
     assert await snapshot(sessions, user) == expected
     delivered = Counter(d.json["subject"] for d in resend.delivered)
     assert delivered == Counter(keys + late_keys)  # each once, whatever was requested twice
-    requested = {r.headers["Idempotency-Key"] for r in resend.requests_to(RESEND_EMAILS)}
-    assert requested == {f"caller/{k}" for k in keys + late_keys}  # one key per email
+    # Each request's key: a lone email's own (the caller's namespace), or its batch's.
+    requests = [r for r in resend.requests if r.path in (RESEND_EMAILS, RESEND_BATCH)]
+    alone = {r.headers["Idempotency-Key"] for r in requests if r.path == RESEND_EMAILS}
+    assert alone <= {f"caller/{k}" for k in keys + late_keys}
+    assert all(
+        r.headers["Idempotency-Key"].startswith("batch/")
+        for r in requests
+        if r.path == RESEND_BATCH
+    )
+    emails = [e for r in requests for e in (r.json if r.path == RESEND_BATCH else [r.json])]
+    assert {e["subject"] for e in emails} == set(keys + late_keys)
     assert await db.rows("SELECT status, count(*) FROM contact_import_jobs GROUP BY status") == [
         ("completed", 2)
     ]
