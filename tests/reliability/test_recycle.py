@@ -62,7 +62,7 @@ async def test_a_worker_recycles_above_its_memory_limit(
 def test_the_recycler_names_the_limit_it_hit() -> None:
     by_count = Recycler(max_jobs=2, max_memory_mb=100_000)
     by_count.jobs_done = 2
-    assert by_count.reason() == "ran 2 jobs (WORKER_MAX_JOBS_PER_PROCESS=2)"
+    assert by_count.reason() == "ran 2 jobs (WORKER_MAX_JOBS_PER_PROCESS: 2)"
     by_memory = Recycler(max_jobs=1000, max_memory_mb=1)
     reason = by_memory.reason()
     assert reason is not None and "above WORKER_MAX_MEMORY_MB=1" in reason
