@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import os
 import signal
@@ -144,7 +145,9 @@ class Recycler:
             log.info("recycling this worker: %s; draining as on SIGTERM", reason)
             _stop_like_sigterm()
             return
-        running = sum(not task.done() for task in worker.tasks.values())
+        # Not counting the job whose end hook is calling: it has finished.
+        this = asyncio.current_task()
+        running = sum(not task.done() and task is not this for task in worker.tasks.values())
         log.info(
             "recycling this worker: %s; taking no more jobs, %d running may finish first",
             reason,
@@ -152,7 +155,10 @@ class Recycler:
         )
         worker.allow_pick_jobs = False
         _tell_supervisor_draining()
-        self._drain = asyncio.create_task(self._drain_then_exit(worker), name="c360-recycle")
+        # A context of its own: not the log context or trace span of the job that ended last.
+        self._drain = asyncio.create_task(
+            self._drain_then_exit(worker), name="c360-recycle", context=contextvars.Context()
+        )
 
     async def _drain_then_exit(self, worker: Worker) -> None:
         try:
