@@ -23,11 +23,13 @@ the product); "SDK, no provider" the worker as shipped with OpenTelemetry instal
 configured; "provider + batch" a TracerProvider with a BatchSpanProcessor to an exporter that
 drops every span. Reported: the median sends/s of each, and the median of the per-round ratios.
 
-`--recycling` instead compares recycling (worker/recycle.py) at the default settings with
-recycling off, and with the old per-process count of 1,000, in interleaved rounds of the same
-`send_email` workload through `python -m worker run --queue default` (the supervisor replaces
-a recycled worker). Reported: sends/s, recycles counted, the longest pause between two sends,
-the median ratio to "off", the seconds a recycle costs, and that cost at the default count.
+`--recycling` instead compares recycling (worker/recycle.py) at the default settings, and with
+the old per-process count of 1,000, through `python -m worker run --queue default` (the
+supervisor replaces a recycled worker), with recycling off (one `work default` process whose
+recycler hook is patched away in the process: `bench_email.py recycling-off-worker`), in
+interleaved rounds of the same `send_email` workload. Reported: sends/s, recycles counted, the
+longest pause between two sends, the median ratio to "off", the seconds a recycle costs, and
+that cost at the default count.
 
 Uses a database of its own (dropped at the end) and Redis db BENCH_REDIS_DB (default 13),
 which must be empty or the test rig's own (TEST_REDIS_DB); it is flushed before and after.
@@ -454,12 +456,30 @@ async def bench_hooks(
 # The bench's own env turns the count off (WORKER_MAX_JOBS_PER_PROCESS=1000000); each variant
 # sets both limits or, for "default", leaves them unset as a deploy would.
 RECYCLING_VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
-    "off": ("recycling off", {"WORKER_MAX_JOBS_PER_PROCESS": "1000000000",
-                              "WORKER_MAX_MEMORY_MB": "1000000"}),
+    "off": ("recycling off (no recycler, no supervisor)", {}),
     "default": ("recycling at the default settings", {}),
     "per-1000": ("WORKER_MAX_JOBS_PER_PROCESS=1000 (the old default)",
                  {"WORKER_MAX_JOBS_PER_PROCESS": "1000"}),
 }  # fmt: skip
+
+
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds of a process and its children, the ones already reaped too (recycled)."""
+    proc = psutil.Process(pid)
+    total = 0.0
+    for p in [proc, *proc.children(recursive=True)]:
+        times = p.cpu_times()
+        total += times.user + times.system + times.children_user + times.children_system
+    return total
+
+
+def run_worker_without_recycler() -> int:
+    """`python -m worker work default` in this process with the recycler's job hook removed."""
+    import worker.main
+    from worker.cli import main as worker_main
+
+    worker.main.recycle_after_job_end = None  # type: ignore[assignment]
+    return worker_main(["work", "default"])
 
 
 async def bench_recycling(
@@ -472,12 +492,13 @@ async def bench_recycling(
     from worker.settings import Settings
 
     print(f"recycling: {rounds} interleaved rounds of {n:,} `send_email` jobs, under `run`\n")
-    print("| round | variant | emails | sends/s | recycles | longest pause s |")
-    print("|---|---|---|---|---|---|", flush=True)
+    print("| round | variant | emails | sends/s | CPU ms/send | recycles | longest pause s |")
+    print("|---|---|---|---|---|---|---|", flush=True)
     variants = list(RECYCLING_VARIANTS)
     rates: dict[str, list[float]] = {variant: [] for variant in variants}
     seconds: dict[str, list[float]] = {variant: [] for variant in variants}
     recycled: dict[str, list[int]] = {variant: [] for variant in variants}
+    cpu_per_send_ms: dict[str, list[float]] = {variant: [] for variant in variants}
     items = [
         {"to": f"y{i}@example.com", "subject": "Benchmark", "html": PAYLOAD["html"]}
         for i in range(n)
@@ -492,6 +513,8 @@ async def bench_recycling(
             label, limits = RECYCLING_VARIANTS[variant]
             ours = await create_pool(RedisSettings.from_dsn(REDIS_URL), job_serializer=serialize)
             command = [sys.executable, "-m", "worker", "run", "--queue", "default"]
+            if variant == "off":
+                command = [sys.executable, __file__, "recycling-off-worker"]
             supervisor = start(command, base | limits, logs / f"recycling-{round_no}-{variant}.log")
 
             async def ready() -> bool:
@@ -504,10 +527,11 @@ async def bench_recycling(
             try:
                 await wait_for(ready, f"{label} to start", 60)
                 await asyncio.sleep(0.5)
-                t0 = time.perf_counter()
+                t0, cpu0 = time.perf_counter(), tree_cpu_s(supervisor.pid)
                 await enqueue_many(ours, SEND_EMAIL.name, SEND_EMAIL.queue, items)
                 await wait_for(sent, f"{label} to send {n}")
                 elapsed_s = time.perf_counter() - t0
+                cpu_ms = 1000 * (tree_cpu_s(supervisor.pid) - cpu0) / n
             finally:
                 stop(supervisor)
                 await ours.aclose()
@@ -520,22 +544,28 @@ async def bench_recycling(
             )
             shown = round_no + 1 if round_no >= 0 else "warm-up"
             print(
-                f"| {shown} | {label} | {n:,} | {n / elapsed_s:,.0f} | {count} "
+                f"| {shown} | {label} | {n:,} | {n / elapsed_s:,.0f} | {cpu_ms:.2f} | {count} "
                 f"| {float(pause_s):.2f} |",
                 flush=True,
             )
             if round_no < 0:
                 continue
             rates[variant].append(n / elapsed_s)
+            cpu_per_send_ms[variant].append(cpu_ms)
             seconds[variant].append(elapsed_s)
             recycled[variant].append(count)
-    print("\n| variant | median sends/s | median ratio to off | recycles per run |")
-    print("|---|---|---|---|")
+    print(
+        "\n| variant | median sends/s | median ratio to off | median CPU ms/send "
+        "| CPU ratio to off | recycles per run |\n|---|---|---|---|---|---|"
+    )
     for variant in variants:
         ratios = [rate / off for rate, off in zip(rates[variant], rates["off"], strict=True)]
+        cpu = cpu_per_send_ms[variant]
+        cpu_ratios = [ms / off for ms, off in zip(cpu, cpu_per_send_ms["off"], strict=True)]
         print(
             f"| {RECYCLING_VARIANTS[variant][0]} | {statistics.median(rates[variant]):,.0f} "
-            f"| {statistics.median(ratios):.3f} | {statistics.median(recycled[variant]):g} |"
+            f"| {statistics.median(ratios):.3f} | {statistics.median(cpu):.2f} "
+            f"| {statistics.median(cpu_ratios):.3f} | {statistics.median(recycled[variant]):g} |"
         )
     # A recycle's own price, from the runs that recycle every 1,000 jobs, spread over the
     # default count: what recycling costs a default worker that sends without pause.
@@ -624,5 +654,7 @@ if __name__ == "__main__":
         run_stock_worker(int(sys.argv[2]))
     elif sys.argv[1:2] == ["ours-worker"]:
         sys.exit(run_ours_worker(sys.argv[2]))
+    elif sys.argv[1:2] == ["recycling-off-worker"]:
+        sys.exit(run_worker_without_recycler())
     else:
         asyncio.run(main())

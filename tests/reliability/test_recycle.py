@@ -16,6 +16,7 @@ from tests.reliability.conftest import Db, Processes, wait_for, worker_env
 from tests.reliability.fixture_jobs import record
 from worker.context import as_ctx
 from worker.main import QUEUE_CONFIGS
+from worker.process_info import resident_bytes
 from worker.recycle import Recycler, job_limit
 from worker.settings import Settings
 
@@ -138,3 +139,15 @@ async def test_a_drain_cuts_a_job_whose_memory_runs_away(
     log = processes.log(supervisor)
     assert re.search(r"MB passed [0-9]+ MB while draining; cancelling the running jobs", log)
     assert not psutil.pid_exists(trigger)
+
+
+def test_resident_memory_is_read_as_psutil_reads_it() -> None:
+    before = psutil.Process().memory_info().rss
+    ours = resident_bytes()
+    after = psutil.Process().memory_info().rss
+    # The same /proc figure: between the two psutil reads, to the page, give or take a
+    # little memory allocated in between.
+    assert min(before, after) - 1024 * 1024 <= ours <= max(before, after) + 1024 * 1024
+    kept = b"\x01" * (64 * 1024 * 1024)
+    assert resident_bytes() >= ours + 60 * 1024 * 1024  # a later read sees new pages
+    del kept

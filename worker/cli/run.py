@@ -115,10 +115,17 @@ async def _spawn(queue: str, burst: bool) -> _Child:
     return _Child(process, read_fd)
 
 
-async def _finish_draining(queue: str, child: _Child) -> None:
-    code = await child.process.wait()
-    child.close_pipe()
-    log.info("%s worker pid=%d finished draining, exited with %d", queue, child.process.pid, code)
+async def _finish_draining(
+    queue: str, child: _Child, draining: dict[_Child, asyncio.Task[None]]
+) -> None:
+    try:
+        code = await child.process.wait()
+        log.info(
+            "%s worker pid=%d finished draining, exited with %d", queue, child.process.pid, code
+        )
+    finally:
+        child.close_pipe()
+        draining.pop(child, None)
 
 
 async def _supervise_queue(queue: str, burst: bool, stopping: asyncio.Event) -> int:
@@ -142,9 +149,7 @@ async def _supervise_queue(queue: str, burst: bool, stopping: asyncio.Event) -> 
                 # replacement starts now so the queue is served meanwhile.
                 waiter.cancel()
                 log.info("%s worker pid=%d is recycling; replacing it", queue, child.process.pid)
-                task = asyncio.create_task(_finish_draining(queue, child))
-                draining[child] = task
-                task.add_done_callback(lambda _, done=child: draining.pop(done, None))  # type: ignore[misc]
+                draining[child] = asyncio.create_task(_finish_draining(queue, child, draining))
                 restart_delay_s = 1.0
                 continue
             code = await waiter
