@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
 .PHONY: venv run test lint format bench bench-import bench-import-pooler bench-export bench-email \
-	bench-email-batch bench-recovery bench-console bench-fairness services
+	bench-email-batch bench-recycling bench-recovery bench-console bench-fairness services
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -54,6 +54,10 @@ bench-export: venv services
 bench-email: venv services
 	$(PY) -m pip install -q -e '.[dev,bench]'  # Celery, for the prefork baseline
 	$(PY) bench/bench_email.py
+
+## Recycling at the default settings against recycling off, in bench-email's setup (~8 min).
+bench-recycling: venv services
+	$(PY) bench/bench_email.py --recycling
 
 bench-recovery: venv services
 	$(PY) bench/bench_recovery.py

@@ -41,6 +41,8 @@ class QueueConfig:
     max_jobs: int
     poll_delay_s: float
     # Seconds running jobs get to finish after SIGTERM before they are cancelled (and requeued).
+    # A recycle does not cut them at all (worker/recycle.py). `max_jobs` also scales the
+    # recycling count (recycle.job_limit).
     shutdown_grace_s: int
 
 
@@ -99,8 +101,9 @@ def worker_settings(
 ) -> dict[str, Any]:
     """Keyword arguments for `arq.Worker` serving `queue`; tests pass their own `jobs`.
 
-    `recycle`: exit after WORKER_MAX_JOBS_PER_PROCESS jobs or above WORKER_MAX_MEMORY_MB, by
-    sending this process SIGTERM; only for workers that handle signals (not in-process tests).
+    `recycle`: past the job count or WORKER_MAX_MEMORY_MB, stop taking jobs, let the running
+    ones finish and exit (worker/recycle.py), ending with a SIGTERM to this process; only for
+    workers that handle signals (not in-process tests).
     Raises `preflight.StartupRefused` for settings the queue must not run with.
     """
     preflight.check_settings(queue, settings)
