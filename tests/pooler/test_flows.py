@@ -69,7 +69,10 @@ async def test_exports_through_the_pooler_write_every_row(
     everything = await pooled_client.export_contacts(user)
     selection = await pooled_client.export_contacts(user, picked)  # COPY into export_items
     companies = await pooled_client.export_companies(user)
-    worker = await run_burst("exports", settings_=pooled_settings)
+    # All three at once on a pool of 3 server connections (the deadlock this test caught
+    # needs them concurrent): one user's exports would otherwise take turns (fair sharing).
+    side_by_side = pooled_settings.model_copy(update={"export_max_running_per_user": 3})
+    worker = await run_burst("exports", settings_=side_by_side)
     assert (worker.jobs_complete, worker.jobs_failed, worker.jobs_retried) == (3, 0, 0)
     expected = {everything.id: 503, selection.id: 3, companies.id: 0}
     written: dict[uuid.UUID, list[list[str]]] = {}
