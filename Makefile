@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
 .PHONY: venv run test lint format bench bench-import bench-export bench-email bench-recovery \
-	bench-console services
+	bench-console services chaos
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -57,3 +57,9 @@ bench-recovery: venv services
 ## The console under a backlog of 10^5 jobs and outbox rows: latency, and 50 polling dashboards.
 bench-console: venv services
 	$(PY) bench/bench_console.py
+
+## The chaos soak (outside `make test`, <= 10 min): mixed workload, random faults, invariants.
+## Smaller while developing: make chaos CHAOS_ARGS="--duration-s 90 --scale 0.05"
+CHAOS_ARGS ?=
+chaos: venv services
+	$(PY) -m bench.chaos $(CHAOS_ARGS)
