@@ -41,7 +41,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--scale", type=float, default=1.0, help="rows and emails (0.05 to develop)"
     )
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--retry-base-delay-s", type=float, default=2.0)
+    # Not lower: an email whose claim Redis forgot (the restart) waits out SEND_LEASE_S
+    # (120 s) before it is resent, and the reconciler's 60 s plus MAX_RETRIES backoffs of
+    # 0.5, 1 and 2 times this must outlast it, or the row is given up to `review`.
+    parser.add_argument("--retry-base-delay-s", type=float, default=20.0)
     parser.add_argument("--report", type=Path, default=Path("chaos-report.md"))
     parser.add_argument("--keep", action="store_true", help="keep the database, files and logs")
     return parser.parse_args(argv)
@@ -144,7 +147,9 @@ async def soak(args: argparse.Namespace) -> int:
                     else f"NOT quiet after {quiet_s:.0f} s: {waiting}"
                 )
                 if waiting:
-                    print(f"  in progress at some point: {sorted(checks.RUNNING_SEEN)[-10:]}")
+                    for job_id in sorted(checks.RUNNING_SEEN)[:10]:
+                        ttl_ms = await jobs.redis.pttl(f"arq:in-progress:{job_id}")
+                        print(f"  in progress: {job_id} (lease {ttl_ms} ms)")
                 stop_duties.set()
                 await duties
                 connection = await asyncpg.connect(env.dsn)

@@ -28,7 +28,7 @@ from worker.routes import ROUTES
 
 QUEUES = ("imports", "exports", "default")
 CRON_NAMES = frozenset(route.name for route in ROUTES if route.cron)
-# The ids `open_work` found in progress, printed when the soak does not quiesce.
+# The ids `open_work` last found in progress, printed when the soak does not quiesce.
 RUNNING_SEEN: set[str] = set()
 
 # The contacts of one user as the rows an import is judged by: every column the import writes,
@@ -254,10 +254,12 @@ async def open_work(connection: asyncpg.Connection, redis: aioredis.Redis) -> di
         queued += await redis.zcount(queue, 0, server_ms)
     counts["jobs queued and due in Redis"] = queued
     running = 0
+    RUNNING_SEEN.clear()
     async for key in redis.scan_iter(match=in_progress_key_prefix + "*", count=1000):
         job_id = key.decode().removeprefix(in_progress_key_prefix)
-        # arq keeps a finished cron tick's key 60 s (worker/lease.py): not work in progress.
-        if job_id.rpartition(":")[0] not in CRON_NAMES:
+        # arq keeps the key of a finished cron function's job 60 s (worker/lease.py), the
+        # driver's own ticks (`chaos-cron:<name>:<n>`) included: not work in progress.
+        if not CRON_NAMES & set(job_id.split(":")):
             running += 1
             RUNNING_SEEN.add(job_id)
     counts["jobs in progress in Redis"] = running

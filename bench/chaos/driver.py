@@ -86,8 +86,12 @@ class Driver:
         self, what: str, model: Any, user_id: uuid.UUID, call: Callable[[], Awaitable[Any]]
     ) -> None:
         """Run `call` once: retried only while PostgreSQL shows it created nothing."""
-        async with self.jobs.sessions() as session:
-            since = await session.scalar(select(func.now()))
+
+        async def now() -> Any:
+            async with self.jobs.sessions() as session:
+                return await session.scalar(select(func.now()))
+
+        since = await self._call("now", now)
         for _ in range(MAX_CALL_TRIES):
             try:
                 await call()
