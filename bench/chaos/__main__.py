@@ -41,6 +41,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--scale", type=float, default=1.0, help="rows and emails (0.05 to develop)"
     )
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--storage",
+        choices=("s3", "local"),
+        default="s3",
+        help="where exports go: S3 multipart uploads (moto) or local files (atomic renames)",
+    )
     # Not lower: an email whose claim Redis forgot (the restart) waits out SEND_LEASE_S
     # (120 s) before it is resent, and the reconciler's 60 s plus MAX_RETRIES backoffs of
     # 0.5, 1 and 2 times this must outlast it, or the row is given up to `review`.
@@ -96,10 +102,10 @@ async def settled(
 
 
 async def soak(args: argparse.Namespace) -> int:
-    started_s = time.monotonic()
+    started_s = args.started_s = time.monotonic()
     workload = build_workload(args.scale, args.seed)
     plan = plan_faults(args.duration_s, args.seed)
-    env = await provision()
+    env = await provision(args.storage)
     print(
         f"environment: database {env.database}, redis :{env.redis.port}, S3 :{env.moto.port}, "
         f"fake providers {env.provider.base_url}, files {env.base_dir}"
@@ -215,8 +221,9 @@ async def report(
     for what, n in sorted(driver.call_errors.items()):
         print(f"  retried client call {what}: {n}")
     title = (
-        f"scale {args.scale:g}, seed {args.seed}, faults for {phase_s:.0f} s, "
-        f"quiet after {quiet_s:.0f} s{'' if not waiting else ' (timed out)'}"
+        f"scale {args.scale:g}, seed {args.seed}, exports to {args.storage}, faults for "
+        f"{phase_s:.0f} s, quiet after {quiet_s:.0f} s{'' if not waiting else ' (timed out)'}, "
+        f"{time.monotonic() - args.started_s:.0f} s in all"
     )
     text, markdown, ok = render(rows, title)
     print(text)

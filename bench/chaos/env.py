@@ -156,6 +156,7 @@ class Environment:
     redis: PrivateRedis
     moto: MotoServer
     provider: ProviderServer
+    storage_backend: str = "s3"
     secret_key: str = field(default_factory=lambda: secrets.token_urlsafe(32))
 
     @property
@@ -189,7 +190,7 @@ class Environment:
             "REDIS_URL": self.redis.url,
             "IMPORT_DIR": str(self.import_dir),
             "EXPORT_DIR": str(self.export_dir),
-            "STORAGE_BACKEND": "s3",
+            "STORAGE_BACKEND": self.storage_backend,
             "S3_BUCKET": BUCKET,
             "S3_ENDPOINT_URL": self.moto.endpoint_url,
             "S3_REGION": AWS_ENV["AWS_DEFAULT_REGION"],
@@ -221,13 +222,13 @@ class Environment:
         }
 
 
-async def provision(keep_dir: Path | None = None) -> Environment:
-    base_dir = Path(tempfile.mkdtemp(prefix="c360-chaos-", dir=keep_dir))
+async def provision(storage_backend: str) -> Environment:
+    base_dir = Path(tempfile.mkdtemp(prefix="c360-chaos-"))
     database = f"c360_chaos_{uuid.uuid4().hex[:8]}"
     redis_server = PrivateRedis(base_dir / "redis")
     moto = MotoServer(base_dir / "moto.log")
     provider = ProviderServer()
-    env = Environment(base_dir, database, redis_server, moto, provider)
+    env = Environment(base_dir, database, redis_server, moto, provider, storage_backend)
     for path in (
         env.import_dir,
         env.export_dir,

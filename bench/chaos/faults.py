@@ -14,6 +14,7 @@ import time
 from collections import Counter
 
 import asyncpg
+import redis.asyncio as aioredis
 
 from bench.chaos.env import PG_SERVER, Environment
 from bench.chaos.workers import WorkerPool
@@ -55,7 +56,11 @@ class Injector:
 
     async def _inject(self, fault: Fault, admin: asyncpg.Connection, started_s: float) -> None:
         if fault.kind == "worker_sigkill":
-            victim = self.pool.kill_one(self.rng)
+            redis = aioredis.Redis.from_url(self.env.redis.url, socket_timeout=2)
+            try:
+                victim = await self.pool.kill_one(self.rng, redis)
+            finally:
+                await redis.aclose()
             if victim is None:
                 self.note(started_s, "worker SIGKILL skipped: no worker alive")
                 return

@@ -10,16 +10,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import random
 import signal
 import sys
 import time
 from collections import Counter
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
+
+import redis.asyncio as aioredis
+import redis.exceptions as redis_errors
 
 from bench.chaos.env import ROOT
+from worker.lease import running_key
 
 # Two imports workers (2 slots each), two exports workers (4 slots each), two default workers
 # (200 slots each): every queue keeps serving while one of its workers is dead.
@@ -42,6 +49,20 @@ class Slot:
     killed_pids: set[int] = field(default_factory=set)
 
 
+async def _busy_pids(redis: aioredis.Redis, queue: str) -> set[int]:
+    """Pids of the workers holding a live lease on `queue` (worker/lease.py's mirror)."""
+    try:
+        entries = await cast(Awaitable[dict[bytes, bytes]], redis.hgetall(running_key(queue)))
+    except redis_errors.RedisError:
+        return set()  # Redis is down: any worker will do
+    now_ms = time.time() * 1000
+    return {
+        int(entry["worker"].rpartition(":")[2])
+        for entry in map(json.loads, entries.values())
+        if entry.get("lease_until_ms", 0) > now_ms
+    }
+
+
 class WorkerPool:
     def __init__(self, env: dict[str, str], log_dir: Path) -> None:
         self.env = env
@@ -55,6 +76,8 @@ class WorkerPool:
         self.starts = 0
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._kill_order: list[str] = []
+        self._kills = 0
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._keep_alive(slot)) for slot in self.slots]
@@ -66,8 +89,8 @@ class WorkerPool:
             with log_path.open("wb") as log:
                 process = await asyncio.create_subprocess_exec(
                     sys.executable, "-m", "worker", "work", slot.queue,
-                    env={**self.env, **SLOT_ENV.get((slot.queue, slot.index), {})},
-                    cwd=ROOT, stdout=log, stderr=asyncio.subprocess.STDOUT, start_new_session=True,
+                    env=self.env, cwd=ROOT, stdout=log, stderr=asyncio.subprocess.STDOUT,
+                    start_new_session=True,
                 )  # fmt: skip
             self.starts += 1
             slot.process = process
@@ -92,20 +115,29 @@ class WorkerPool:
             return "SIGKILL (not ours: out of memory?)"
         return f"exit {code} (lost Redis or crashed)"
 
-    def kill_one(self, rng: random.Random) -> str | None:
-        """SIGKILL one live worker: a queue drawn first, so each queue is hit as often."""
-        queues = sorted({slot.queue for slot in self.slots})
-        rng.shuffle(queues)
-        for queue in queues:
+    async def kill_one(self, rng: random.Random, redis: aioredis.Redis) -> str | None:
+        """SIGKILL one live worker, one running a job if there is one (leases list them).
+
+        The queues take turns, in an order drawn once, so each queue is hit as often.
+        """
+        if not self._kill_order:
+            self._kill_order = sorted({slot.queue for slot in self.slots})
+            rng.shuffle(self._kill_order)
+        for turn in range(len(self._kill_order)):
+            queue = self._kill_order[(self._kills + turn) % len(self._kill_order)]
             live = [s for s in self.slots if s.queue == queue and s.process is not None]
             if not live:
                 continue
-            slot = rng.choice(live)
+            busy_pids = await _busy_pids(redis, queue)
+            busy = [s for s in live if s.process is not None and s.process.pid in busy_pids]
+            slot = rng.choice(busy or live)
             assert slot.process is not None
+            self._kills += 1
             slot.killed_pids.add(slot.process.pid)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(slot.process.pid, signal.SIGKILL)
-            return f"{slot.queue} worker pid {slot.process.pid}"
+            state = "running a job" if busy else "idle"
+            return f"{slot.queue} worker pid {slot.process.pid} ({state})"
         return None
 
     async def stop(self) -> None:

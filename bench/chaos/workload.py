@@ -87,7 +87,7 @@ def build_workload(scale: float, seed: int) -> Workload:
         send_emails=max(100, round(SEND_EMAILS * scale)),
         waitlist_signups=max(50, round(WAITLIST_SIGNUPS * scale)),
         sync_contact_calls=max(10, round(SYNC_CONTACT_CALLS * scale)),
-        seeded_exports=12,
+        seeded_exports=18,
         email_bursts=10,
     )
 
