@@ -88,6 +88,9 @@ async def run_export(ctx: Ctx, export_id: str, kind: ExportKind) -> ExportResult
                 )
 
         with file_errors(storage.location(key)):
+            # Under the lock no other writer of this key is alive: what one left is abandoned.
+            if discarded := await storage.discard_abandoned(key):
+                log.warning("export %s: removed %d partial file(s) of killed runs", eid, discarded)
             requested = (
                 await pg.fetchval("SELECT count(*) FROM export_items WHERE export_id = $1", eid)
                 if row.has_selection
