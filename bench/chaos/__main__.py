@@ -210,6 +210,11 @@ async def report(
             *await checks.check_exports(connection, env),
             *await checks.check_emails(connection, env, workload),
             *checks.check_marketing(env, population, workload),
+            checks.Row(
+                "left",
+                "partial exports of killed runs removed by their re-run",
+                await asyncio.to_thread(checks.discarded_by_reruns, env),
+            ),
             *(checks.Row("left", what, n, must_be_zero=True) for what, n in left.items()),
             *(
                 checks.Row("left", what, n, must_be_zero=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -264,6 +265,19 @@ async def open_work(connection: asyncpg.Connection, redis: aioredis.Redis) -> di
             RUNNING_SEEN.add(job_id)
     counts["jobs in progress in Redis"] = running
     return counts
+
+
+# Logged by jobs/exports/job.py when a re-run cleans up after a killed writer of its key.
+DISCARDED = re.compile(r"removed (\d+) partial file\(s\) of killed runs")
+
+
+def discarded_by_reruns(env: Environment) -> int:
+    """Partial files or uploads of killed export runs that their re-run removed (worker logs)."""
+    return sum(
+        int(match.group(1))
+        for log in env.log_dir.glob("*.log")
+        for match in DISCARDED.finditer(log.read_text(errors="replace"))
+    )
 
 
 def leftovers(env: Environment) -> dict[str, int]:
