@@ -35,7 +35,7 @@ SETTLED_ROUNDS = 2  # quiet this many checks in a row (2 s apart)
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.chaos", description=__doc__)
-    parser.add_argument("--duration-s", type=float, default=360, help="the faulted phase")
+    parser.add_argument("--duration-s", type=float, default=420, help="the faulted phase")
     parser.add_argument("--quiet-timeout-s", type=float, default=180, help="bound on the drain")
     parser.add_argument(
         "--scale", type=float, default=1.0, help="rows and emails (0.05 to develop)"

@@ -116,29 +116,37 @@ class WorkerPool:
         return f"exit {code} (lost Redis or crashed)"
 
     async def kill_one(self, rng: random.Random, redis: aioredis.Redis) -> str | None:
-        """SIGKILL one live worker, one running a job if there is one (leases list them).
+        """SIGKILL one live worker, preferring one that holds a job lease (it is mid-job).
 
-        The queues take turns, in an order drawn once, so each queue is hit as often.
+        The queues take turns, in an order drawn once: the kill goes to the first queue from
+        this turn's on that has a busy worker, else to an idle worker of this turn's queue.
         """
         if not self._kill_order:
             self._kill_order = sorted({slot.queue for slot in self.slots})
             rng.shuffle(self._kill_order)
-        for turn in range(len(self._kill_order)):
-            queue = self._kill_order[(self._kills + turn) % len(self._kill_order)]
+        turns = [
+            self._kill_order[(self._kills + turn) % len(self._kill_order)]
+            for turn in range(len(self._kill_order))
+        ]
+        self._kills += 1
+        fallback: Slot | None = None
+        for queue in turns:
             live = [s for s in self.slots if s.queue == queue and s.process is not None]
-            if not live:
-                continue
             busy_pids = await _busy_pids(redis, queue)
             busy = [s for s in live if s.process is not None and s.process.pid in busy_pids]
-            slot = rng.choice(busy or live)
-            assert slot.process is not None
-            self._kills += 1
-            slot.killed_pids.add(slot.process.pid)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(slot.process.pid, signal.SIGKILL)
-            state = "running a job" if busy else "idle"
-            return f"{slot.queue} worker pid {slot.process.pid} ({state})"
-        return None
+            if busy:
+                return self._kill(rng.choice(busy), "running a job")
+            if fallback is None and live:
+                fallback = rng.choice(live)
+        return None if fallback is None else self._kill(fallback, "idle")
+
+    @staticmethod
+    def _kill(slot: Slot, state: str) -> str:
+        assert slot.process is not None
+        slot.killed_pids.add(slot.process.pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(slot.process.pid, signal.SIGKILL)
+        return f"{slot.queue} worker pid {slot.process.pid} ({state})"
 
     async def stop(self) -> None:
         """SIGTERM every live worker (they drain), SIGKILL what is left after the grace."""
