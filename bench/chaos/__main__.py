@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     # (120 s) before it is resent, and the reconciler's 60 s plus MAX_RETRIES backoffs of
     # 0.5, 1 and 2 times this must outlast it, or the row is given up to `review`.
     parser.add_argument("--retry-base-delay-s", type=float, default=20.0)
-    parser.add_argument("--report", type=Path, default=Path("chaos-report.md"))
+    parser.add_argument("--report", type=Path, default=Path("bench/out/chaos-report.md"))
     parser.add_argument("--keep", action="store_true", help="keep the database, files and logs")
     return parser.parse_args(argv)
 
@@ -232,6 +232,7 @@ async def report(
     )
     text, markdown, ok = render(rows, title)
     print(text)
+    args.report.parent.mkdir(parents=True, exist_ok=True)
     args.report.write_text(markdown)
     print(f"markdown table written to {args.report}")
     return not ok or bool(waiting)

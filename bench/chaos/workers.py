@@ -39,6 +39,7 @@ RESTART_DELAY_S = 1.0
 MAX_RESTART_DELAY_S = 8.0
 FAST_EXIT_S = 5.0
 STOP_GRACE_S = 30.0
+KILL_WAIT_S = 15.0
 
 
 @dataclass
@@ -118,8 +119,9 @@ class WorkerPool:
     async def kill_one(self, rng: random.Random, redis: aioredis.Redis) -> str | None:
         """SIGKILL one live worker, preferring one that holds a job lease (it is mid-job).
 
-        The queues take turns, in an order drawn once: the kill goes to the first queue from
-        this turn's on that has a busy worker, else to an idle worker of this turn's queue.
+        The queues take turns, in an order drawn once: the kill goes to a busy worker of this
+        turn's queue if one appears within KILL_WAIT_S, else to the first queue from this turn's
+        on that has a busy worker, else to an idle worker of this turn's queue.
         """
         if not self._kill_order:
             self._kill_order = sorted({slot.queue for slot in self.slots})
@@ -129,6 +131,19 @@ class WorkerPool:
             for turn in range(len(self._kill_order))
         ]
         self._kills += 1
+        # Imports and exports run in short spells between idle ones: give this turn's queue a
+        # few seconds to start a job, so their resume paths get killed too, not only email.
+        deadline_s = time.monotonic() + KILL_WAIT_S
+        while time.monotonic() < deadline_s:
+            busy_pids = await _busy_pids(redis, turns[0])
+            busy = [
+                s
+                for s in self.slots
+                if s.queue == turns[0] and s.process is not None and s.process.pid in busy_pids
+            ]
+            if busy:
+                return self._kill(rng.choice(busy), "running a job")
+            await asyncio.sleep(0.5)
         fallback: Slot | None = None
         for queue in turns:
             live = [s for s in self.slots if s.queue == queue and s.process is not None]
