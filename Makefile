@@ -4,8 +4,8 @@ PYTHON ?= python3
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: venv run test lint format bench bench-import bench-export bench-email bench-recovery \
-	bench-console services chaos
+.PHONY: venv run test lint format bench bench-import bench-import-pooler bench-export bench-email \
+	bench-email-batch bench-recycling bench-recovery bench-console bench-fairness services chaos
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,7 +30,7 @@ test: venv
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy worker jobs db tests
+	$(VENV)/bin/mypy worker jobs db examples tests
 
 format: venv
 	$(VENV)/bin/ruff check --fix .
@@ -39,10 +39,14 @@ format: venv
 services:
 	scripts/services.sh test
 
-bench: bench-import bench-export bench-email bench-recovery bench-console
+bench: bench-import bench-export bench-email bench-email-batch bench-recovery bench-console \
+	bench-fairness
 
 bench-import: venv services
 	$(PY) bench/bench_import.py
+
+bench-import-pooler: venv services
+	$(PY) bench/bench_import_pooler.py
 
 bench-export: venv services
 	$(PY) bench/bench_export.py
@@ -51,12 +55,24 @@ bench-email: venv services
 	$(PY) -m pip install -q -e '.[dev,bench]'  # Celery, for the prefork baseline
 	$(PY) bench/bench_email.py
 
+## Recycling at the default settings against recycling off, in bench-email's setup (~8 min).
+bench-recycling: venv services
+	$(PY) bench/bench_email.py --recycling
+
 bench-recovery: venv services
 	$(PY) bench/bench_recovery.py
+
+## Batches against a fake Resend enforcing its documented 5 requests/s (README "Email guarantees").
+bench-email-batch: venv services
+	$(PY) bench/bench_email_batch.py
 
 ## The console under a backlog of 10^5 jobs and outbox rows: latency, and 50 polling dashboards.
 bench-console: venv services
 	$(PY) bench/bench_console.py
+
+## User B's small import behind user A's burst of 10 large ones, with and without the per-user cap.
+bench-fairness: venv services
+	$(PY) bench/bench_fairness.py
 
 ## The chaos soak (outside `make test`, <= 10 min): mixed workload, random faults, invariants.
 ## Smaller while developing: make chaos CHAOS_ARGS="--duration-s 90 --scale 0.05"

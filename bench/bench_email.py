@@ -23,6 +23,14 @@ the product); "SDK, no provider" the worker as shipped with OpenTelemetry instal
 configured; "provider + batch" a TracerProvider with a BatchSpanProcessor to an exporter that
 drops every span. Reported: the median sends/s of each, and the median of the per-round ratios.
 
+`--recycling` instead compares recycling (worker/recycle.py) at the default settings, and with
+the old per-process count of 1,000, through `python -m worker run --queue default` (the
+supervisor replaces a recycled worker), with recycling off (one `work default` process whose
+recycler hook is patched away in the process: `bench_email.py recycling-off-worker`), in
+interleaved rounds of the same `send_email` workload. Reported: sends/s, recycles counted, the
+longest pause between two sends, the median ratio to "off", the seconds a recycle costs, and
+that cost at the default count.
+
 Uses a database of its own (dropped at the end) and Redis db BENCH_REDIS_DB (default 13),
 which must be empty or the test rig's own (TEST_REDIS_DB); it is flushed before and after.
 """
@@ -40,9 +48,10 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 import psutil
@@ -256,6 +265,9 @@ async def main() -> None:
     parser.add_argument("--slow-emails", type=int, default=300, help="for the ~20/s baselines")
     parser.add_argument("--hook-rounds", type=int, default=5, help="0: skip the hooks' cost")
     parser.add_argument("--only-hooks", action="store_true", help="skip the side-by-side table")
+    parser.add_argument("--recycling", action="store_true", help="only recycling's cost")
+    parser.add_argument("--recycling-emails", type=int, default=5000)
+    parser.add_argument("--recycling-rounds", type=int, default=3)
     args = parser.parse_args()
     n, slow_n = args.emails, args.slow_emails
 
@@ -286,8 +298,8 @@ async def main() -> None:
         # Campaign email is not sent without its signed links' base URL and key.
         "APP_URL": "https://app.contact360.test",
         "SECRET_KEY": "bench-secret-key-that-signs-the-links-0123456789",
-        # One process's throughput is measured: no recycling (at the default 1,000 jobs a
-        # worker sending 250/s would drain and exit every 4 s, and nothing restarts it here).
+        # One process's throughput is measured: no recycling, since nothing restarts it here
+        # (`--recycling` measures recycling under the supervisor).
         "WORKER_MAX_JOBS_PER_PROCESS": "1000000",
         "BENCH_BASE_URL": base_url,
         "PYTHONPATH": str(ROOT),
@@ -299,7 +311,10 @@ async def main() -> None:
         subprocess.run(migrate, env=env, cwd=ROOT, check=True)  # noqa: ASYNC221 (set-up, untimed)
         db = await asyncpg.connect(f"{PG_SERVER}/{database}")
         print(f"provider answers in 200 ms; logs in {logs}\n")
-        if not args.only_hooks:
+        if args.recycling:
+            rounds = args.recycling_rounds
+            await bench_recycling(env, redis, db, logs, args.recycling_emails, rounds)
+        elif not args.only_hooks:
             print("| setup | emails | sends/s | worker CPU ms/send |\n|---|---|---|---|")
             results += await bench_ours(env, pool, redis, db, logs, n)
             for max_jobs, count in ((10, slow_n), (500, n)):
@@ -307,7 +322,7 @@ async def main() -> None:
             celery = await bench_celery(env, redis, logs, slow_n)
             if celery is None:
                 print("| Celery 5 prefork 4 | - | not run: celery is not installed | - |")
-        if args.hook_rounds:
+        if args.hook_rounds and not args.recycling:
             await bench_hooks(env, redis, db, logs, n, args.hook_rounds)
         await db.close()
     finally:
@@ -436,6 +451,142 @@ async def bench_hooks(
         )
 
 
+# ---- recycling's cost: `bench_email.py --recycling` ----------------------------------------
+
+# The bench's own env turns the count off (WORKER_MAX_JOBS_PER_PROCESS=1000000); each variant
+# sets both limits or, for "default", leaves them unset as a deploy would.
+RECYCLING_VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
+    "off": ("recycling off (no recycler, no supervisor)", {}),
+    "default": ("recycling at the default settings", {}),
+    "per-1000": ("WORKER_MAX_JOBS_PER_PROCESS=1000 (the old default)",
+                 {"WORKER_MAX_JOBS_PER_PROCESS": "1000"}),
+}  # fmt: skip
+
+
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds of a process and its children, the ones already reaped too (recycled)."""
+    proc = psutil.Process(pid)
+    total = 0.0
+    for p in [proc, *proc.children(recursive=True)]:
+        times = p.cpu_times()
+        total += times.user + times.system + times.children_user + times.children_system
+    return total
+
+
+def run_worker_without_recycler() -> int:
+    """`python -m worker work default` in this process with the recycler's job hook removed."""
+    import worker.main
+    from worker.cli import main as worker_main
+
+    worker.main.recycle_after_job_end = None  # type: ignore[assignment]
+    return worker_main(["work", "default"])
+
+
+async def bench_recycling(
+    env: dict[str, str], redis: Redis, db: Any, logs: Path, n: int, rounds: int
+) -> None:
+    from worker.main import QUEUE_CONFIGS
+    from worker.recycle import RECYCLES_KEY, job_limit
+    from worker.routes import SEND_EMAIL
+    from worker.serialization import serialize
+    from worker.settings import Settings
+
+    print(f"recycling: {rounds} interleaved rounds of {n:,} `send_email` jobs, under `run`\n")
+    print("| round | variant | emails | sends/s | CPU ms/send | recycles | longest pause s |")
+    print("|---|---|---|---|---|---|---|", flush=True)
+    variants = list(RECYCLING_VARIANTS)
+    rates: dict[str, list[float]] = {variant: [] for variant in variants}
+    seconds: dict[str, list[float]] = {variant: [] for variant in variants}
+    recycled: dict[str, list[int]] = {variant: [] for variant in variants}
+    cpu_per_send_ms: dict[str, list[float]] = {variant: [] for variant in variants}
+    items = [
+        {"to": f"y{i}@example.com", "subject": "Benchmark", "html": PAYLOAD["html"]}
+        for i in range(n)
+    ]
+    base = {k: v for k, v in env.items() if not k.startswith("WORKER_MAX_")}
+    # Round -1 warms PostgreSQL and the page cache up and is not counted.
+    for round_no in range(-1, rounds):
+        shift = round_no % len(variants)
+        for variant in variants[shift:] + variants[:shift] if round_no >= 0 else ["off"]:
+            await db.execute("TRUNCATE email_messages")
+            await redis.flushdb()
+            label, limits = RECYCLING_VARIANTS[variant]
+            ours = await create_pool(RedisSettings.from_dsn(REDIS_URL), job_serializer=serialize)
+            command = [sys.executable, "-m", "worker", "run", "--queue", "default"]
+            if variant == "off":
+                command = [sys.executable, __file__, "recycling-off-worker"]
+            supervisor = start(command, base | limits, logs / f"recycling-{round_no}-{variant}.log")
+
+            async def ready() -> bool:
+                return bool(await redis.keys("default:health-check:*"))
+
+            async def sent() -> bool:
+                count = await db.fetchval("SELECT count(*) FROM email_messages WHERE status='sent'")
+                return int(count) >= n
+
+            try:
+                await wait_for(ready, f"{label} to start", 60)
+                await asyncio.sleep(0.5)
+                t0, cpu0 = time.perf_counter(), tree_cpu_s(supervisor.pid)
+                await enqueue_many(ours, SEND_EMAIL.name, SEND_EMAIL.queue, items)
+                await wait_for(sent, f"{label} to send {n}")
+                elapsed_s = time.perf_counter() - t0
+                cpu_ms = 1000 * (tree_cpu_s(supervisor.pid) - cpu0) / n
+            finally:
+                stop(supervisor)
+                await ours.aclose()
+            raw_count = await cast(Awaitable[bytes | None], redis.hget(RECYCLES_KEY, "default"))
+            count = int(raw_count or 0)
+            # The longest stretch without a send: a recycle's gap shows here, load or not.
+            pause_s = await db.fetchval(
+                "SELECT extract(epoch FROM max(gap)) FROM (SELECT sent_at - lag(sent_at) "
+                "OVER (ORDER BY sent_at) AS gap FROM email_messages) gaps"
+            )
+            shown = round_no + 1 if round_no >= 0 else "warm-up"
+            print(
+                f"| {shown} | {label} | {n:,} | {n / elapsed_s:,.0f} | {cpu_ms:.2f} | {count} "
+                f"| {float(pause_s):.2f} |",
+                flush=True,
+            )
+            if round_no < 0:
+                continue
+            rates[variant].append(n / elapsed_s)
+            cpu_per_send_ms[variant].append(cpu_ms)
+            seconds[variant].append(elapsed_s)
+            recycled[variant].append(count)
+    print(
+        "\n| variant | median sends/s | median ratio to off | median CPU ms/send "
+        "| CPU ratio to off | recycles per run |\n|---|---|---|---|---|---|"
+    )
+    for variant in variants:
+        ratios = [rate / off for rate, off in zip(rates[variant], rates["off"], strict=True)]
+        cpu = cpu_per_send_ms[variant]
+        cpu_ratios = [ms / off for ms, off in zip(cpu, cpu_per_send_ms["off"], strict=True)]
+        print(
+            f"| {RECYCLING_VARIANTS[variant][0]} | {statistics.median(rates[variant]):,.0f} "
+            f"| {statistics.median(ratios):.3f} | {statistics.median(cpu):.2f} "
+            f"| {statistics.median(cpu_ratios):.3f} | {statistics.median(recycled[variant]):g} |"
+        )
+    # A recycle's own price, from the runs that recycle every 1,000 jobs, spread over the
+    # default count: what recycling costs a default worker that sends without pause.
+    lost_s = [
+        (slow - fast) / max(count, 1)
+        for slow, fast, count in zip(
+            seconds["per-1000"], seconds["off"], recycled["per-1000"], strict=True
+        )
+    ]
+    default_jobs = job_limit(Settings(), QUEUE_CONFIGS["default"].max_jobs)
+    per_recycle_s = statistics.median(lost_s)
+    off_rate = statistics.median(rates["off"])
+    share = max(per_recycle_s, 0.0) / (default_jobs / off_rate + max(per_recycle_s, 0.0))
+    print(
+        f"\none recycle costs {per_recycle_s:.2f} s of sending (median of {rounds}); at the "
+        f"default count ({default_jobs:,} jobs, {default_jobs / off_rate / 60:.0f} min at "
+        f"{off_rate:,.0f}/s) that is {100 * share:.2f}% of throughput",
+        flush=True,
+    )
+
+
 async def bench_stock(
     env: dict[str, str], pool: ArqRedis, redis: Redis, logs: Path, max_jobs: int, n: int
 ) -> Result:
@@ -503,5 +654,7 @@ if __name__ == "__main__":
         run_stock_worker(int(sys.argv[2]))
     elif sys.argv[1:2] == ["ours-worker"]:
         sys.exit(run_ours_worker(sys.argv[2]))
+    elif sys.argv[1:2] == ["recycling-off-worker"]:
+        sys.exit(run_worker_without_recycler())
     else:
         asyncio.run(main())

@@ -114,6 +114,7 @@ def _child_env(settings: Settings) -> dict[str, str]:
     return {
         **os.environ,
         "DATABASE_URL": settings.database_url,
+        "DATABASE_POOLER": settings.database_pooler,
         "REDIS_URL": settings.redis_url,
         "IMPORT_DIR": str(settings.import_dir),
         "IMPORT_BATCH_ROWS": str(settings.import_batch_rows),

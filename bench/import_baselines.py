@@ -104,7 +104,7 @@ async def naive_orm(
         reader = csv.reader(handle)
         next(reader)
         records = [next(reader) for _ in range(rows)]
-    engine = create_engine(settings.database)
+    engine = create_engine(settings.database, pooler=settings.database_pooler)
     sessions = make_sessionmaker(engine)
     seen: set[str] = set()
     started_s = time.perf_counter()

@@ -159,6 +159,9 @@ class ContactImportJob(Base):
     created_at: Mapped[datetime] = _created_at()
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The run that owns the import and until when (jobs/imports/lease.py); NULL: nobody.
+    lease_owner: Mapped[str | None] = mapped_column(Text)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class ContactImportError(Base):
@@ -259,6 +262,8 @@ class EmailMessage(Base):
             "created_at",
             postgresql_where=text("status IN ('pending', 'sending')"),
         ),
+        # A reclaim locks every member of a batch (jobs/email/claims.py).
+        Index("ix_email_messages_batch_id", "batch_id"),
     )
 
     id: Mapped[uuid.UUID] = _uuid_pk()
@@ -277,6 +282,11 @@ class EmailMessage(Base):
     created_at: Mapped[datetime] = _created_at()
     updated_at: Mapped[datetime] = _updated_at()
     sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The provider request this message was last claimed into: its members are resent
+    # together, under `batch/<batch_id>`, after a timeout or a crash (jobs/email/claims.py).
+    batch_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
+    # The worker process (`host:pid`) whose send is in flight; NULL once it has ended.
+    claimed_by: Mapped[str | None] = mapped_column(Text)
 
 
 class EmailSuppression(Base):

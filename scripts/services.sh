@@ -23,6 +23,13 @@ if [ "$mode" = test ] && ! command -v chromium >/dev/null; then
   sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
 fi
 
+# The Sentinel failover tests (tests/topology) start Debian's redis-sentinel on loopback ports.
+if [ "$mode" = test ] && ! command -v redis-sentinel >/dev/null; then
+  echo "installing redis-sentinel from Debian's packages (the Sentinel failover tests)"
+  sudo_ apt-get update -qq
+  sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-sentinel >/dev/null
+fi
+
 read -r pg_host pg_port < <(host_port "${DATABASE_URL:-postgresql://postgres@127.0.0.1:5432/contact360}" 5432)
 read -r redis_host redis_port < <(host_port "${REDIS_URL:-redis://127.0.0.1:6379/0}" 6379)
 
@@ -51,6 +58,9 @@ fi
 need_install=()
 command -v pg_ctlcluster >/dev/null || need_install+=(postgresql)
 command -v redis-server >/dev/null || need_install+=(redis-server)
+# tests/pooler start a PgBouncer of their own (own config, own loopback port); the package's
+# system service on 6432, if it starts, is never used.
+command -v pgbouncer >/dev/null || [ -x /usr/sbin/pgbouncer ] || need_install+=(pgbouncer)
 if [ ${#need_install[@]} -gt 0 ]; then
   echo "installing ${need_install[*]} from Debian's packages"
   sudo_ apt-get update -qq

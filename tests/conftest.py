@@ -85,7 +85,7 @@ async def settings(test_root: Path) -> AsyncIterator[Settings]:
 
 @pytest.fixture(scope="session")
 async def engine(settings: Settings) -> AsyncIterator[AsyncEngine]:
-    engine = create_engine(settings.database)
+    engine = create_engine(settings.database, pooler=settings.database_pooler)
     yield engine
     await engine.dispose()
 

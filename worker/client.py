@@ -25,7 +25,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 import aioboto3
-from arq.connections import ArqRedis, create_pool
+from arq.connections import ArqRedis
 from arq.jobs import Job
 from pydantic import BaseModel
 from sqlalchemy import ColumnElement, func, select, update
@@ -51,6 +51,7 @@ from jobs.email.outbox import Draft, store_pending
 from jobs.email.suppression import suppress
 from worker import tokens
 from worker.import_source import resolve_import_source
+from worker.redis_connect import arq_pool
 from worker.routes import (
     EXPORT_ROUTES,
     KICKOFF_WAITLIST_FIRST_EMAIL,
@@ -190,12 +191,10 @@ class JobsClient:
     @asynccontextmanager
     async def from_settings(cls, settings: Settings) -> AsyncIterator[JobsClient]:
         """A client that owns its Redis pool and database engine, closed on exit."""
-        redis = await create_pool(
-            settings.redis_settings(),
-            job_serializer=serialize,
-            job_deserializer=deserialize,
+        redis = await arq_pool(settings)
+        engine = create_engine(
+            settings.database, pool_size=5, pre_ping=True, pooler=settings.database_pooler
         )
-        engine = create_engine(settings.database, pool_size=5, pre_ping=True)
         try:
             async with cls(redis=redis, sessions=make_sessionmaker(engine), settings=settings) as c:
                 yield c

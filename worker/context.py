@@ -29,7 +29,8 @@ if TYPE_CHECKING:
     import aioboto3
     from arq.connections import ArqRedis
 
-    # Only for the types: both modules' arq hooks read a Ctx.
+    # Only for the types: these modules read a Ctx.
+    from jobs.email.batcher import EmailBatcher
     from worker.lease import Leases
     from worker.recycle import Recycler
 
@@ -61,6 +62,8 @@ class Resources(TypedDict):
     # worker/recycle.py.
     leases: Leases
     recycler: Recycler
+    # Coalesces this process's email sends into provider batches (jobs/email/batcher.py).
+    email_batcher: EmailBatcher
 
 
 class Ctx(WorkerGiven, Resources):

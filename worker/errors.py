@@ -4,7 +4,9 @@
     ├── TransientError             retried with exponential backoff (connection lost, timeout,
     │   │                          429, 5xx)
     │   ├── RateLimited            the provider told us how long to wait: we wait at least that
-    │   │                          long (429: every process waits, worker.ratelimit)
+    │   │   │                      long (429: every process waits, worker.ratelimit)
+    │   │   └── ImportRunningElsewhere (jobs.imports.lease) another run holds this import's
+    │   │                          lease: back once it could have expired
     │   ├── ProviderFault          the provider refuses our account (API key, sending domain):
     │   │                          nothing is wrong with the job, so it waits for the fix
     │   │                          without using a try; sending halts everywhere
@@ -12,8 +14,7 @@
     │   │                          the provider (read timeout, connection dropped after
     │   │                          sending): resent only where the provider deduplicates
     │   │                          (Resend's Idempotency-Key); with SendGrid held for review
-    │   ├── ExportBusy             (jobs.exports.job) another worker is writing this export
-    │   └── ImportRunningElsewhere (jobs.imports.checkpoint) another runner owns this import
+    │   └── ExportBusy             (jobs.exports.job) another worker is writing this export
     └── PermanentError             fails the job now; the message is recorded for a person to
         │                          act on
         ├── HardTimeLimitExceeded  ran past its hard time limit: never retried, it would run as

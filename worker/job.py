@@ -14,6 +14,9 @@ the coroutine's parameters and result (`JobDefinition[P, R]`), so `run(ctx, ...)
   detail while `on_failure` records the error's `public_message` on the job's own row
   (import, export, email), plain words without hosts, buckets, paths or SQL values;
 - a try cancelled by a shutdown goes back to the queue without using up a try;
+- an import or export waits for its turn among its user's jobs (worker/fairness/) before
+  its body runs: over the user's cap it is parked and gives its worker slot back at once,
+  and when it ends its user's next job is woken;
 - outcomes, durations and queue waits are counted in Redis for `python -m worker status` and
   `/metrics` (worker/stats.py);
 - with OpenTelemetry installed, each try runs in a span of its own (worker/tracing.py).
@@ -33,11 +36,19 @@ from arq.cron import CronJob, cron
 from arq.typing import WorkerCoroutine
 from arq.worker import Function, Retry
 
-from worker import stats
+from worker import fairness, stats
 from worker.context import Ctx
-from worker.errors import WorkerError
+from worker.errors import TransientError, WorkerError
 from worker.logs import job_log_context
-from worker.retry import PUBLIC_INTERNAL_ERROR, Fail, arq_max_tries, decide, worker_died
+from worker.retry import (
+    PUBLIC_INTERNAL_ERROR,
+    Fail,
+    arq_max_tries,
+    classify,
+    decide,
+    retry_delay_s,
+    worker_died,
+)
 from worker.settings import Settings
 from worker.tracing import job_span
 
@@ -57,6 +68,46 @@ async def _give_try_back(ctx: Ctx) -> None:
         await ctx["redis"].decr(retry_key_prefix + ctx["job_id"])
     except Exception as exc:
         log.warning("could not give the try of a cancelled job back: %s", exc)
+
+
+async def _take_turn(ctx: Ctx) -> fairness.Claim | None:
+    """The try's turn among its user's jobs (worker/fairness/); parked: `Retry(defer=0)`."""
+    try:
+        claim = await fairness.claim(ctx)
+    except Exception as exc:
+        failure = classify(exc)
+        if not isinstance(failure, TransientError):
+            # A bug of ours must not stop users' work: run this try without a turn.
+            log.exception("could not take a turn among the user's jobs; running without one")
+            return None
+        # Not the job's fault (Redis or PostgreSQL unreachable): come back, try given back.
+        defer_s = retry_delay_s(1, ctx["settings"].retry_base_delay_s)
+        log.warning(
+            "could not take a turn among the user's jobs, again in %.1f s: %s", defer_s, failure
+        )
+        await _give_try_back(ctx)
+        raise Retry(defer=defer_s) from exc
+    if claim is None or claim.admitted:
+        return claim
+    share = claim.share
+    log.info(
+        "waiting for its turn: user %s runs at most %d %s job(s) at once (%s_MAX_RUNNING_PER_USER)",
+        share.user_id,
+        share.cap,
+        share.kind,
+        share.kind.upper(),
+    )
+    # The claim moved the job's score ahead and gave its try back; defer=0 makes arq keep
+    # that score (it only adds a non-zero defer) and free the worker slot now.
+    raise Retry(defer=0)
+
+
+async def _end_turn(ctx: Ctx, claim: fairness.Claim) -> None:
+    try:
+        await fairness.release(ctx["redis"], claim)
+    except Exception as exc:
+        # The user's parked jobs then look again on their own (fairness.PARK_RECHECK_S).
+        log.warning("could not end the turn of %s: %s", claim.job_id, exc)
 
 
 @dataclass(frozen=True)
@@ -99,9 +150,13 @@ class JobDefinition(Generic[P, R]):
             job_log_context(job_id=job_id, job=self.name, job_try=job_try),
             job_span(self.name, queue=ctx["queue_name"], job_id=job_id, job_try=job_try),
         ):
+            # Before the try is counted: a parked try is no try at all.
+            turn = await _take_turn(ctx)
             deaths = await stats.try_started(ctx["redis"], ctx["queue_name"], job_id, self.name)
             outcome: stats.Outcome = "failed"
             error: str | None = None
+            # A shutdown's cancel keeps the turn: arq requeues the job, which resumes first.
+            keep_turn = False
             try:
                 died = worker_died(job_try, max_retries=settings.max_retries, deaths=deaths)
                 if died is not None:
@@ -116,6 +171,7 @@ class JobDefinition(Generic[P, R]):
                 # A shutdown past its grace: arq puts the job back in the queue. That is not
                 # the job's fault, so give arq's try back (arq counts it when the job starts).
                 outcome = "retried"
+                keep_turn = True
                 await asyncio.shield(_give_try_back(ctx))
                 raise
             except Exception as exc:
@@ -126,6 +182,8 @@ class JobDefinition(Generic[P, R]):
                 raise
             finally:
                 redis = ctx["redis"]
+                if turn is not None and not keep_turn:
+                    await asyncio.shield(_end_turn(ctx, turn))
                 await asyncio.shield(
                     stats.try_ended(redis, job_id, final=outcome in ("completed", "failed"))
                 )

@@ -5,7 +5,8 @@ One worker process, `worker.main.worker_settings` wiring arq's hooks (arq.worker
     worker_settings()          preflight.check_settings: refuse bad settings, nothing opened
     arq: create_pool           ctx["redis"]
     on_startup                 startup (below): preflight.check_redis, then every resource
-      │                        into one AsyncExitStack, the lease renewal task among them
+      │                        into one AsyncExitStack, the lease renewal task among them;
+      │                        the recycler gets the arq Worker (recycle.running_worker)
       │
       ├─ for each job arq claims (arq:in-progress:<id>, short once lease.shorten_initial_claim)
       │    arq: run_job        job ctx = startup's ctx + job_id, job_try, enqueue_time, score
@@ -17,10 +18,11 @@ One worker process, `worker.main.worker_settings` wiring arq's hooks (arq.worker
       │    on_job_end          lease.on_job_end: stop renewing this job's lease
       │    arq: finish_job     store the result, delete the in-progress key (a cron's stays 60 s)
       │    after_job_end       recycle.after_job_end (recycling workers only): count the job;
-      │                        past a limit, SIGTERM this process once, arq drains and stops
+      │                        past a limit, once: take no more jobs, let the running ones
+      │                        finish, then SIGTERM this process (arq stops at once)
       │
-    on_shutdown                shutdown (below): close the stack in reverse (renewal task,
-                               HTTP client, engine)
+    on_shutdown                shutdown (below): close the stack in reverse (the email
+                               batcher's flushes in flight, renewal task, HTTP client, engine)
     arq: close its pool
 
 `startup` either opens everything or, on a failure, closes what it opened and raises: `ctx`
@@ -38,14 +40,16 @@ from typing import Any, cast
 import aioboto3
 
 from db.session import create_engine, make_sessionmaker
+from jobs.email.batcher import EmailBatcher
 from worker.context import Resources, WorkerGiven
 from worker.email_providers import make_email_provider
 from worker.http import make_http_client
-from worker.lease import Leases, renewing
+from worker.lease import Leases, renewing, worker_name
 from worker.marketing import make_marketing_provider
 from worker.preflight import EMAIL_QUEUE, check_redis
 from worker.ratelimit import RateLimiter
-from worker.recycle import Recycler
+from worker.recycle import Recycler, job_limit, running_worker
+from worker.settings import Settings
 from worker.storage import make_storage, s3_client_factory
 
 log = logging.getLogger(__name__)
@@ -63,6 +67,7 @@ async def startup(arq_ctx: dict[str, Any]) -> None:
         await stack.aclose()
         raise
     arq_ctx.update(resources)
+    _fit_recycler(resources["recycler"], settings)
     # Imports allocate millions of short-lived rows: default thresholds ran ~10 full
     # collections per 200k rows, each walking every object of the libraries loaded above
     # (up to ~150 ms of blocked loop). Freezing those and collecting less often removed that
@@ -79,7 +84,7 @@ async def startup(arq_ctx: dict[str, Any]) -> None:
 async def _open(stack: AsyncExitStack, given: WorkerGiven) -> Resources:
     """Every resource of the worker, each entered into `stack` as it is opened."""
     settings, redis, queue = given["settings"], given["redis"], given["queue_name"]
-    engine = create_engine(settings.database)
+    engine = create_engine(settings.database, pooler=settings.database_pooler)
     stack.push_async_callback(engine.dispose)
     http = await stack.enter_async_context(make_http_client())
     # Only the default queue sends email and must name a provider (preflight.check_settings);
@@ -99,15 +104,37 @@ async def _open(stack: AsyncExitStack, given: WorkerGiven) -> Resources:
         "email_provider": email_provider,
         "marketing_provider": make_marketing_provider(settings, http),
         # Shared by every worker process through Redis: the provider's limit is global.
-        "email_rate_limiter": RateLimiter(redis, settings.email_rate_limit_per_s),
+        "email_rate_limiter": RateLimiter(redis, settings.email_rate_per_s),
         "s3_session": s3_session,
         "storage": make_storage(settings, s3_client_factory(s3_session, settings)),
         "leases": await stack.enter_async_context(renewing(Leases(redis, queue))),
+        # Closed first (pushed last): its flushes in flight finish on the engine and client.
+        "email_batcher": _batcher(stack),
         "recycler": Recycler(
             max_jobs=settings.worker_max_jobs_per_process,
             max_memory_mb=settings.worker_max_memory_mb,
         ),
     }
+
+
+def _batcher(stack: AsyncExitStack) -> EmailBatcher:
+    """The process's email coalescer (jobs/email/batcher.py), named by this process's id."""
+    batcher = EmailBatcher(worker_name())
+    stack.push_async_callback(batcher.aclose)
+    return batcher
+
+
+def _fit_recycler(recycler: Recycler, settings: Settings) -> None:
+    """Scale the recycler's job count to this worker's concurrency and let it drain the worker.
+
+    Only recycling workers (worker.main.worker_settings(recycle=True)) ever consult it.
+    """
+    worker = running_worker()
+    if worker is None:
+        log.info("recycling: no arq worker found; a recycle would drain as on SIGTERM")
+        return
+    recycler.max_jobs = job_limit(settings, worker.max_jobs)
+    recycler.attach(worker)
 
 
 async def shutdown(arq_ctx: dict[str, Any]) -> None:

@@ -20,6 +20,7 @@ from worker import lease, preflight
 from worker.job import AnyJob, CronSchedule
 from worker.lifecycle import shutdown, startup
 from worker.recycle import after_job_end as recycle_after_job_end
+from worker.redis_connect import sentinel_arq_pool
 from worker.retry import arq_max_tries
 from worker.routes import QUEUES, QueueName
 from worker.serialization import deserialize, serialize
@@ -40,6 +41,8 @@ class QueueConfig:
     max_jobs: int
     poll_delay_s: float
     # Seconds running jobs get to finish after SIGTERM before they are cancelled (and requeued).
+    # A recycle does not cut them at all (worker/recycle.py). `max_jobs` also scales the
+    # recycling count (recycle.job_limit).
     shutdown_grace_s: int
 
 
@@ -98,8 +101,9 @@ def worker_settings(
 ) -> dict[str, Any]:
     """Keyword arguments for `arq.Worker` serving `queue`; tests pass their own `jobs`.
 
-    `recycle`: exit after WORKER_MAX_JOBS_PER_PROCESS jobs or above WORKER_MAX_MEMORY_MB, by
-    sending this process SIGTERM; only for workers that handle signals (not in-process tests).
+    `recycle`: past the job count or WORKER_MAX_MEMORY_MB, stop taking jobs, let the running
+    ones finish and exit (worker/recycle.py), ending with a SIGTERM to this process; only for
+    workers that handle signals (not in-process tests).
     Raises `preflight.StartupRefused` for settings the queue must not run with.
     """
     preflight.check_settings(queue, settings)
@@ -154,10 +158,14 @@ def __getattr__(name: str) -> type:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     # Only arq's CLI (`arq worker.main.DefaultWorker`) asks for these names, so a refusal
     # ends the process with one line, as `python -m worker` does.
+    ours = Settings()
     try:
         # arq's CLI installs signal handlers, so these workers may recycle themselves.
-        settings = worker_settings(queue, Settings(), recycle=True)
+        attributes = worker_settings(queue, ours, recycle=True)
     except preflight.StartupRefused as exc:
         raise SystemExit(f"error: {exc}") from None
-    settings["on_startup"] = _startup_for_arq_cli
-    return type(name, (), settings)
+    attributes["on_startup"] = _startup_for_arq_cli
+    if ours.redis_sentinels:
+        # arq's Worker then skips its create_pool; the pool connects on its first command.
+        attributes["redis_pool"] = sentinel_arq_pool(ours, queue=queue)
+    return type(name, (), attributes)

@@ -33,6 +33,7 @@ from db.session import create_engine, make_sessionmaker
 from worker import process_info
 from worker.lease import WORKER_SEEN_WINDOW_MS, WORKERS_KEY, running_key
 from worker.main import HEALTH_CHECK_INTERVAL_S
+from worker.redis_connect import describe, redis_client
 from worker.routes import QUEUES
 from worker.settings import Settings
 from worker.stats import FAILURES_KEY, per_minute, stats_key, summary
@@ -212,17 +213,12 @@ async def collect(settings: Settings) -> dict[str, Any]:
 
     A service that cannot be reached raises `ConnectionError` naming it, without secrets.
     """
-    client = aioredis.Redis.from_url(
-        settings.redis_url, socket_connect_timeout=REDIS_TIMEOUT_S, socket_timeout=REDIS_TIMEOUT_S
-    )
-    engine = create_engine(settings.database, pool_size=1)
+    client = redis_client(settings, timeout_s=REDIS_TIMEOUT_S)
+    engine = create_engine(settings.database, pool_size=1, pooler=settings.database_pooler)
     try:
         return await snapshot(client, make_sessionmaker(engine))
     except redis.exceptions.RedisError as exc:
-        where = client.connection_pool.connection_kwargs
-        raise ConnectionError(
-            f"cannot read Redis at {where.get('host')}:{where.get('port')}: {exc}"
-        ) from None
+        raise ConnectionError(f"cannot read Redis at {describe(settings)}: {exc}") from None
     except (OSError, SQLAlchemyError) as exc:
         where = settings.database
         # The first line only: SQLAlchemy appends the SQL and a link; no secrets in either.

@@ -9,7 +9,8 @@ same deterministic arq job id the client used (`import:<uuid>`, `export:<uuid>`,
 
 It never runs a job twice at the same time: a row is re-enqueued only when Redis has no trace
 of its job (no job key, no queue entry, no in-progress lease, no result), arq refuses a
-duplicate id while the job exists, and the import/export jobs take a PostgreSQL advisory lock.
+duplicate id while the job exists, and an import holds a lease on its row (jobs/imports/lease.py)
+and an export a PostgreSQL advisory lock.
 An email is never sent twice either way: the outbox claim (jobs/email/outbox.py) sends a
 `pending` row once, settles a repeat as a duplicate, and treats a `sending` row as a crashed
 or live claim by its lease, whoever runs the job. Campaign steps and trial notices are not

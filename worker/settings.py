@@ -6,6 +6,7 @@ Nothing here runs at import time: callers build `Settings()` themselves, tests b
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Self
@@ -17,11 +18,27 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
+from db.session import Pooler
+
 RESEND_API_BASE_URL = "https://api.resend.com"
 SENDGRID_API_BASE_URL = "https://api.sendgrid.com"
 # 32 characters of token_urlsafe carry ~190 bits: more than HMAC-SHA256 needs, and short
 # enough that nobody is tempted to pick a word instead.
 MIN_SECRET_KEY_CHARS = 32
+# Provider API requests per second for a new account, when EMAIL_RATE_LIMIT_PER_S is unset (a
+# batch of up to 100 emails is one request).
+# - Resend: "The default maximum rate limit is 5 requests per second per team. This limit
+#   applies across all API keys" (https://resend.com/docs/api-reference/rate-limit; earlier
+#   revisions of the page said 2). A team granted more sets EMAIL_RATE_LIMIT_PER_S.
+# - SendGrid: Twilio publishes no fixed figure for v3 mail/send (limits are per endpoint and
+#   read from `X-RateLimit-*`: https://www.twilio.com/docs/sendgrid/api-reference/
+#   how-to-use-the-sendgrid-v3-api/rate-limits); its documented default for its other endpoints
+#   is 600 requests/minute/user (Twilio changelog 2019-10-10, "Imposing Rate Limits on some
+#   SendGrid V2 API Endpoints"), i.e. 10/s, which we keep. A 429 still pauses every process.
+# - console: nothing leaves the process; a generous figure keeps development quick.
+DEFAULT_EMAIL_RATE_PER_S: dict[str, float] = {"resend": 5.0, "sendgrid": 10.0, "console": 100.0}
+# SendGrid Marketing Contacts (MARKETING_PROVIDER=sendgrid), unless MARKETING_RATE_LIMIT_PER_S.
+DEFAULT_MARKETING_RATE_PER_S = 10.0
 
 
 class Settings(BaseSettings):
@@ -33,7 +50,16 @@ class Settings(BaseSettings):
     )
 
     database_url: str = "postgresql+asyncpg://postgres@127.0.0.1:5432/contact360"
+    # `pgbouncer`: DATABASE_URL points at PgBouncer in transaction pooling mode, so no
+    # prepared statement may outlive a transaction (db/session.py turns both caches off).
+    database_pooler: Pooler = "none"
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # Redis through Sentinel (worker/redis_connect.py): `host:port,host:port`; empty = off.
+    # REDIS_URL then gives only the database number, the password and TLS (rediss://).
+    redis_sentinels: str = ""
+    redis_sentinel_master: str = "mymaster"
+    # The Sentinels' own `requirepass`, when they have one (the master's is REDIS_URL's).
+    redis_sentinel_password: SecretStr | None = None
 
     import_dir: Path = Path("./data/imports")
     storage_backend: Literal["local", "s3"] = "local"
@@ -48,11 +74,15 @@ class Settings(BaseSettings):
     email_api_key: SecretStr | None = None
     email_from: str = "Contact360 <no-reply@localhost>"
     email_api_base_url: str | None = None
-    email_rate_limit_per_s: float = Field(default=10, gt=0)
+    # Provider requests per second, across all workers; unset: the provider's documented
+    # default for a new account (DEFAULT_EMAIL_RATE_PER_S). Read it as `email_rate_per_s`.
+    email_rate_limit_per_s: float | None = Field(default=None, gt=0)
 
     marketing_provider: Literal["none", "sendgrid"] = "none"
     marketing_api_key: SecretStr | None = None
     marketing_api_base_url: str | None = None
+    # The marketing API's own limit (its own limiter key): never the email provider's figure.
+    marketing_rate_limit_per_s: float | None = Field(default=None, gt=0)
 
     job_timeout_s: float = Field(default=1800, gt=0)
     job_soft_timeout_s: float = Field(default=1500, gt=0)
@@ -65,6 +95,11 @@ class Settings(BaseSettings):
 
     import_batch_rows: int = Field(default=5000, gt=0)
     import_max_stored_errors: int = Field(default=1000, ge=0)
+
+    # Fair sharing (worker/fairness/): how many of one user's imports (exports) run at once,
+    # counted across every worker process; the user's further jobs wait without a worker slot.
+    import_max_running_per_user: int = Field(default=1, ge=1)
+    export_max_running_per_user: int = Field(default=1, ge=1)
 
     # The web console (worker/web): no default password, `python -m worker console` refuses
     # to start without one. METRICS_TOKEN lets a Prometheus scraper in without the password.
@@ -131,7 +166,13 @@ class Settings(BaseSettings):
             )
         return value
 
-    @field_validator("email_api_key", "marketing_api_key", "console_password", "metrics_token")
+    @field_validator(
+        "email_api_key",
+        "marketing_api_key",
+        "console_password",
+        "metrics_token",
+        "redis_sentinel_password",
+    )
     @classmethod
     def _empty_secret_is_unset(cls, value: SecretStr | None) -> SecretStr | None:
         # `EMAIL_API_KEY=` (an .env line left empty) must read as missing, so a provider that
@@ -167,6 +208,12 @@ class Settings(BaseSettings):
             raise ValueError(f"SENDGRID_WEBHOOK_PUBLIC_KEY {exc}") from None
         return value.strip()
 
+    @field_validator("email_rate_limit_per_s", "marketing_rate_limit_per_s", mode="before")
+    @classmethod
+    def _empty_rate_is_unset(cls, value: Any) -> Any:
+        # `EMAIL_RATE_LIMIT_PER_S=` (compose passes an unset variable as empty) means "default".
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("redis_url")
     @classmethod
     def _redis_url_scheme(cls, value: str) -> str:
@@ -174,8 +221,30 @@ class Settings(BaseSettings):
             raise ValueError("REDIS_URL must start with redis://, rediss:// or unix://")
         return value
 
+    @field_validator("redis_sentinels")
+    @classmethod
+    def _sentinel_list(cls, value: str) -> str:
+        pairs = parse_sentinels(value)
+        return ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in pairs)
+
+    @field_validator("redis_sentinel_master")
+    @classmethod
+    def _sentinel_master_name(cls, value: str) -> str:
+        value = value.strip()
+        if not _SENTINEL_MASTER_NAME.fullmatch(value):
+            raise ValueError(
+                "REDIS_SENTINEL_MASTER must be the name the Sentinels monitor (`sentinel "
+                "monitor NAME ...`): letters, digits, '.', '-', '_'"
+            )
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> Self:
+        if self.redis_sentinels and self.redis_url.startswith("unix://"):
+            raise ValueError(
+                "REDIS_SENTINELS needs a redis:// or rediss:// REDIS_URL (a unix socket names "
+                "one server; Sentinel names the master)"
+            )
         if self.storage_backend == "s3" and not self.s3_bucket:
             raise ValueError(
                 "STORAGE_BACKEND=s3 needs S3_BUCKET (the bucket exports are written to)"
@@ -198,10 +267,39 @@ class Settings(BaseSettings):
         """`DATABASE_URL` parsed; render it with `hide_password=True` anywhere it may be shown."""
         return make_url(self.database_url)
 
+    @property
+    def redis_sentinel_addresses(self) -> list[tuple[str, int]]:
+        """`REDIS_SENTINELS` as (host, port) pairs; empty when Redis is reached directly."""
+        return parse_sentinels(self.redis_sentinels)
+
     def redis_settings(self) -> RedisSettings:
-        """`REDIS_URL` for arq; its repr masks the password (arq's own shows it)."""
+        """`REDIS_URL` (and the Sentinels, when set) for arq; its repr masks the password.
+
+        Through Sentinel nothing of ours connects with it: worker/redis_connect.py makes the
+        pools, with the timeouts and Sentinel password that arq's Sentinel branch leaves out.
+        """
         parsed = RedisSettings.from_dsn(self.redis_url)
-        return _MaskedRedisSettings(**vars(parsed))
+        fields = vars(parsed)
+        if self.redis_sentinels:
+            fields.update(
+                host=self.redis_sentinel_addresses,
+                sentinel=True,
+                sentinel_master=self.redis_sentinel_master,
+            )
+        return _MaskedRedisSettings(**fields)
+
+    @property
+    def email_rate_per_s(self) -> float:
+        """Provider requests per second: EMAIL_RATE_LIMIT_PER_S, or the provider's default."""
+        if self.email_rate_limit_per_s is not None:
+            return self.email_rate_limit_per_s
+        return DEFAULT_EMAIL_RATE_PER_S.get(self.email_provider or "console", 10.0)
+
+    @property
+    def marketing_rate_per_s(self) -> float:
+        if self.marketing_rate_limit_per_s is not None:
+            return self.marketing_rate_limit_per_s
+        return DEFAULT_MARKETING_RATE_PER_S
 
     @property
     def email_base_url(self) -> str:
@@ -245,6 +343,37 @@ class _MaskedRedisSettings(RedisSettings):
     def __repr__(self) -> str:
         shown = {**vars(self), "password": "***" if self.password else self.password}
         return "RedisSettings({})".format(", ".join(f"{k}={v!r}" for k, v in shown.items()))
+
+
+_SENTINEL_MASTER_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_HOST_NAME = re.compile(r"[A-Za-z0-9._-]{1,253}")
+_IPV6 = re.compile(r"[0-9A-Fa-f:.]{2,45}")
+
+
+def parse_sentinels(value: str) -> list[tuple[str, int]]:
+    """`host:port,host:port` (IPv6 as `[::1]:26379`) as pairs; `ValueError` saying which entry."""
+    if not value.strip():
+        return []
+    found: list[tuple[str, int]] = []
+    entries = value.split(",")
+    for position, raw in enumerate(entries, start=1):
+        # Named by position, never echoed: a mistyped entry may hold a password (user:pw@...).
+        where = f"REDIS_SENTINELS entry {position} of {len(entries)}"
+        host, colon, port = raw.strip().rpartition(":")
+        bracketed = host.startswith("[") and host.endswith("]")
+        if bracketed:
+            host = host[1:-1]
+        if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(
+                f"{where} is not host:port (expected e.g. "
+                "10.0.0.5:26379,10.0.0.6:26379,10.0.0.7:26379)"
+            )
+        if not (_IPV6 if bracketed else _HOST_NAME).fullmatch(host):
+            raise ValueError(f"{where} is not a host name or address")
+        if (host, int(port)) in found:
+            raise ValueError(f"{where} repeats an earlier one")
+        found.append((host, int(port)))
+    return found
 
 
 def mask_url_password(url: str) -> str:

@@ -9,6 +9,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from db.models import Base
+from db.session import pooler_connect_args
 
 config = context.config
 target_metadata = Base.metadata
@@ -21,7 +22,10 @@ def _run(connection: Connection) -> None:
 
 
 async def _run_online() -> None:
-    engine = create_async_engine(config.get_main_option("sqlalchemy.url") or "")
+    engine = create_async_engine(
+        config.get_main_option("sqlalchemy.url") or "",
+        connect_args=pooler_connect_args(config.attributes.get("pooler", "none")),
+    )
     async with engine.connect() as connection:
         await connection.run_sync(_run)
     await engine.dispose()

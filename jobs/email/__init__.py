@@ -1,7 +1,9 @@
 """Email jobs: transactional sends, the waitlist campaign, trial notices, webhook events (§5, §13).
 
 Every email goes through the outbox (`outbox.deliver`): one row per logical email, claimed
-before the provider call, so a job that runs twice sends once. `templates` renders each email
+before the provider call, so a job that runs twice sends once; the process's batcher
+(`batcher`, `flush`, `claims`) sends concurrent drafts together, up to 100 a Resend request.
+`templates` renders each email
 (HTML and text); providers live in `worker.email_providers`, the shared send-rate limit in
 `worker.ratelimit`.
 """

@@ -6,7 +6,10 @@ How an export stays correct when arq runs it more than once (at-least-once deliv
   id (`pg_try_advisory_xact_lock`) on the connection that runs the COPY. A second delivery that
   finds it taken raises `ExportBusy`, a TransientError, and comes back after the retry backoff,
   by which time the holder has finished and the export reads `completed`. The lock dies with
-  the holder's transaction or connection, so a crashed worker never leaves it behind.
+  the holder's transaction or connection, so a crashed worker never leaves it behind. Being
+  the transaction's, taken in the transaction that runs the COPY and writes `completed`, it
+  holds behind PgBouncer in transaction pooling mode as well (a transaction keeps its server
+  connection from BEGIN to COMMIT).
 - Whole or nothing. The file is written through `storage.writer(export_key(user, export))`:
   the same key on every run, committed only when the COPY ends (an atomic rename, or
   `complete_multipart_upload`), aborted on any error or cancellation. A re-run overwrites the
@@ -21,6 +24,7 @@ How an export stays correct when arq runs it more than once (at-least-once deliv
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import uuid
@@ -29,7 +33,7 @@ from typing import Any, TypedDict
 
 import asyncpg
 from sqlalchemy import select, text, update
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from db.models import Export, ExportKind, ExportStatusName
 from db.session import driver_connection
@@ -44,9 +48,7 @@ from worker.storage import export_key
 log = logging.getLogger(__name__)
 
 # hashtextextended: a 64-bit key from the export id, prefixed so that another job hashing its own
-# id the same way gets other keys. Imports do not hash: their key is the import id's first 8
-# bytes (`jobs.imports.checkpoint.lock_key`). Both keys come from random ids no caller chooses,
-# so an export and an import colliding is negligible.
+# id the same way gets other keys (imports take no advisory lock: jobs/imports/lease.py).
 _TRY_LOCK = text("SELECT pg_try_advisory_xact_lock(hashtextextended('export:' || :id, 0))")
 
 
@@ -68,66 +70,115 @@ class ExportBusy(TransientError):
 
 
 async def run_export(ctx: Ctx, export_id: str, kind: ExportKind) -> ExportResult:
-    """Write export `export_id` (of `kind`) to storage; returns the export's summary."""
+    """Write export `export_id` (of `kind`) to storage; returns the export's summary.
+
+    While the lock's transaction is open, every statement of the run goes through its one
+    connection, and the progress writes never hold the COPY back: an export never holds one
+    database connection while it waits for another. Behind PgBouncer (transaction mode) the
+    server connections are few and shared, and exports waiting for a second one while each
+    holds a first would wait on each other until PgBouncer's `query_wait_timeout`.
+    """
     eid = parse_export_id(export_id)
-    sessions, storage = ctx["sessions"], ctx["storage"]
+    sessions = ctx["sessions"]
+    row = await _start(ctx, eid, kind)
+    if row.status == "completed":
+        log.info("export %s is already completed; nothing to do", eid)
+        return summary(row, written=False)
+    key = export_key(row.user_id, row.id)
+    args: tuple[uuid.UUID, ...] = (row.user_id, row.id) if row.has_selection else (row.user_id,)
     async with export_lock(ctx["engine"], eid) as pg:
-        row = await _start(ctx, eid, kind)
-        if row.status == "completed":
-            log.info("export %s is already completed; nothing to do", eid)
-            return summary(row, written=False)
-        key = export_key(row.user_id, row.id)
-        args: tuple[uuid.UUID, ...] = (row.user_id, row.id) if row.has_selection else (row.user_id,)
+        # Under the lock: a run that finished between `_start` and here leaves it done.
+        written = await pg.fetchval(_STATUS, eid) != "completed"
+        if written:
+            await _copy_and_complete(ctx, pg, row, key, args)
+    async with sessions() as session:
+        done = await session.scalar(select(Export).where(Export.id == eid))
+    assert done is not None
+    if written:
+        log.info("export %s completed: %d rows to %s", eid, done.row_count, done.file_path)
+    return summary(done, written=written)
 
-        async def report(rows: int) -> None:
-            async with sessions.begin() as session:
-                await session.execute(
-                    update(Export)
-                    .where(Export.id == eid, Export.status == "processing")
-                    .values(row_count=rows)
-                )
 
+async def _copy_and_complete(
+    ctx: Ctx, pg: asyncpg.Connection, row: Export, key: str, args: tuple[uuid.UUID, ...]
+) -> None:
+    """The COPY into storage, then `completed`, on the lock's connection and transaction."""
+    storage = ctx["storage"]
+    progress = _Progress(ctx["sessions"], row.id)
+    try:
         with file_errors(storage.location(key)):
             # Under the lock no other writer of this key is alive: what one left is abandoned.
             if discarded := await storage.discard_abandoned(key):
-                log.warning("export %s: removed %d partial file(s) of killed runs", eid, discarded)
+                log.warning(
+                    "export %s: removed %d partial file(s) of killed runs", row.id, discarded
+                )
             requested = (
-                await pg.fetchval("SELECT count(*) FROM export_items WHERE export_id = $1", eid)
+                await pg.fetchval("SELECT count(*) FROM export_items WHERE export_id = $1", row.id)
                 if row.has_selection
                 else None
             )
             async with storage.writer(key) as out:
                 status = await pg.copy_from_query(
-                    export_query(kind, has_selection=row.has_selection),
+                    export_query(row.kind, has_selection=row.has_selection),
                     *args,
-                    output=ProgressSink(out, report).write,
+                    output=ProgressSink(out, progress.report).write,
                     format="csv",
                     header=True,
                 )
-        row_count = copy_row_count(status)
-        skipped = 0 if requested is None else requested - row_count
-        # Still under the lock: nobody starts a re-run between the commit and this update.
-        async with sessions.begin() as session:
-            done = await session.scalar(
-                update(Export)
-                .where(Export.id == eid)
-                .values(
-                    status="completed",
-                    row_count=row_count,
-                    file_path=storage.location(key),
-                    error=None,
-                    message=skipped_message(skipped),
-                    finished_at=text("now()"),
+    finally:
+        await progress.stop()
+    row_count = copy_row_count(status)
+    skipped = 0 if requested is None else requested - row_count
+    # In the lock's transaction: nobody starts a re-run between the commit and this.
+    await pg.execute(_COMPLETE, row.id, row_count, storage.location(key), skipped_message(skipped))
+
+
+_STATUS = "SELECT status FROM exports WHERE id = $1"
+_COMPLETE = (
+    "UPDATE exports SET status = 'completed', row_count = $2, file_path = $3, error = NULL,"
+    " message = $4, finished_at = now() WHERE id = $1"
+)
+
+
+class _Progress:
+    """The running row count, written in the background: one write at a time, a report that
+    comes while one is in flight is dropped (the next one carries a newer count)."""
+
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], eid: uuid.UUID) -> None:
+        self._sessions = sessions
+        self._eid = eid
+        self._writing: asyncio.Task[None] | None = None
+
+    async def report(self, rows: int) -> None:
+        if self._writing is None or self._writing.done():
+            self._writing = asyncio.create_task(self._write(rows))
+
+    async def _write(self, rows: int) -> None:
+        try:
+            async with self._sessions.begin() as session:
+                await session.execute(
+                    update(Export)
+                    .where(Export.id == self._eid, Export.status == "processing")
+                    .values(row_count=rows)
                 )
-                .returning(Export)
-            )
-    assert done is not None
-    log.info("export %s completed: %d rows to %s", eid, row_count, done.file_path)
-    return summary(done, written=True)
+        except Exception as exc:
+            # Only the live count is lost: the final one comes from COPY's own status.
+            log.warning("export %s: progress not written (%s)", self._eid, exc)
+
+    async def stop(self) -> None:
+        """Drop a write still in flight (it may wait for a connection the run holds)."""
+        if self._writing is not None:
+            self._writing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writing
 
 
 async def _start(ctx: Ctx, eid: uuid.UUID, kind: ExportKind) -> Export:
-    """The export row, switched to `processing` unless it is already `completed`."""
+    """The export row, switched to `processing` unless it is already `completed`.
+
+    Raises `ExportBusy`, having written nothing, when a run holds the export's lock now (the
+    lock is tried and let go with this short transaction; `export_lock` takes it for good).
+    """
     async with ctx["sessions"].begin() as session:
         row = await session.scalar(select(Export).where(Export.id == eid))
         if row is None:
@@ -138,6 +189,8 @@ async def _start(ctx: Ctx, eid: uuid.UUID, kind: ExportKind) -> Export:
             )
         if row.status == "completed":
             return row
+        if not await session.scalar(_TRY_LOCK, {"id": str(eid)}):
+            raise ExportBusy(f"export {eid} is being written by another worker; will retry")
         started = await session.scalar(
             update(Export)
             .where(Export.id == eid)

@@ -3,14 +3,16 @@ checkpoints, and final states.
 
 Exactly-once effect rests on two guards:
 
-1. A session-level advisory lock keyed on the import id, held on a connection of its own for
-   the whole run: a second runner (a duplicate delivery, a retry while the first still runs)
-   does not get it and backs off.
+1. A lease on the job row (`jobs.imports.lease`): a second runner (a duplicate delivery, a
+   retry while the first still runs) does not get it and backs off, and every write below
+   carries `lease_owner = <this run>` in its WHERE, so a run whose lease was taken over
+   writes nothing more. It needs no session of its own, so it holds behind PgBouncer in
+   transaction pooling mode too.
 2. Each batch is merged as `PARTS` email-hash parts, each in a transaction of its own on its
    own connection, concurrently (one PostgreSQL backend per part). A part's transaction commits
    its contacts together with its counters and its bit in `batch_parts_done`, in an UPDATE of
    the job row whose WHERE re-checks `processed_rows` and that bit: a part is applied at most
-   once even if the lock's connection were lost. The part that completes the batch advances
+   once whatever the lease does. The part that completes the batch advances
    `processed_rows` and clears `batch_rows`/`batch_parts_done`, so `processed_rows` is always
    the end of a fully committed batch, and a resumed run redoes only the missing parts of the
    batch recorded in `batch_rows`. The job row is locked only briefly: by the batch's companies
@@ -23,16 +25,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable
 from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from db.models import ImportStatusName
 from db.session import driver_connection
+from jobs.imports.lease import LEASE_S, ImportRunningElsewhere, import_lease
 from jobs.imports.merge import (
     ALL_PARTS,
     BatchCounts,
@@ -42,21 +44,12 @@ from jobs.imports.merge import (
     upsert_companies,
 )
 from worker.context import Ctx
-from worker.errors import TransientError
 
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
 FINAL_STATUSES: frozenset[ImportStatusName] = frozenset({"completed", "failed", "cancelled"})
-
-
-class ImportRunningElsewhere(TransientError):
-    """Another runner owns this import; this delivery retries later (and usually finds it
-    finished)."""
-
-    def __init__(self) -> None:
-        super().__init__("import is running elsewhere")
 
 
 @dataclass(frozen=True)
@@ -77,36 +70,6 @@ class ImportRow:
     source_encoding: str | None  # the encoding the first run chose for the whole file
 
 
-def lock_key(import_id: uuid.UUID) -> int:
-    """A signed 64-bit advisory-lock key from the import id."""
-    return int.from_bytes(import_id.bytes[:8], "big", signed=True)
-
-
-@asynccontextmanager
-async def import_lock(engine: AsyncEngine, import_id: uuid.UUID) -> AsyncIterator[bool]:
-    """Yield whether this process now owns the import; released (or closed) on exit."""
-    async with engine.connect() as connection:
-        key = lock_key(import_id)
-        owned = bool(await connection.scalar(text("SELECT pg_try_advisory_lock(:k)"), {"k": key}))
-        # The lock is the session's, not the transaction's: end the transaction so this
-        # connection does not sit "idle in transaction" for the whole import.
-        await connection.commit()
-        try:
-            yield owned
-        finally:
-            if owned:
-                try:
-                    await connection.scalar(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
-                    await connection.commit()
-                except Exception as exc:
-                    # A dead connection has released the lock already; closing one does.
-                    log.warning("advisory unlock of import %s failed (%s): closing", import_id, exc)
-                    await connection.invalidate()
-                except BaseException:
-                    await connection.invalidate()
-                    raise
-
-
 # The job row's columns an `ImportRow` holds; rows are read back by name (`ImportRow(**row)`).
 _COLUMNS = ", ".join(field.name for field in fields(ImportRow))
 
@@ -125,17 +88,25 @@ async def load(
 
 
 async def update(
-    sessions: async_sessionmaker[AsyncSession], import_id: uuid.UUID, sql_set: str, **values: Any
+    sessions: async_sessionmaker[AsyncSession],
+    import_id: uuid.UUID,
+    owner: str,
+    sql_set: str,
+    **values: Any,
 ) -> None:
-    """`UPDATE contact_import_jobs SET <sql_set>` for this import while it is not final."""
+    """`UPDATE contact_import_jobs SET <sql_set>` for this import while it is not final and
+    `owner` holds its lease; raises `ImportRunningElsewhere` when the lease was taken over."""
     async with sessions.begin() as session:
-        await session.execute(
+        found = await session.scalar(
             text(
                 f"UPDATE contact_import_jobs SET {sql_set} WHERE id = :id "
-                "AND status IN ('pending', 'processing')"
+                "AND status IN ('pending', 'processing') AND lease_owner = :owner "
+                "RETURNING id"
             ),
-            {"id": import_id, **values},
+            {"id": import_id, "owner": owner, **values},
         )
+    if found is None:
+        raise ImportRunningElsewhere()  # the next try reads what the other run left
 
 
 @dataclass(frozen=True)
@@ -144,26 +115,34 @@ class BatchOutcome:
     row: ImportRow  # the job row as this transaction left it
 
 
+# Locks the row (as FOR UPDATE would) and renews the lease, only while `owner` holds it.
+_RENEW_AND_READ = text(
+    "UPDATE contact_import_jobs SET lease_expires_at = now() + make_interval(secs => :lease_s)"
+    f" WHERE id = :id AND lease_owner = :owner RETURNING {_COLUMNS}"
+)
+
+
 async def apply_batch(
     sessions: async_sessionmaker[AsyncSession],
     import_id: uuid.UUID,
+    owner: str,
     expected_processed_rows: int,
     batch: PreparedBatch,
     *,
     max_stored_errors: int,
     cancel_message: str,
 ) -> BatchOutcome:
-    """Check ownership and cancellation, upsert companies, then merge the parts at once."""
+    """Check the lease, the checkpoint and cancellation, upsert companies, then merge the
+    parts at once."""
     async with sessions.begin() as session:
         # Through SQLAlchemy first: this opens the transaction the raw asyncpg calls join.
         found = (
             await session.execute(
-                text(f"SELECT {_COLUMNS} FROM contact_import_jobs WHERE id = :id FOR UPDATE"),
-                {"id": import_id},
+                _RENEW_AND_READ, {"id": import_id, "owner": owner, "lease_s": LEASE_S}
             )
         ).one_or_none()
         if found is None:
-            raise ImportRunningElsewhere()  # deleted under us: the next try finds it gone
+            raise ImportRunningElsewhere()  # taken over, or deleted under us
         row = ImportRow(**found._mapping)
         if (
             row.status != "processing"
@@ -174,7 +153,7 @@ async def apply_batch(
         # A batch some of whose parts committed is finished first: cancellation and the soft
         # limit act only at batch boundaries.
         if row.cancel_requested and not row.batch_parts_done:
-            await _finish(session, import_id, "cancelled", cancel_message)
+            await _finish(session, import_id, owner, "cancelled", cancel_message)
             return BatchOutcome(None, row)
         # Its own short transaction (idempotent, redone with a resumed batch): the parts'
         # transactions see the companies committed.
@@ -185,7 +164,7 @@ async def apply_batch(
     room = max(0, max_stored_errors - row.error_count)
     applied = await _all(
         [
-            _apply_part(sessions, row, index, part, batch.data_rows, room)
+            _apply_part(sessions, row, owner, index, part, batch.data_rows, room)
             for index, part in enumerate(batch.parts)
             if not row.batch_parts_done & (1 << index)
         ]
@@ -204,9 +183,11 @@ def _progress(row: ImportRow) -> tuple[int, int]:
 
 
 # $1 import id, $2 the part's bit, $3 ALL_PARTS, $4 the batch's data rows, $5 the checkpoint
-# the batch starts at, $6-$8 the part's created, updated and error counts.
+# the batch starts at, $6-$8 the part's created, updated and error counts, $9 this run's lease
+# token (the fence), $10 the lease's length in seconds (renewed with the part).
 _COMMIT_PART = f"""
 UPDATE contact_import_jobs SET
+    lease_expires_at = now() + make_interval(secs => $10),
     processed_rows = processed_rows + CASE WHEN batch_parts_done | $2 = $3 THEN $4 ELSE 0 END,
     batch_rows = CASE WHEN batch_parts_done | $2 = $3 THEN NULL ELSE $4 END,
     batch_parts_done = CASE WHEN batch_parts_done | $2 = $3 THEN 0 ELSE batch_parts_done | $2 END,
@@ -214,6 +195,7 @@ UPDATE contact_import_jobs SET
     updated_count = updated_count + $7,
     error_count = error_count + $8
 WHERE id = $1 AND status = 'processing' AND processed_rows = $5 AND batch_parts_done & $2 = 0
+    AND lease_owner = $9
 RETURNING {_COLUMNS}
 """
 
@@ -221,6 +203,7 @@ RETURNING {_COLUMNS}
 async def _apply_part(
     sessions: async_sessionmaker[AsyncSession],
     row: ImportRow,
+    owner: str,
     index: int,
     part: PreparedPart,
     data_rows: int,
@@ -254,6 +237,8 @@ async def _apply_part(
                     counts.created,
                     counts.updated,
                     counts.errors,
+                    owner,
+                    LEASE_S,
                 )
                 if after is None:
                     raise ImportRunningElsewhere()  # rolls this part back
@@ -281,23 +266,30 @@ async def _all(awaitables: list[Awaitable[_T]]) -> list[_T]:
 async def finish(
     sessions: async_sessionmaker[AsyncSession],
     import_id: uuid.UUID,
+    owner: str,
     status: ImportStatusName,
     message: str | None,
 ) -> None:
     async with sessions.begin() as session:
-        await _finish(session, import_id, status, message)
+        await _finish(session, import_id, owner, status, message)
 
 
 async def _finish(
-    session: AsyncSession, import_id: uuid.UUID, status: ImportStatusName, message: str | None
+    session: AsyncSession,
+    import_id: uuid.UUID,
+    owner: str,
+    status: ImportStatusName,
+    message: str | None,
 ) -> None:
+    """The final state, written only by the lease's owner, which gives the lease up with it."""
     await session.execute(
         text(
             "UPDATE contact_import_jobs SET status = :status, message = :message, "
-            "finished_at = now(), started_at = coalesce(started_at, now()) "
-            "WHERE id = :id AND status IN ('pending', 'processing')"
+            "finished_at = now(), started_at = coalesce(started_at, now()), "
+            "lease_owner = NULL, lease_expires_at = NULL "
+            "WHERE id = :id AND status IN ('pending', 'processing') AND lease_owner = :owner"
         ),
-        {"id": import_id, "status": status, "message": message},
+        {"id": import_id, "owner": owner, "status": status, "message": message},
     )
 
 
@@ -308,8 +300,8 @@ async def record_failure(ctx: Ctx, kwargs: dict[str, Any], message: str) -> None
     import the owner is still making progress on.
     """
     import_id = uuid.UUID(str(kwargs["job_id"]))
-    async with import_lock(ctx["engine"], import_id) as owned:
-        if not owned:
-            log.warning("not marking import %s failed: another runner owns it", import_id)
-            return
-        await finish(ctx["sessions"], import_id, "failed", message)
+    try:
+        async with import_lease(ctx["sessions"], import_id) as lease:
+            await finish(ctx["sessions"], import_id, lease.owner, "failed", message)
+    except ImportRunningElsewhere:
+        log.warning("not marking import %s failed: another runner owns it", import_id)

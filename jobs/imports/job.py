@@ -22,15 +22,14 @@ from db.models import ImportStatusName
 from jobs.imports.checkpoint import (
     FINAL_STATUSES,
     ImportRow,
-    ImportRunningElsewhere,
     apply_batch,
     finish,
-    import_lock,
     load,
     record_failure,
     update,
 )
 from jobs.imports.headers import HeaderMap, list_names, map_header
+from jobs.imports.lease import ImportLease, import_lease
 from jobs.imports.merge import PreparedBatch, prepare
 from jobs.imports.reader import CsvReader
 from jobs.imports.record_parser import NumberedRow
@@ -85,7 +84,7 @@ class _Ended:
 async def process_contacts_import(ctx: Ctx, job_id: str) -> ImportResult:
     """Import the file of `contact_import_jobs` row `job_id` into the user's contacts.
 
-    Safe to run twice: runners exclude each other with an advisory lock, each resumes from
+    Safe to run twice: runners exclude each other with a lease on the job row, each resumes from
     the checkpoint committed with the last batch, and a finished import is left alone.
     """
     return await run_import(ctx, uuid.UUID(job_id))
@@ -109,19 +108,18 @@ async def _run_locked(
 ) -> ImportResult:
     sessions = ctx["sessions"]
     async with (
-        import_lock(ctx["engine"], import_id) as owned,
+        import_lease(sessions, import_id) as lease,
         contextlib.AsyncExitStack() as opened,
     ):
-        if not owned:
-            raise ImportRunningElsewhere()
-        # Re-read under the lock: whatever an earlier runner committed is final.
+        owner = lease.owner
+        # Re-read under the lease: whatever an earlier runner committed is final.
         row = await load(sessions, import_id)
         if row is None:
             raise PermanentError(f"import {import_id} does not exist (deleted?)")
         if row.status in FINAL_STATUSES:
             return _summary(row, row.status, note=f"already {row.status}, nothing to do")
         if row.cancel_requested:
-            await finish(sessions, import_id, "cancelled", "cancelled before it started")
+            await finish(sessions, import_id, owner, "cancelled", "cancelled before it started")
             return _summary(row, "cancelled")
         source = await _open_source(ctx, row, opened)
         # Parsing runs in a thread: the loop thread then wakes for each database reply within
@@ -136,13 +134,14 @@ async def _run_locked(
         )
         if row.source_pin is None and source.pin is not None:
             # Before any batch commits: every later pass and run must read these bytes.
-            await update(sessions, import_id, "source_pin = :p", p=source.pin)
+            await update(sessions, import_id, owner, "source_pin = :p", p=source.pin)
         header_map = map_header(reader.header)
         notes = _notes(header_map)
         if row.status == "pending":
             await update(
                 sessions,
                 import_id,
+                owner,
                 "status = 'processing', started_at = coalesce(started_at, now()), message = :m",
                 m=notes,
             )
@@ -153,17 +152,18 @@ async def _run_locked(
             await update(
                 sessions,
                 import_id,
+                owner,
                 "total_rows = :t, source_encoding = :e",
                 t=total_rows,
                 e=reader.encoding,
             )
         ended = await _run_batches(
-            ctx, row, reader, Validator(header_map), cpu, total_rows, notes, after_batch
+            ctx, lease, row, reader, Validator(header_map), cpu, total_rows, notes, after_batch
         )
     last = ended.row or row
     if ended.status != "continued":
         return _summary(last, ended.status)
-    # After the lock is released, so the continuation does not find it taken. A crash before
+    # After the lease is released, so the continuation does not find it taken. A crash before
     # this line leaves this arq job unfinished: arq runs it again and it resumes the same way.
     continuation_id = import_continuation_job_id(import_id, last.processed_rows)
     await enqueue(ctx["redis"], PROCESS_CONTACTS_IMPORT, continuation_id, job_id=str(import_id))
@@ -179,6 +179,7 @@ async def _run_locked(
 
 async def _run_batches(
     ctx: Ctx,
+    lease: ImportLease,
     row: ImportRow,
     reader: CsvReader,
     validator: Validator,
@@ -216,6 +217,7 @@ async def _run_batches(
             outcome = await apply_batch(
                 ctx["sessions"],
                 row.id,
+                lease.owner,
                 processed,
                 batch,
                 max_stored_errors=settings.import_max_stored_errors,
@@ -231,7 +233,7 @@ async def _run_batches(
         producer.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await producer
-    await finish(ctx["sessions"], row.id, "completed", notes)
+    await finish(ctx["sessions"], row.id, lease.owner, "completed", notes)
     return _Ended(last, "completed")
 
 

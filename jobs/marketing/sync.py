@@ -86,8 +86,9 @@ def contact(email: str, name: str | None) -> MarketingContact:
 
 
 def _limiter(ctx: Ctx) -> RateLimiter:
-    # Its own key: a 429 from the contacts API must not pause mail sends, nor the reverse.
-    rate_per_s = ctx["settings"].email_rate_limit_per_s
+    # Its own key and its own figure: a 429 from the contacts API must not pause mail sends,
+    # nor the reverse, and Resend's 5 requests/s says nothing about SendGrid's contacts API.
+    rate_per_s = ctx["settings"].marketing_rate_per_s
     return RateLimiter(ctx["redis"], rate_per_s, key_prefix=RATE_LIMIT_KEY_PREFIX)
 
 

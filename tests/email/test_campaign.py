@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from db.models import WaitlistEntry
 from jobs.email import campaign
 from tests.conftest import RunBurst
-from tests.support.provider_server import ProviderServer
+from tests.support.provider_server import RESEND_BATCH, ProviderServer
 from worker.client import JobsClient
 from worker.main import worker_settings
 from worker.settings import Settings
@@ -122,7 +122,9 @@ async def test_hourly_campaign_sends_what_is_due_and_a_second_run_sends_nothing(
         ["How Contact360 keeps your contacts in one place"] * 2
         + ["Your Contact360 spot is almost ready"]
     )
-    assert len(provider_server.requests) == 3
+    # The tick's three steps went out together: one batch request, and nothing the second time.
+    [batch] = provider_server.requests
+    assert (batch.path, len(batch.json)) == (RESEND_BATCH, 3)
     rows = {row.idempotency_key for row in await outbox_rows(sessions)}
     assert rows == {f"waitlist/{e}/2" for e in step2} | {f"waitlist/{step3}/3"}
     after = await entries(sessions)
@@ -216,4 +218,5 @@ async def test_two_default_workers_running_the_same_tick_send_once(
     # One run per cron job (campaign, trials, marketing sync, reconciler), not one per worker.
     assert sum(worker.jobs_complete for worker in workers) == len(workers[0].cron_jobs) == 4
     assert len(provider_server.delivered) == 3
-    assert len(provider_server.requests) == 3
+    [batch] = provider_server.requests  # the three steps in one batch request
+    assert len(batch.json) == 3

@@ -23,7 +23,13 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 import worker.email_providers.base
 from jobs.email import campaign, trials
 from tests.conftest import RunBurst
-from tests.support.provider_server import RESEND_EMAILS, SENDGRID_MAIL, Answer, ProviderServer
+from tests.support.provider_server import (
+    RESEND_BATCH,
+    RESEND_EMAILS,
+    SENDGRID_MAIL,
+    Answer,
+    ProviderServer,
+)
 from worker.client import JobsClient
 from worker.email_providers import OutgoingEmail, ResendProvider
 from worker.errors import PermanentError, ProviderFault
@@ -93,6 +99,7 @@ async def test_a_revoked_key_leaves_every_campaign_step_due_until_the_key_is_fix
     ]
     before = {e.id: (e.campaign_step, e.next_email_at) for e in (await entries(sessions)).values()}
     provider_server.always(RESEND_EMAILS, INVALID_KEY)
+    provider_server.always(RESEND_BATCH, INVALID_KEY)  # a page's two sends go as one batch
     job = campaign.send_waitlist_campaign_hourly
     settings = job_settings("resend")
 
@@ -122,6 +129,7 @@ async def test_a_revoked_key_leaves_every_campaign_step_due_until_the_key_is_fix
     assert API_KEY not in caplog.text
 
     provider_server.fix(RESEND_EMAILS)  # the operator deployed a valid key
+    provider_server.fix(RESEND_BATCH)
     await arq_redis.enqueue_job(job.name, _queue_name="default")
     await run_burst("default", jobs=[job], crons=[], settings_=settings)
 

@@ -100,7 +100,8 @@ async def test_429_pauses_every_sender_and_the_retry_waits(
     # The provider asked for 1 s; the retry (base delay 0.01 s) must not come sooner.
     assert elapsed_s >= 0.95
     [row] = await outbox_rows(sessions)
-    assert (row.status, row.attempts) == ("sent", 2)
+    # The 429 gave its attempt back (audit H4): only the send that went through counts.
+    assert (row.status, row.attempts) == ("sent", 1)
     assert len(provider_server.delivered) == 1
 
 

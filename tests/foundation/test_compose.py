@@ -70,10 +70,16 @@ def compose(text: str) -> dict[str, Any]:
     return loaded
 
 
+def default_services(compose: dict[str, Any]) -> dict[str, Any]:
+    """The services `docker compose up` starts: those in no profile."""
+    return {name: s for name, s in compose["services"].items() if not s.get("profiles")}
+
+
 def test_the_expected_services_exist(compose: dict[str, Any]) -> None:
-    services = compose["services"]
+    services = default_services(compose)
     workers = {f"worker-{queue}" for queue in QUEUES}
     assert {"postgres", "redis", "s3", "s3-bucket", "migrate", "console"} | workers == set(services)
+    services = compose["services"]
     assert "--appendonly yes" in " ".join(services["redis"]["command"])
     for name in ("postgres", "redis", "s3"):
         assert services[name]["healthcheck"]["test"], name
@@ -191,6 +197,67 @@ def test_worker_environment_is_valid_settings_carrying_the_operators_secrets(
     assert substitute(migrate_env["DATABASE_URL"], REQUIRED) == env["DATABASE_URL"]
 
 
+HA_SERVICES = {"redis-replica", "sentinel-1", "sentinel-2", "sentinel-3"}
+HA_SENTINELS = "sentinel-1:26379,sentinel-2:26379,sentinel-3:26379"
+
+
+def test_profile_ha_is_a_replica_and_three_password_protected_sentinels(
+    compose: dict[str, Any],
+) -> None:
+    services = compose["services"]
+    in_ha = {name for name, s in services.items() if "ha" in s.get("profiles", [])}
+    assert in_ha == HA_SERVICES
+    primary = " ".join(services["redis"]["command"])
+    replica = " ".join(services["redis-replica"]["command"])
+    for command in (primary, replica):  # either may be the master after a failover
+        assert '--requirepass "$$REDIS_PASSWORD"' in command
+        assert '--masterauth "$$REDIS_PASSWORD"' in command
+    assert "--replicaof redis 6379" in replica
+    for name in sorted(HA_SERVICES):
+        service = services[name]
+        assert "ports" not in service, name  # reached inside compose's network only
+        assert service["environment"]["REDIS_PASSWORD"].startswith("${REDIS_PASSWORD:?"), name
+        assert service["healthcheck"]["test"][0] == "CMD-SHELL", name
+    monitors = set()
+    for index in (1, 2, 3):
+        sentinel = services[f"sentinel-{index}"]
+        config = " ".join(sentinel["command"])
+        assert sentinel["environment"]["SENTINEL_NAME"] == f"sentinel-{index}"
+        assert sentinel["volumes"] == [f"sentinel-{index}:/data"]  # its learned state
+        for line in ("requirepass $$REDIS_PASSWORD", "sentinel auth-pass mymaster $$REDIS_PASSWORD",
+                     "sentinel sentinel-pass $$REDIS_PASSWORD", "port 26379"):  # fmt: skip
+            assert f'"{line}"' in config, (index, line)
+        monitor = re.search(r'"sentinel monitor (\S+) (\S+) (\d+) (\d+)"', config)
+        assert monitor is not None, index
+        monitors.add(monitor.groups())
+    # One master name, the settings' default; a quorum that two of the three Sentinels make.
+    assert monitors == {(Settings().redis_sentinel_master, "redis", "6379", "2")}
+
+
+def test_worker_environment_with_sentinels_set_is_valid_sentinel_settings(
+    compose: dict[str, Any],
+) -> None:
+    raw = compose["x-worker"]["environment"]
+    operator = {**REQUIRED, "REDIS_SENTINELS": HA_SENTINELS}
+    values: dict[str, Any] = {
+        k.lower(): substitute(str(v), operator)
+        for k, v in raw.items()
+        if v is not None and k not in AWS_VARIABLES
+    }
+    settings = Settings(**values, email_api_key="re_from_the_environment")
+    assert settings.redis_sentinel_addresses == [(f"sentinel-{n}", 26379) for n in (1, 2, 3)]
+    assert settings.redis_sentinel_password is not None
+    assert settings.redis_sentinel_password.get_secret_value() == REQUIRED["REDIS_PASSWORD"]
+    assert settings.redis_settings().password == REQUIRED["REDIS_PASSWORD"]
+    # Without REDIS_SENTINELS in .env the same file reaches `redis` directly.
+    direct: dict[str, Any] = {
+        k.lower(): substitute(str(v), REQUIRED)
+        for k, v in raw.items()
+        if v is not None and k not in AWS_VARIABLES
+    }
+    assert Settings(**direct, email_api_key="re_x").redis_sentinel_addresses == []
+
+
 @pytest.mark.parametrize("missing", sorted(REQUIRED))
 def test_a_missing_secret_stops_substitution_with_its_name(
     compose: dict[str, Any], text: str, missing: str
@@ -214,11 +281,14 @@ docker_compose = pytest.mark.skipif(
 )
 
 
-def docker_compose_config(env: dict[str, str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+def docker_compose_config(
+    env: dict[str, str], tmp_path: Path, *profiles: str
+) -> subprocess.CompletedProcess[str]:
     empty_env_file = tmp_path / "empty.env"  # never read a developer's own .env
     empty_env_file.write_text("")
+    chosen = [arg for profile in profiles for arg in ("--profile", profile)]
     return subprocess.run(
-        ["docker-compose", "--env-file", str(empty_env_file), "config", "-q"],
+        ["docker-compose", "--env-file", str(empty_env_file), *chosen, "config", "-q"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -229,8 +299,9 @@ def docker_compose_config(env: dict[str, str], tmp_path: Path) -> subprocess.Com
 
 
 @docker_compose
-def test_docker_compose_validates_the_file_offline(tmp_path: Path) -> None:
-    done = docker_compose_config(REQUIRED, tmp_path)
+@pytest.mark.parametrize("profiles", [(), ("ha",)])
+def test_docker_compose_validates_the_file_offline(tmp_path: Path, profiles: tuple[str]) -> None:
+    done = docker_compose_config(REQUIRED, tmp_path, *profiles)
     assert done.returncode == 0, done.stderr
 
 
@@ -240,3 +311,32 @@ def test_docker_compose_refuses_a_missing_secret_naming_it(tmp_path: Path, missi
     done = docker_compose_config({k: v for k, v in REQUIRED.items() if k != missing}, tmp_path)
     assert done.returncode != 0
     assert missing in done.stderr and ".env" in done.stderr, done.stderr
+
+
+def test_the_pooler_profile_puts_pgbouncer_in_transaction_mode_in_front_of_postgres(
+    compose: dict[str, Any],
+) -> None:
+    bouncer = compose["services"]["pgbouncer"]
+    assert bouncer["profiles"] == ["pooler"] and "ports" not in bouncer
+    env = {k: substitute(str(v), REQUIRED) for k, v in bouncer["environment"].items()}
+    assert (env["POOL_MODE"], env["DB_HOST"], env["DB_PORT"]) == ("transaction", "postgres", "5432")
+    assert env["DB_PASSWORD"] == REQUIRED["POSTGRES_PASSWORD"]
+    # The workers' settings with the variables README "PgBouncer" names.
+    raw = compose["x-worker"]["environment"]
+    pooled = {**REQUIRED, "DATABASE_HOST": "pgbouncer", "DATABASE_PORT": env["LISTEN_PORT"]}
+    pooled["DATABASE_POOLER"] = "pgbouncer"
+    settings = Settings(
+        database_url=substitute(raw["DATABASE_URL"], pooled),
+        database_pooler=substitute(raw["DATABASE_POOLER"], pooled),
+    )
+    database = make_url(settings.database_url)
+    assert (database.host, database.port, settings.database_pooler) == (
+        "pgbouncer",
+        6432,
+        "pgbouncer",
+    )
+    # Migrations go straight to PostgreSQL whatever the workers use.
+    migrate = make_url(
+        substitute(compose["services"]["migrate"]["environment"]["DATABASE_URL"], pooled)
+    )
+    assert (migrate.host, migrate.port) == ("postgres", 5432)

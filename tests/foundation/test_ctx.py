@@ -15,6 +15,7 @@ import pytest
 from arq.connections import ArqRedis
 
 import worker.lifecycle
+from jobs.email.batcher import EmailBatcher
 from tests.support.ctx import CtxOpener, startup_with
 from worker.context import Ctx, Resources
 from worker.http import make_http_client
@@ -32,7 +33,13 @@ def not_required(typed_dict: type) -> set[str]:
     """The `NotRequired` keys, read from the evaluated annotations: with postponed annotations
     (PEP 563) `__optional_keys__` cannot see them."""
     # The names worker/context.py imports for type checking only.
-    names = {"aioboto3": aioboto3, "ArqRedis": ArqRedis, "Leases": Leases, "Recycler": Recycler}
+    names = {
+        "aioboto3": aioboto3,
+        "ArqRedis": ArqRedis,
+        "Leases": Leases,
+        "Recycler": Recycler,
+        "EmailBatcher": EmailBatcher,
+    }
     hints = get_type_hints(typed_dict, localns=names, include_extras=True)
     return {key for key, hint in hints.items() if get_origin(hint) is NotRequired}
 
@@ -40,7 +47,7 @@ def not_required(typed_dict: type) -> set[str]:
 def test_every_key_of_a_jobs_ctx_is_required_but_the_soft_deadline() -> None:
     assert not_required(Ctx) == NOT_ALWAYS_THERE
     assert not_required(Resources) == set()
-    assert {"leases", "recycler", "job_id", "job_try"} <= Ctx.__annotations__.keys()
+    assert {"leases", "recycler", "email_batcher", "job_id"} <= Ctx.__annotations__.keys()
 
 
 @pytest.mark.parametrize("queue", ["imports", "exports", "default"])

@@ -26,7 +26,7 @@ def test_contract_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (s.import_dir, s.export_dir) == (Path("data/imports"), Path("data/exports"))
     assert (s.storage_backend, s.email_provider, s.marketing_provider) == ("local", None, "none")
     assert s.email_from == "Contact360 <no-reply@localhost>"
-    assert (s.email_rate_limit_per_s, s.job_timeout_s, s.job_soft_timeout_s) == (10, 1800, 1500)
+    assert (s.email_rate_limit_per_s, s.job_timeout_s, s.job_soft_timeout_s) == (None, 1800, 1500)
     assert (s.keep_result_s, s.max_retries, s.retry_base_delay_s) == (3600, 3, 60)
     assert (s.worker_max_jobs_per_process, s.worker_max_memory_mb) == (1000, 200)
     assert (s.import_batch_rows, s.import_max_stored_errors) == (5000, 1000)
@@ -209,3 +209,22 @@ def test_an_empty_api_key_reads_as_missing(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setenv("EMAIL_API_KEY", "  ")
     with pytest.raises(ValidationError, match="EMAIL_PROVIDER=resend needs EMAIL_API_KEY"):
         Settings()
+
+
+@pytest.mark.parametrize(
+    ("provider", "rate_per_s"), [("resend", 5.0), ("sendgrid", 10.0), ("console", 100.0)]
+)
+def test_the_email_rate_defaults_to_the_providers_documented_figure(
+    monkeypatch: pytest.MonkeyPatch, provider: str, rate_per_s: float
+) -> None:
+    for name in Settings.model_fields:
+        monkeypatch.delenv(name.upper(), raising=False)
+    monkeypatch.setenv("EMAIL_PROVIDER", provider)
+    monkeypatch.setenv("EMAIL_API_KEY", "re_key")
+    monkeypatch.setenv("EMAIL_RATE_LIMIT_PER_S", "")  # compose passes an unset one so
+    assert Settings().email_rate_per_s == rate_per_s
+    # The marketing limiter has its own figure, whatever the email provider allows.
+    assert Settings().marketing_rate_per_s == 10.0
+    monkeypatch.setenv("EMAIL_RATE_LIMIT_PER_S", "40")
+    monkeypatch.setenv("MARKETING_RATE_LIMIT_PER_S", "3")
+    assert (Settings().email_rate_per_s, Settings().marketing_rate_per_s) == (40.0, 3.0)

@@ -65,7 +65,7 @@ async def test_startup_opens_and_shutdown_closes_resources(
     http = ctx["http"]
     assert not http.is_closed
     assert ctx["email_provider"].name == "console"
-    assert ctx["email_rate_limiter"].rate_per_s == settings.email_rate_limit_per_s
+    assert ctx["email_rate_limiter"].rate_per_s == settings.email_rate_per_s
     await shutdown(ctx)
     assert http.is_closed
     assert ctx["engine"].pool.checkedout() == 0

@@ -14,8 +14,9 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 import jobs.imports.checkpoint as checkpoint
 import jobs.imports.merge
-from jobs.imports.checkpoint import ImportRow, ImportRunningElsewhere, apply_batch, record_failure
+from jobs.imports.checkpoint import ImportRow, apply_batch, record_failure
 from jobs.imports.job import ImportResult, run_import
+from jobs.imports.lease import ImportRunningElsewhere
 from jobs.imports.merge import prepare
 from tests.conftest import RunBurst
 from tests.imports.conftest import contacts, counts, run_job, start_import
@@ -211,10 +212,17 @@ async def test_a_second_runner_backs_off_while_the_first_runs(
         await run_job(small, import_id)
     # A delivery that gave up must not fail the import its owner is running.
     await record_failure(small, {"job_id": str(import_id)}, "gave up after 4 tries")
-    # Even without the lock, a batch from a stale checkpoint is refused by the row guard.
+    # Even with the owner's own lease token, a batch from a stale checkpoint is refused by
+    # the row guard.
+    async with sessions() as session:
+        owner = await session.scalar(
+            text("SELECT lease_owner FROM contact_import_jobs WHERE id = :id"), {"id": import_id}
+        )
     stale = prepare([], [], 7)
     with pytest.raises(ImportRunningElsewhere):
-        await apply_batch(sessions, import_id, 0, stale, max_stored_errors=10, cancel_message="")
+        await apply_batch(
+            sessions, import_id, owner, 0, stale, max_stored_errors=10, cancel_message=""
+        )
     assert counts(await jobs_client.import_status(import_id))[:3] == ("processing", 50, 7)
     resume.set()
     summary = await first

@@ -84,6 +84,20 @@ async def hog_memory(ctx: Ctx, key: str, mb: int) -> int:
 
 
 @job()
+async def grow_memory(ctx: Ctx, key: str, mb: int, hold_s: float) -> int:
+    """First run: after a second, grow by `mb` MiB in 20 MiB steps, then hold it `hold_s` (a
+    runaway job); a later run only records done."""
+    if await _record_run(ctx, key) == 0:
+        await asyncio.sleep(1.0)
+        for _ in range(mb // 20):
+            _hoard.append(b"\x01" * (20 * 1024 * 1024))
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(hold_s)
+    await _record_done(ctx, key)
+    return os.getpid()
+
+
+@job()
 async def db_hold(ctx: Ctx, key: str, hold_s: float) -> None:
     """Write inside a transaction held open for `hold_s`, so a test can terminate it mid-way."""
     await _record_run(ctx, key)
@@ -95,4 +109,4 @@ async def db_hold(ctx: Ctx, key: str, hold_s: float) -> None:
         )
 
 
-JOBS = [record, kill_own_worker, hog_memory, db_hold]
+JOBS = [record, kill_own_worker, hog_memory, grow_memory, db_hold]

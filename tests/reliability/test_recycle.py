@@ -1,15 +1,23 @@
-"""Recycling under `python -m worker run`: by job count and by resident memory, losing nothing."""
+"""Recycling under `python -m worker run`: by job count and by resident memory, losing nothing;
+the count fitted to each queue; how far a drain lets memory grow (tests/reliability/
+test_recycle_drain.py: drains that let long jobs finish)."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import psutil
 import pytest
 from arq.connections import ArqRedis
 
+from tests.conftest import RunBurst
 from tests.reliability.conftest import Db, Processes, wait_for, worker_env
-from worker.recycle import Recycler
+from tests.reliability.fixture_jobs import record
+from worker.context import as_ctx
+from worker.main import QUEUE_CONFIGS
+from worker.process_info import resident_bytes
+from worker.recycle import Recycler, job_limit
 from worker.settings import Settings
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
@@ -62,8 +70,84 @@ async def test_a_worker_recycles_above_its_memory_limit(
 def test_the_recycler_names_the_limit_it_hit() -> None:
     by_count = Recycler(max_jobs=2, max_memory_mb=100_000)
     by_count.jobs_done = 2
-    assert by_count.reason() == "ran 2 jobs (WORKER_MAX_JOBS_PER_PROCESS=2)"
+    assert by_count.reason() == "ran 2 jobs (WORKER_MAX_JOBS_PER_PROCESS: 2)"
     by_memory = Recycler(max_jobs=1000, max_memory_mb=1)
     reason = by_memory.reason()
     assert reason is not None and "above WORKER_MAX_MEMORY_MB=1" in reason
     assert Recycler(max_jobs=1000, max_memory_mb=100_000).reason() is None
+
+
+def test_the_job_count_fits_the_queue_unless_an_operator_sets_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("WORKER_MAX_JOBS_PER_PROCESS", raising=False)
+    unset = Settings()
+    assert unset.worker_max_jobs_per_process == 1000  # CONTRACT §3's default, per job slot
+    concurrency = {queue: config.max_jobs for queue, config in QUEUE_CONFIGS.items()}
+    assert {q: job_limit(unset, n) for q, n in concurrency.items()} == {
+        "imports": 2_000,
+        "exports": 4_000,
+        "default": 200_000,
+    }
+    # Set, it is taken as written, per process, on every queue: 1000 too.
+    for explicit in (3, 1000):
+        chosen = Settings(worker_max_jobs_per_process=explicit)
+        assert {job_limit(chosen, n) for n in concurrency.values()} == {explicit}
+    monkeypatch.setenv("WORKER_MAX_JOBS_PER_PROCESS", "7")
+    assert job_limit(Settings(), 200) == 7
+
+
+async def test_a_worker_finds_its_recycler_fitted_to_its_concurrency(
+    settings: Settings, arq_redis: ArqRedis, run_burst: RunBurst, db: Db
+) -> None:
+    await arq_redis.enqueue_job("record", key="fit", _queue_name="default")
+    worker = await run_burst("default", jobs=[record])
+    assert await db.done() == {"fit"}
+    recycler = as_ctx(worker.ctx)["recycler"]
+    assert recycler.worker is worker
+    assert recycler.max_jobs == job_limit(settings, QUEUE_CONFIGS["default"].max_jobs)
+    # The drain waits as long as the longest job may run, and no longer.
+    assert recycler.drain_limit_s == max(f.timeout_s or 0 for f in worker.functions.values())
+    assert recycler.drain_limit_s >= settings.job_timeout_s
+
+
+def test_a_drain_is_cut_only_far_above_the_limit_and_where_it_began() -> None:
+    recycler = Recycler(max_jobs=1, max_memory_mb=200)
+    assert recycler.cut_above_mb(memory_at_start_mb=150) == 400  # twice the limit
+    # Four exports at 140 MB each are a working set, not a leak: 200 MB more is.
+    assert recycler.cut_above_mb(memory_at_start_mb=660) == 860
+
+
+async def test_a_drain_cuts_a_job_whose_memory_runs_away(
+    settings: Settings, processes: Processes, arq_redis: ArqRedis, db: Db
+) -> None:
+    # The count starts the drain; the growing job then passes twice the limit while it runs.
+    env = worker_env(settings, worker_max_jobs_per_process=1, worker_max_memory_mb=150)
+    supervisor = processes.start("run", "--queue", "default", env=env)
+    await arq_redis.enqueue_job(
+        "grow_memory", key="runaway", mb=300, hold_s=600, _queue_name="default"
+    )
+    trigger = await _run_one(arq_redis, db, "record", "trigger")
+
+    async def runaway_done() -> list[object]:
+        return await db.rows("SELECT pid FROM rel_done WHERE key = 'runaway'")
+
+    # Cut after the queue's grace, long before its 600 s hold: run again by the replacement.
+    [(pid,)] = await wait_for(runaway_done, 40, "the runaway job to run again")
+    assert pid != trigger
+    assert [run[1] for run in await db.runs("runaway")] == [trigger, pid]
+    log = processes.log(supervisor)
+    assert re.search(r"MB passed [0-9]+ MB while draining; cancelling the running jobs", log)
+    assert not psutil.pid_exists(trigger)
+
+
+def test_resident_memory_is_read_as_psutil_reads_it() -> None:
+    before = psutil.Process().memory_info().rss
+    ours = resident_bytes()
+    after = psutil.Process().memory_info().rss
+    # The same /proc figure: between the two psutil reads, to the page, give or take a
+    # little memory allocated in between.
+    assert min(before, after) - 1024 * 1024 <= ours <= max(before, after) + 1024 * 1024
+    kept = b"\x01" * (64 * 1024 * 1024)
+    assert resident_bytes() >= ours + 60 * 1024 * 1024  # a later read sees new pages
+    del kept

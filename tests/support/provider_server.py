@@ -7,13 +7,22 @@ test process and worker subprocesses reach it over real sockets. Usage::
         server.script("/emails", Answer(status=429, headers={"retry-after": "2"}))
         server.script("/v3/mail/send", Answer(hang=True))
         server.always("/emails", Answer(status=401))   # every request, until server.fix("/emails")
+        server.script("/emails/batch", Answer(accept=True, hang=True))  # accepted, never answered
+        server.reject_recipient("bad@example.com")   # Resend refuses that member (alone)
+        server.rate_limit_per_s = 5                  # beyond 5 sends a second: 429 retry-after
         ...  # point EMAIL_API_BASE_URL at server.base_url
         server.requests            # every request: RecordedRequest(method, path, headers, json)
         server.delivered           # what a real provider would have delivered
 
 Without a scripted answer each path gives the provider's success answer: Resend `POST /emails`
 -> 200 `{"id": ...}`; SendGrid `POST /v3/mail/send` -> 202 with `X-Message-Id`; SendGrid
-`PUT /v3/marketing/contacts` -> 202 `{"job_id": ...}`. The fake keeps SendGrid's marketing
+`PUT /v3/marketing/contacts` -> 202 `{"job_id": ...}`; Resend `POST /emails/batch` (a JSON array
+of `/emails` objects) -> 200 `{"data": [{"id": ...}, ...]}`, and with `x-batch-validation:
+permissive` a rejected recipient's member fails alone: `{"data": [ids of the others, in order],
+"errors": [{"index": i, "message": ...}]}` (strict: 422 and nothing sent), as
+https://resend.com/docs/api-reference/emails/send-batch-emails and
+https://resend.com/changelog/batch-validation-modes describe. Each accepted member is one
+`Delivery` (path `/emails/batch`, its own JSON). The fake keeps SendGrid's marketing
 contacts (`server.marketing_contacts`, email -> contact id): `POST
 /v3/marketing/contacts/search/emails` `{"emails": [...]}` answers 200 `{"result": {email:
 {"contact": {...}} | {"error": "..."}}}`, or 404 when none is known, and
@@ -21,8 +30,11 @@ contacts (`server.marketing_contacts`, email -> contact id): `POST
 https://www.twilio.com/docs/sendgrid/api-reference/contacts/get-contacts-by-emails and
 .../delete-contacts. Resend idempotency is modelled after
 https://resend.com/docs/dashboard/emails/idempotency-keys: a repeated `Idempotency-Key` with the
-same body answers the first id and delivers nothing new; with another body, 409
-`invalid_idempotent_request`.
+same body answers the first answer and delivers nothing new (for a batch too: the same ids);
+with another body, 409 `invalid_idempotent_request`. `rate_limit_per_s` counts sends (`/emails`,
+`/emails/batch`, `/v3/mail/send`) in a sliding second, as Resend's per-team limit does
+(https://resend.com/docs/api-reference/rate-limit): one over it answers 429 with `retry-after`
+(SendGrid's path: `X-RateLimit-Reset`) and is not processed; `rate_limited` counts those.
 
 `python -m tests.support.provider_server --delay-ms 200` serves until killed and prints its
 base URL on the first line (the benchmark runs it in its own process).
@@ -37,9 +49,10 @@ import json
 import socket
 import sys
 import threading
+import time
 import uuid
 from collections import defaultdict, deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
@@ -48,6 +61,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 RESEND_EMAILS = "/emails"
+RESEND_BATCH = "/emails/batch"
 SENDGRID_MAIL = "/v3/mail/send"
 SENDGRID_CONTACTS = "/v3/marketing/contacts"
 SENDGRID_CONTACTS_SEARCH = "/v3/marketing/contacts/search/emails"
@@ -64,6 +78,8 @@ class Answer:
     `hang=True`: read the request, then never answer (until the client gives up or the server
     stops). `delay_s`: wait that long before answering (overrides the default delay).
     `drop=True`: close the connection without answering, after reading the request.
+    `accept=True`: process the request as the provider would (deliver, keep its idempotency
+    key) before the hang, drop or status: a timeout or a 5xx after the provider accepted.
     """
 
     status: int = 200
@@ -72,6 +88,7 @@ class Answer:
     delay_s: float | None = None
     hang: bool = False
     drop: bool = False
+    accept: bool = False
 
 
 @dataclass(frozen=True)
@@ -98,17 +115,26 @@ class Delivery:
 class ProviderServer:
     """The fake provider. Thread-safe accessors; start with `start()` or `with`."""
 
-    def __init__(self, *, default_delay_s: float = 0.0, record: bool = True) -> None:
+    def __init__(
+        self, *, default_delay_s: float = 0.0, record: bool = True, bodies: bool = True
+    ) -> None:
         self.default_delay_s = default_delay_s
         self._record = record
+        # bodies=False: a delivery keeps only its `to` (benchmarks deliver 10^5 emails).
+        self._bodies = bodies
         self._lock = threading.Lock()
         self._scripts: dict[str, deque[Answer]] = defaultdict(deque)
         self._always: dict[str, Answer] = {}
         self._requests: list[RecordedRequest] = []
         self._delivered: list[Delivery] = []
+        # key -> (the first request's body, the first answer as JSON text)
         self._idempotency: dict[str, tuple[bytes, str]] = {}
         self._contacts: dict[str, str] = {}
         self._request_count = 0
+        self._rejected: dict[str, str] = {}
+        self._recent_sends: deque[float] = deque()
+        self.rate_limit_per_s: float | None = None
+        self._rate_limited = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping: asyncio.Event | None = None
@@ -136,6 +162,18 @@ class ProviderServer:
         """Stop `always` for `path`: the provider's default answers resume."""
         with self._lock:
             self._always.pop(path, None)
+
+    def reject_recipient(self, address: str, message: str | None = None) -> None:
+        """Refuse every email to `address` as Resend refuses an invalid one (422 alone; in a
+        permissive batch, that member's error)."""
+        with self._lock:
+            self._rejected[address.lower()] = message or f"Invalid `to` field: {address}"
+
+    @property
+    def rate_limited(self) -> int:
+        """Requests answered 429 by `rate_limit_per_s`."""
+        with self._lock:
+            return self._rate_limited
 
     @property
     def requests(self) -> list[RecordedRequest]:
@@ -171,6 +209,10 @@ class ProviderServer:
             self._idempotency.clear()
             self._contacts.clear()
             self._request_count = 0
+            self._rejected.clear()
+            self._recent_sends.clear()
+            self._rate_limited = 0
+        self.rate_limit_per_s = None
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -255,8 +297,14 @@ class ProviderServer:
                         dict(request.query),
                     )
                 )
+            if self._over_rate_limit(request):
+                self._rate_limited += 1
+                return _rate_limited_response(request.path)
             scripted = self._scripts[request.path]
             answer = scripted.popleft() if scripted else self._always.get(request.path)
+        accepted: web.Response | None = None
+        if answer is not None and answer.accept:
+            accepted = self._success(request, payload, raw)
 
         delay_s = self.default_delay_s
         if answer is not None and answer.delay_s is not None:
@@ -274,33 +322,106 @@ class ProviderServer:
             if transport is not None:
                 transport.abort()
             return web.Response(status=204)  # written to a closed transport: goes nowhere
-        if answer is not None:
+        if answer is not None and not (answer.accept and answer.status == 200):
             return _scripted_response(answer)
-        return self._success(request, payload, raw)
+        return accepted or self._success(request, payload, raw)
+
+    def _kept(self, email: Any) -> Any:
+        return email if self._bodies else {"to": email.get("to")}
+
+    def _over_rate_limit(self, request: web.Request) -> bool:
+        """Called under the lock: whether this send is one too many in the last second."""
+        if self.rate_limit_per_s is None or request.method != "POST":
+            return False
+        if request.path not in (RESEND_EMAILS, RESEND_BATCH, SENDGRID_MAIL):
+            return False
+        now = time.monotonic()
+        while self._recent_sends and self._recent_sends[0] <= now - 1.0:
+            self._recent_sends.popleft()
+        if len(self._recent_sends) >= self.rate_limit_per_s:
+            return True
+        self._recent_sends.append(now)
+        return False
+
+    def _resend_idempotent(
+        self, key: str | None, raw: bytes, answer: Callable[[], Any]
+    ) -> web.Response:
+        """Resend's idempotency (called under the lock): a repeat answers the first answer."""
+        if key is not None and key in self._idempotency:
+            first_body, first_answer = self._idempotency[key]
+            if first_body != raw:
+                return web.json_response(
+                    {
+                        "statusCode": 409,
+                        "name": "invalid_idempotent_request",
+                        "message": "Same idempotency key used with a different "
+                        "request payload. Change your idempotency key or payload.",
+                    },
+                    status=409,
+                )
+            return web.json_response(json.loads(first_answer))
+        body = answer()
+        if isinstance(body, web.Response):
+            return body
+        if key is not None:
+            self._idempotency[key] = (raw, json.dumps(body))
+        return web.json_response(body)
+
+    def _resend_batch(self, request: web.Request, payload: Any, raw: bytes) -> web.Response:
+        permissive = request.headers.get("x-batch-validation", "strict") == "permissive"
+        if not isinstance(payload, list) or not 1 <= len(payload) <= 100:
+            return web.json_response(
+                {"statusCode": 422, "name": "validation_error", "message": "1-100 emails"},
+                status=422,
+            )
+
+        def answer() -> Any:
+            errors = []
+            for index, email in enumerate(payload):
+                for address in email.get("to", []):
+                    if address.lower() in self._rejected:
+                        errors.append({"index": index, "message": self._rejected[address.lower()]})
+            if errors and not permissive:
+                return web.json_response(
+                    {
+                        "statusCode": 422,
+                        "name": "validation_error",
+                        "message": errors[0]["message"],
+                    },
+                    status=422,
+                )
+            refused = {error["index"] for error in errors}
+            data = []
+            for index, email in enumerate(payload):
+                if index not in refused:
+                    message_id = str(uuid.uuid4())
+                    self._delivered.append(Delivery(RESEND_BATCH, message_id, self._kept(email)))
+                    data.append({"id": message_id})
+            return {"data": data, "errors": errors} if permissive else {"data": data}
+
+        with self._lock:
+            return self._resend_idempotent(request.headers.get("Idempotency-Key"), raw, answer)
 
     def _success(self, request: web.Request, payload: Any, raw: bytes) -> web.Response:
         path = request.path
         if path == RESEND_EMAILS and request.method == "POST":
-            key = request.headers.get("Idempotency-Key")
-            with self._lock:
-                if key is not None and key in self._idempotency:
-                    first_body, first_id = self._idempotency[key]
-                    if first_body != raw:
+
+            def answer() -> Any:
+                for address in (payload or {}).get("to", []):
+                    if address.lower() in self._rejected:
+                        message = self._rejected[address.lower()]
                         return web.json_response(
-                            {
-                                "statusCode": 409,
-                                "name": "invalid_idempotent_request",
-                                "message": "Same idempotency key used with a different "
-                                "request payload. Change your idempotency key or payload.",
-                            },
-                            status=409,
+                            {"statusCode": 422, "name": "validation_error", "message": message},
+                            status=422,
                         )
-                    return web.json_response({"id": first_id})
                 message_id = str(uuid.uuid4())
-                if key is not None:
-                    self._idempotency[key] = (raw, message_id)
-                self._delivered.append(Delivery(path, message_id, payload))
-            return web.json_response({"id": message_id})
+                self._delivered.append(Delivery(path, message_id, self._kept(payload)))
+                return {"id": message_id}
+
+            with self._lock:
+                return self._resend_idempotent(request.headers.get("Idempotency-Key"), raw, answer)
+        if path == RESEND_BATCH and request.method == "POST":
+            return self._resend_batch(request, payload, raw)
         if path == SENDGRID_MAIL and request.method == "POST":
             message_id = uuid.uuid4().hex[:22]
             with self._lock:
@@ -333,6 +454,21 @@ class ProviderServer:
                 self._contacts = {e: i for e, i in self._contacts.items() if i not in ids}
             return web.json_response({"job_id": str(uuid.uuid4())}, status=202)
         return web.json_response({"message": f"no route {request.method} {path}"}, status=404)
+
+
+def _rate_limited_response(path: str) -> web.Response:
+    if path == SENDGRID_MAIL:
+        reset = str(int(time.time()) + 1)
+        headers = {
+            "X-RateLimit-Limit": "1",
+            "X-RateLimit-Remaining": "0",
+            "X-RateLimit-Reset": reset,
+        }
+        return web.json_response(
+            {"errors": [{"message": "too many requests"}]}, status=429, headers=headers
+        )
+    body = {"statusCode": 429, "name": "rate_limit_exceeded", "message": "Too many requests."}
+    return web.json_response(body, status=429, headers={"retry-after": "1"})
 
 
 def _scripted_response(answer: Answer) -> web.Response:

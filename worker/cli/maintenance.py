@@ -6,8 +6,7 @@ import argparse
 import socket
 from typing import Any
 
-import redis.asyncio as aioredis
-
+from worker.redis_connect import redis_client
 from worker.routes import QUEUES
 from worker.settings import Settings
 
@@ -28,13 +27,13 @@ async def run_migrate(args: argparse.Namespace, settings: Settings) -> int:
     # Imported here: Alembic costs every worker process ~6.5 MB of RSS it never uses.
     from db.migrate import upgrade
 
-    await upgrade(settings.database)
+    await upgrade(settings.database, pooler=settings.database_pooler)
     print(f"database {settings.database.database} is at the latest schema")
     return 0
 
 
 async def run_health(args: argparse.Namespace, settings: Settings) -> int:
-    client = aioredis.Redis.from_url(settings.redis_url)
+    client = redis_client(settings)
     try:
         pattern = f"{args.queue}:health-check:{socket.gethostname()}:*"
         async for _key in client.scan_iter(match=pattern, count=1000):

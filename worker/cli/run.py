@@ -1,8 +1,10 @@
 """`run`: a small supervisor that keeps one worker process per queue alive.
 
 Each worker is a child process (`python -m worker work QUEUE`), so a worker that recycles
-itself (job count, memory) or crashes is replaced at once while the others keep going.
-SIGTERM/SIGINT are passed on to the children, which drain and exit; then `run` exits.
+itself (job count, memory) or crashes is replaced at once while the others keep going. A
+recycling worker says so as it stops taking jobs (a byte on a pipe, worker/recycle.py), and
+its replacement starts then, while it finishes its running jobs. SIGTERM/SIGINT are passed on
+to every child, draining ones too, which finish within their grace and exit; then `run` exits.
 """
 
 from __future__ import annotations
@@ -11,18 +13,20 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 import time
 from typing import Any
 
-import redis.asyncio as aioredis
 import redis.exceptions
 from arq.worker import Worker
 
 from worker import preflight
 from worker.lease import shorten_initial_claim
 from worker.main import worker_settings
+from worker.recycle import DRAINING_FD_ENV
+from worker.redis_connect import arq_pool, describe, redis_client
 from worker.routes import QUEUES
 from worker.settings import Settings
 
@@ -30,6 +34,7 @@ log = logging.getLogger(__name__)
 # A child that dies faster than this after starting is crash-looping: back off before the next.
 FAST_EXIT_S = 5.0
 MAX_RESTART_DELAY_S = 30.0
+PREFLIGHT_TIMEOUT_S = 5.0
 
 
 def register(subparsers: Any) -> None:
@@ -44,7 +49,14 @@ def register(subparsers: Any) -> None:
 
 
 async def run_worker(args: argparse.Namespace, settings: Settings) -> int:
-    worker = Worker(**worker_settings(args.queue, settings, burst=args.burst, recycle=True))
+    config = worker_settings(args.queue, settings, burst=args.burst, recycle=True)
+    try:
+        # Ours rather than arq's create_pool: through Sentinel, arq's sets no timeouts.
+        pool = await arq_pool(settings, queue=args.queue)
+    except (redis.exceptions.RedisError, OSError) as exc:
+        log.error("cannot reach Redis (%s): %s", describe(settings), exc)
+        return 1
+    worker = Worker(**config, redis_pool=pool)
     shorten_initial_claim(worker)
     try:
         await worker.async_run()
@@ -69,37 +81,113 @@ async def run_worker(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+class _Child:
+    """One worker process, and whether it said it drains (recycle.DRAINING_FD_ENV)."""
+
+    def __init__(self, process: asyncio.subprocess.Process, draining_fd: int) -> None:
+        self.process = process
+        self.draining = asyncio.Event()
+        self._fd = draining_fd
+        asyncio.get_running_loop().add_reader(draining_fd, self._on_readable)
+
+    def _on_readable(self) -> None:
+        try:
+            data = os.read(self._fd, 64)
+        except OSError:
+            data = b""
+        if data:
+            self.draining.set()
+        else:  # the child exited (or closed its end): nothing more will come
+            self.close_pipe()
+
+    def close_pipe(self) -> None:
+        if self._fd >= 0:
+            asyncio.get_running_loop().remove_reader(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+
+
+async def _spawn(queue: str, burst: bool) -> _Child:
+    command = [sys.executable, "-m", "worker", "work", queue, *(["--burst"] if burst else [])]
+    read_fd, write_fd = os.pipe()
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *command, pass_fds=(write_fd,), env=os.environ | {DRAINING_FD_ENV: str(write_fd)}
+        )
+    except BaseException:
+        os.close(read_fd)
+        raise
+    finally:
+        os.close(write_fd)  # the child holds its copy; EOF here once it exits
+    log.info("started %s worker pid=%d", queue, process.pid)
+    return _Child(process, read_fd)
+
+
+async def _finish_draining(
+    queue: str, child: _Child, draining: dict[_Child, asyncio.Task[None]]
+) -> None:
+    try:
+        code = await child.process.wait()
+        log.info(
+            "%s worker pid=%d finished draining, exited with %d", queue, child.process.pid, code
+        )
+    finally:
+        child.close_pipe()
+        draining.pop(child, None)
+
+
 async def _supervise_queue(queue: str, burst: bool, stopping: asyncio.Event) -> int:
     restart_delay_s = 1.0
-    while True:
-        command = [sys.executable, "-m", "worker", "work", queue, *(["--burst"] if burst else [])]
-        started_s = time.monotonic()
-        child = await asyncio.create_subprocess_exec(*command)
-        log.info("started %s worker pid=%d", queue, child.pid)
-        waiter = asyncio.ensure_future(child.wait())
-        stopper = asyncio.ensure_future(stopping.wait())
-        await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        if stopping.is_set() and not waiter.done():
-            child.send_signal(signal.SIGTERM)
-        code = await waiter
-        stopper.cancel()
-        if burst or stopping.is_set():
-            return code
-        if time.monotonic() - started_s < FAST_EXIT_S and code != 0:
-            log.error(
-                "%s worker exited with %d right after start; retry in %.0f s",
-                queue,
-                code,
-                restart_delay_s,
-            )
-            try:
-                await asyncio.wait_for(stopping.wait(), restart_delay_s)
+    # Recycled workers still finishing their jobs while their replacement serves the queue.
+    draining: dict[_Child, asyncio.Task[None]] = {}
+    try:
+        while True:
+            started_s = time.monotonic()
+            child = await _spawn(queue, burst)
+            waiter = asyncio.ensure_future(child.process.wait())
+            drained = asyncio.ensure_future(child.draining.wait())
+            stopper = asyncio.ensure_future(stopping.wait())
+            await asyncio.wait({waiter, drained, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            stopper.cancel()
+            drained.cancel()
+            if stopping.is_set() and not waiter.done():
+                child.process.send_signal(signal.SIGTERM)
+            if child.draining.is_set() and not waiter.done() and not stopping.is_set():
+                # A recycle: it takes no more jobs and may run a long one to its end; its
+                # replacement starts now so the queue is served meanwhile.
+                waiter.cancel()
+                log.info("%s worker pid=%d is recycling; replacing it", queue, child.process.pid)
+                draining[child] = asyncio.create_task(_finish_draining(queue, child, draining))
+                restart_delay_s = 1.0
+                continue
+            code = await waiter
+            child.close_pipe()
+            if burst or stopping.is_set():
                 return code
-            except TimeoutError:
-                restart_delay_s = min(restart_delay_s * 2, MAX_RESTART_DELAY_S)
-        else:
-            restart_delay_s = 1.0
-            log.info("%s worker pid=%d exited with %d; replacing it", queue, child.pid, code)
+            if time.monotonic() - started_s < FAST_EXIT_S and code != 0:
+                log.error(
+                    "%s worker exited with %d right after start; retry in %.0f s",
+                    queue,
+                    code,
+                    restart_delay_s,
+                )
+                try:
+                    await asyncio.wait_for(stopping.wait(), restart_delay_s)
+                    return code
+                except TimeoutError:
+                    restart_delay_s = min(restart_delay_s * 2, MAX_RESTART_DELAY_S)
+            else:
+                restart_delay_s = 1.0
+                log.info(
+                    "%s worker pid=%d exited with %d; replacing it", queue, child.process.pid, code
+                )
+    finally:
+        # Stopping: the draining ones get SIGTERM too (the usual graceful shutdown).
+        for old in list(draining):
+            with contextlib.suppress(ProcessLookupError):
+                old.process.send_signal(signal.SIGTERM)
+        if draining:
+            await asyncio.gather(*draining.values(), return_exceptions=True)
 
 
 async def run_supervisor(args: argparse.Namespace, settings: Settings) -> int:
@@ -107,14 +195,14 @@ async def run_supervisor(args: argparse.Namespace, settings: Settings) -> int:
     # The children would refuse too, but one line here beats a crash-looping child per queue.
     for queue in queues:
         preflight.check_settings(queue, settings)
-    redis_client = aioredis.Redis.from_url(settings.redis_url, socket_connect_timeout=5)
+    client = redis_client(settings, timeout_s=PREFLIGHT_TIMEOUT_S)
     try:
-        await preflight.check_redis(redis_client)
+        await preflight.check_redis(client)
     except redis.exceptions.ConnectionError as exc:
         # Not up yet: start anyway, as before; each worker checks the version when it connects.
         log.warning("Redis not reachable (%s); the workers will wait for it", exc)
     finally:
-        await redis_client.aclose()
+        await client.aclose()
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

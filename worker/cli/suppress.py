@@ -48,7 +48,7 @@ def _operator() -> str:
 
 
 async def run_add(args: argparse.Namespace, settings: Settings) -> int:
-    engine = create_engine(settings.database, pool_size=1)
+    engine = create_engine(settings.database, pool_size=1, pooler=settings.database_pooler)
     try:
         async with make_sessionmaker(engine).begin() as session:
             await suppress(session, args.email, args.reason, _operator())
@@ -59,7 +59,7 @@ async def run_add(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def run_remove(args: argparse.Namespace, settings: Settings) -> int:
-    engine = create_engine(settings.database, pool_size=1)
+    engine = create_engine(settings.database, pool_size=1, pooler=settings.database_pooler)
     try:
         async with make_sessionmaker(engine).begin() as session:
             removed = await unsuppress(session, args.email)
@@ -72,7 +72,7 @@ async def run_remove(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def run_list(args: argparse.Namespace, settings: Settings) -> int:
-    engine = create_engine(settings.database, pool_size=1)
+    engine = create_engine(settings.database, pool_size=1, pooler=settings.database_pooler)
     try:
         async with make_sessionmaker(engine)() as session:
             rows = await list_suppressions(session, reason=args.reason, limit=args.limit)

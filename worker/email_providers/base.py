@@ -17,7 +17,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from email.utils import parseaddr
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import httpx
 from pydantic import SecretStr
@@ -109,6 +109,30 @@ class EmailProvider(Protocol):
     def name(self) -> str: ...
 
     async def send(self, email: OutgoingEmail, idempotency_key: str) -> str: ...
+
+
+# What a batch send answers for each member, in order: the provider's message id, or the
+# provider's refusal of that member alone (an invalid address); the others were accepted.
+MemberAnswer = str | PermanentError
+
+
+@runtime_checkable
+class BatchEmailProvider(EmailProvider, Protocol):
+    """A provider that takes up to `max_batch` emails in one request (Resend's batch)."""
+
+    @property
+    def max_batch(self) -> int: ...
+
+    async def send_batch(
+        self, emails: Sequence[OutgoingEmail], idempotency_key: str
+    ) -> list[MemberAnswer]:
+        """One request for all `emails`; raises for the whole batch like `send` does."""
+        ...
+
+
+def batch_capacity(provider: EmailProvider) -> int:
+    """How many emails one request to `provider` carries (1 without a batch endpoint)."""
+    return provider.max_batch if isinstance(provider, BatchEmailProvider) else 1
 
 
 def split_address(address: str) -> tuple[str, str]:

@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from arq.connections import ArqRedis, create_pool
+from arq.connections import ArqRedis
 from jinja2 import Environment, FileSystemLoader
 from starlette.applications import Starlette
 from starlette.datastructures import FormData
@@ -40,7 +40,7 @@ from worker.client import JobsClient
 from worker.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from worker.metrics import render_metrics
 from worker.recycle import BYTES_PER_MB
-from worker.serialization import deserialize, serialize
+from worker.redis_connect import arq_pool
 from worker.settings import Settings
 from worker.web import actions, events, reads
 from worker.web.auth import (
@@ -120,10 +120,10 @@ class Console:
 
     @asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
-        redis = await create_pool(
-            self.settings.redis_settings(), job_serializer=serialize, job_deserializer=deserialize
+        redis = await arq_pool(self.settings)
+        engine = create_engine(
+            self.settings.database, pool_size=5, pre_ping=True, pooler=self.settings.database_pooler
         )
-        engine = create_engine(self.settings.database, pool_size=5, pre_ping=True)
         try:
             async with JobsClient(
                 redis=redis, sessions=make_sessionmaker(engine), settings=self.settings

@@ -199,7 +199,7 @@ async def email_page(
                 .offset((page - 1) * PAGE_ROWS)
             )
         )
-    limiter = RateLimiter(redis, settings.email_rate_limit_per_s)
+    limiter = RateLimiter(redis, settings.email_rate_per_s)
     return {
         "counts": {status: int(counts.get(status, 0)) for status in EMAIL_STATUSES},
         "page": page,
@@ -216,7 +216,7 @@ async def email_page(
             for row in review[:PAGE_ROWS]
         ],
         "rate_limiter": {
-            "rate_per_s": settings.email_rate_limit_per_s,
+            "rate_per_s": settings.email_rate_per_s,
             "paused_for_s": round(await limiter.paused_for_s(), 1),
             "halted": redact(await limiter.halted()),
         },
