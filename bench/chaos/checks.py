@@ -24,10 +24,12 @@ from bench.chaos.data import Population
 from bench.chaos.driver import send_address, waitlist_address
 from bench.chaos.env import BUCKET, Environment
 from bench.chaos.workload import Workload
-from tests.support.provider_server import RESEND_EMAILS
+from tests.support.provider_server import RESEND_BATCH, RESEND_EMAILS
 from worker.routes import ROUTES
 
 QUEUES = ("imports", "exports", "default")
+# One email per delivery on either path: the fake records each email of a batch on its own.
+RESEND_PATHS = (RESEND_EMAILS, RESEND_BATCH)
 CRON_NAMES = frozenset(route.name for route in ROUTES if route.cron)
 # The ids `open_work` last found in progress, printed when the soak does not quiesce.
 RUNNING_SEEN: set[str] = set()
@@ -168,7 +170,7 @@ def delivered_recipients(env: Environment) -> Counter[str]:
     return Counter(
         recipient.lower()
         for delivery in env.provider.delivered
-        if delivery.path == RESEND_EMAILS
+        if delivery.path in RESEND_PATHS
         for recipient in delivery.json["to"]
     )
 
@@ -180,7 +182,8 @@ async def check_emails(
     delivered = delivered_recipients(env)
     keys = Counter(
         request.headers.get("Idempotency-Key")
-        for request in env.provider.requests_to(RESEND_EMAILS)
+        for path in RESEND_PATHS
+        for request in env.provider.requests_to(path)
     )
     open_rows = await connection.fetchval(
         "SELECT count(*) FROM email_messages WHERE status <> 'sent'"
