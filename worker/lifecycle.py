@@ -84,7 +84,14 @@ async def startup(arq_ctx: dict[str, Any]) -> None:
 async def _open(stack: AsyncExitStack, given: WorkerGiven) -> Resources:
     """Every resource of the worker, each entered into `stack` as it is opened."""
     settings, redis, queue = given["settings"], given["redis"], given["queue_name"]
-    engine = create_engine(settings.database, pooler=settings.database_pooler)
+    # Exports ping each pooled connection at checkout: an export starts over from zero, so a
+    # try lost to a connection PostgreSQL dropped while idle (a failover, a terminate burst)
+    # costs a whole run and one of MAX_RETRIES. A ping per checkout is nothing next to a COPY;
+    # on the default queue it would be two round trips per email, and an import try that
+    # committed a batch does not count anyway (InterruptedAfterProgress).
+    engine = create_engine(
+        settings.database, pooler=settings.database_pooler, pre_ping=queue == "exports"
+    )
     stack.push_async_callback(engine.dispose)
     http = await stack.enter_async_context(make_http_client())
     # Only the default queue sends email and must name a provider (preflight.check_settings);

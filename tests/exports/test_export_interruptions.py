@@ -13,6 +13,7 @@ from typing import Any
 import asyncpg
 import pytest
 from arq.connections import ArqRedis
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.pool import QueuePool
 
@@ -29,6 +30,7 @@ from tests.exports.factories import (
 )
 from tests.support.ctx import CtxOpener, startup_with
 from worker.client import JobsClient
+from worker.context import Ctx
 from worker.settings import Settings
 from worker.storage import LocalStorage, S3Storage, export_key
 from worker.storage.local import LocalWriter
@@ -219,3 +221,21 @@ async def test_rerun_after_a_killed_writer_removes_what_it_left(
     else:
         uploads = s3.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", [])
         assert [u["Key"] for u in uploads] == [s3_storage.object_key(abandoned[1])]
+
+
+async def test_the_exports_pool_replaces_a_connection_dropped_while_idle(
+    ctx: Ctx, settings: Settings
+) -> None:
+    # An export starts over from zero, so its worker's pool pings at checkout: a connection
+    # PostgreSQL dropped while idle (a failover, a terminate burst) is replaced, not handed to
+    # the export to fail its try on.
+    async with ctx["sessions"]() as session:
+        idle_pid = await session.scalar(text("SELECT pg_backend_pid()"))
+    url = settings.database
+    admin = await asyncpg.connect(host=url.host, port=url.port, user=url.username)
+    try:
+        await admin.execute("SELECT pg_terminate_backend($1)", idle_pid)
+    finally:
+        await admin.close()
+    async with ctx["sessions"]() as session:
+        assert await session.scalar(text("SELECT pg_backend_pid()")) != idle_pid
