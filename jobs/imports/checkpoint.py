@@ -49,9 +49,6 @@ log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
-FINAL_STATUSES: frozenset[ImportStatusName] = frozenset({"completed", "failed", "cancelled"})
-
-
 @dataclass(frozen=True)
 class ImportRow:
     id: uuid.UUID
