@@ -318,7 +318,9 @@ def test_docker_compose_validates_the_file_offline(tmp_path: Path, profiles: tup
 def test_docker_compose_worker_environment_recycles_per_slot_unless_the_operator_sets_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, operator_count: str | None
 ) -> None:
-    operator = REQUIRED | ({"WORKER_MAX_JOBS_PER_PROCESS": operator_count} if operator_count else {})
+    operator = REQUIRED | (
+        {"WORKER_MAX_JOBS_PER_PROCESS": operator_count} if operator_count else {}
+    )
     done = docker_compose_config(operator, tmp_path, quiet=False)
     assert done.returncode == 0, done.stderr
     rendered = yaml.safe_load(done.stdout)["services"]
