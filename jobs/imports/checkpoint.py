@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
+
 @dataclass(frozen=True)
 class ImportRow:
     id: uuid.UUID
