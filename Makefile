@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
 .PHONY: venv run test lint format bench bench-import bench-import-pooler bench-export bench-email \
-	bench-email-batch bench-recycling bench-recovery bench-console bench-fairness services
+	bench-email-batch bench-recycling bench-recovery bench-console bench-fairness services chaos
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -73,3 +73,9 @@ bench-console: venv services
 ## User B's small import behind user A's burst of 10 large ones, with and without the per-user cap.
 bench-fairness: venv services
 	$(PY) bench/bench_fairness.py
+
+## The chaos soak (outside `make test`, <= 10 min): mixed workload, random faults, invariants.
+## Smaller while developing: make chaos CHAOS_ARGS="--duration-s 90 --scale 0.05"
+CHAOS_ARGS ?=
+chaos: venv services
+	$(PY) -m bench.chaos $(CHAOS_ARGS)

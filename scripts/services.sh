@@ -30,6 +30,15 @@ if [ "$mode" = test ] && ! command -v redis-sentinel >/dev/null; then
   sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-sentinel >/dev/null
 fi
 
+# tests/pooler start a PgBouncer of their own (own config, own loopback port); the package's
+# system service on 6432, if it starts, is never used. Like the two above, installed before the
+# services check, which ends the script early when PostgreSQL and Redis already run.
+if [ "$mode" = test ] && ! command -v pgbouncer >/dev/null && [ ! -x /usr/sbin/pgbouncer ]; then
+  echo "installing pgbouncer from Debian's packages (the PgBouncer tests)"
+  sudo_ apt-get update -qq
+  sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pgbouncer >/dev/null
+fi
+
 read -r pg_host pg_port < <(host_port "${DATABASE_URL:-postgresql://postgres@127.0.0.1:5432/contact360}" 5432)
 read -r redis_host redis_port < <(host_port "${REDIS_URL:-redis://127.0.0.1:6379/0}" 6379)
 
@@ -58,9 +67,6 @@ fi
 need_install=()
 command -v pg_ctlcluster >/dev/null || need_install+=(postgresql)
 command -v redis-server >/dev/null || need_install+=(redis-server)
-# tests/pooler start a PgBouncer of their own (own config, own loopback port); the package's
-# system service on 6432, if it starts, is never used.
-command -v pgbouncer >/dev/null || [ -x /usr/sbin/pgbouncer ] || need_install+=(pgbouncer)
 if [ ${#need_install[@]} -gt 0 ]; then
   echo "installing ${need_install[*]} from Debian's packages"
   sudo_ apt-get update -qq

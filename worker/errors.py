@@ -10,6 +10,9 @@
     │   ├── ProviderFault          the provider refuses our account (API key, sending domain):
     │   │                          nothing is wrong with the job, so it waits for the fix
     │   │                          without using a try; sending halts everywhere
+    │   ├── InterruptedAfterProgress a transient failure after this try committed progress
+    │   │                          (an import's checkpoint moved on): retried without using a
+    │   │                          try, since the next one starts further on
     │   ├── DeliveryUnknown        (worker.email_providers.base) the request may have reached
     │   │                          the provider (read timeout, connection dropped after
     │   │                          sending): resent only where the provider deduplicates
@@ -100,6 +103,20 @@ class ProviderFault(TransientError):
     def __init__(self, message: str, retry_after_s: float) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class InterruptedAfterProgress(TransientError):
+    """A transient failure that ended a try after it had committed durable progress.
+
+    A long import on a busy cluster can meet more faults (a killed connection, a failover)
+    than `MAX_RETRIES` in its life while moving on between each; counting those tries would
+    fail a job that was never stuck. The try is given back (worker.retry.decide). Bounded: every
+    refunded try committed at least one batch, and a file has finitely many.
+    """
+
+    def __init__(self, cause: TransientError, *, progress: str) -> None:
+        super().__init__(f"{cause} (after {progress})", public=cause.public_message)
+        self.cause = cause
 
 
 class HardTimeLimitExceeded(PermanentError):

@@ -32,6 +32,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from worker.errors import (
     HardTimeLimitExceeded,
+    InterruptedAfterProgress,
     PermanentError,
     ProviderFault,
     RateLimited,
@@ -218,8 +219,9 @@ def classify(exc: BaseException) -> WorkerError:
 class RetryIn:
     """Run the job again in `defer_s` seconds. `why` opens the log line.
 
-    `give_try_back`: the failure was not the job's (a refused account), so this try must not
-    count towards `MAX_RETRIES`.
+    `give_try_back`: the failure was not the job's (a refused account), or the try moved the
+    job on before it failed (`InterruptedAfterProgress`), so it must not count towards
+    `MAX_RETRIES`.
     """
 
     defer_s: float
@@ -265,6 +267,10 @@ def decide(
         return RetryIn(defer_s, failure, "provider refused the account", give_try_back=True)
     if not isinstance(failure, TransientError):
         return Fail(failure)
+    if isinstance(failure, InterruptedAfterProgress):
+        # The first try's short step: the job was moving, not failing over and over.
+        defer_s = retry_delay_s(1, base_delay_s, rng=rng)
+        return RetryIn(defer_s, failure, "interrupted after progress", give_try_back=True)
     if job_try <= max_retries:
         wait_s = failure.retry_after_s if isinstance(failure, RateLimited) else None
         defer_s = retry_delay_s(job_try, base_delay_s, retry_after_s=wait_s, rng=rng)

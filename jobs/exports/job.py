@@ -107,6 +107,11 @@ async def _copy_and_complete(
     progress = _Progress(ctx["sessions"], row.id)
     try:
         with file_errors(storage.location(key)):
+            # Under the lock no other writer of this key is alive: what one left is abandoned.
+            if discarded := await storage.discard_abandoned(key):
+                log.warning(
+                    "export %s: removed %d partial file(s) of killed runs", row.id, discarded
+                )
             requested = (
                 await pg.fetchval("SELECT count(*) FROM export_items WHERE export_id = $1", row.id)
                 if row.has_selection

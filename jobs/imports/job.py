@@ -35,9 +35,10 @@ from jobs.imports.record_parser import NumberedRow
 from jobs.imports.sources import LocalFile, PinnedSource, S3Object
 from jobs.imports.validate import ContactRow, RowError, Validator
 from worker.context import Ctx
-from worker.errors import PermanentError
+from worker.errors import InterruptedAfterProgress, PermanentError, TransientError
 from worker.import_source import resolve_import_source, user_import_dir
 from worker.job import job
+from worker.retry import classify
 from worker.routes import (
     CONTINUATION_POINTER_TTL_S,
     PROCESS_CONTACTS_IMPORT,
@@ -228,12 +229,24 @@ async def _run_batches(
             processed = last.processed_rows
             if after_batch is not None:
                 await after_batch(last)
+    except Exception as exc:
+        raise _with_progress(exc, row.processed_rows, processed) from exc
     finally:
         producer.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await producer
     await finish(ctx["sessions"], row.id, lease.owner, "completed", notes)
     return _Ended(last, "completed")
+
+
+def _with_progress(exc: Exception, started_at_row: int, reached_row: int) -> Exception:
+    """`exc`, or when this try committed rows before a transient failure, the error that says
+    so: the retry then does not use up a try (worker.errors.InterruptedAfterProgress)."""
+    failure = classify(exc)
+    # A RateLimited (another run holds the lease) keeps its own wait.
+    if reached_row == started_at_row or type(failure) is not TransientError:
+        return exc
+    return InterruptedAfterProgress(failure, progress=f"rows {started_at_row}-{reached_row}")
 
 
 async def _produce(

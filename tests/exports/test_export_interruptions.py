@@ -30,7 +30,7 @@ from tests.exports.factories import (
 from tests.support.ctx import CtxOpener, startup_with
 from worker.client import JobsClient
 from worker.settings import Settings
-from worker.storage import LocalStorage, S3Storage
+from worker.storage import LocalStorage, S3Storage, export_key
 from worker.storage.local import LocalWriter
 
 ROWS = 8_000  # ~1.1 MB of CSV: five 256 KiB parts
@@ -129,6 +129,9 @@ def stalling(storage: Any, first_chunk: asyncio.Event) -> Any:
         def location(self, key: str) -> str:
             return str(storage.location(key))
 
+        async def discard_abandoned(self, key: str) -> int:
+            return int(await storage.discard_abandoned(key))
+
         @contextlib.asynccontextmanager
         async def writer(self, key: str) -> AsyncIterator[Any]:
             async with storage.writer(key) as out:
@@ -177,3 +180,42 @@ async def test_cancelled_export_leaves_no_partial_file_or_upload_and_reruns_clea
     assert (result["status"], result["row_count"], result["written"]) == ("completed", ROWS, True)
     pool = ctx["engine"].pool
     assert isinstance(pool, QueuePool) and pool.checkedout() == 0
+
+
+@pytest.mark.parametrize("backend", ["local", "s3"])
+async def test_rerun_after_a_killed_writer_removes_what_it_left(
+    open_ctx: CtxOpener,
+    sessions: async_sessionmaker[AsyncSession],
+    s3_storage: S3Storage,
+    s3: Any,
+    s3_bucket: str,
+    tmp_path: Path,
+    backend: str,
+) -> None:
+    """A SIGKILLed worker cannot abort its writer (found by `make chaos`): the next run must."""
+    user = await user_with_contacts(sessions, ROWS)
+    export_id = await new_export(sessions, user)
+    other_id = await new_export(sessions, user)
+    root = tmp_path / "exports"
+    real: Any = LocalStorage(root) if backend == "local" else s3_storage
+    # What a writer killed mid-way leaves, for this export and for another one of the user.
+    abandoned = [export_key(user, export_id), export_key(user, other_id)]
+    for key in abandoned:
+        if backend == "local":
+            (root / str(user)).mkdir(parents=True, exist_ok=True)
+            (root / f"{user}/.{key.rpartition('/')[2]}.0123456789abcdef.tmp").write_bytes(b"id,")
+        else:
+            s3.create_multipart_upload(Bucket=s3_bucket, Key=s3_storage.object_key(key))
+    ctx = await open_ctx("exports", storage=real)
+
+    result = await generate_contact_export.run(ctx, export_id=str(export_id))
+
+    assert (result["status"], result["row_count"]) == ("completed", ROWS)
+    if backend == "local":
+        # Only this export's leftover: the other export's run (or a live writer) owns its own.
+        assert files_under(root) == sorted(
+            [f"{user}/{export_id}.csv", f"{user}/.{other_id}.csv.0123456789abcdef.tmp"]
+        )
+    else:
+        uploads = s3.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", [])
+        assert [u["Key"] for u in uploads] == [s3_storage.object_key(abandoned[1])]

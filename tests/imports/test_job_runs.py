@@ -324,3 +324,63 @@ async def test_a_terminated_database_connection_retries_and_resumes(
     assert counts(await jobs_client.import_status(import_id))[:3] == ("processing", 50, 14)
     await run_job(small, import_id)
     assert await _result(sessions, jobs_client, user, import_id) == expected
+
+
+def _kill_connection_at(url: Any, rows: set[int]) -> Any:
+    """A `merge_part` that terminates its own connection the first time a batch starts at one
+    of `rows` (PostgreSQL's view of the checkpoint), as a failover or an operator would."""
+    real_merge = jobs.imports.merge.merge_part
+    killed: set[int] = set()
+
+    async def merge_part(connection: Any, *args: Any, **kwargs: Any) -> Any:
+        at = await connection.fetchval("SELECT processed_rows FROM contact_import_jobs")
+        if at in rows and at not in killed:
+            killed.add(at)
+            admin = await asyncpg.connect(host=url.host, port=url.port, user=url.username)
+            try:
+                pid = await connection.fetchval("SELECT pg_backend_pid()")
+                await admin.execute("SELECT pg_terminate_backend($1)", pid)
+            finally:
+                await admin.close()
+        return await real_merge(connection, *args, **kwargs)
+
+    return merge_part
+
+
+async def test_faults_between_committed_batches_do_not_use_up_the_tries(
+    ctx: Ctx,
+    jobs_client: JobsClient,
+    sessions: Sessions,
+    run_burst: RunBurst,
+    expected: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A long import on a busy cluster meets more faults than MAX_RETRIES in its life; each
+    # try here commits two batches before its connection is killed. With no retries allowed
+    # it still completes: a try that moved the checkpoint on is given back.
+    user = await new_user(sessions)
+    import_id = await start_import(jobs_client, user, sample_csv())
+    settings = _small_batches(ctx, max_retries=0)["settings"]
+    monkeypatch.setattr(
+        checkpoint, "merge_part", _kill_connection_at(settings.database, {14, 28, 42})
+    )
+    worker = await run_burst("imports", settings_=settings)
+    assert (worker.jobs_complete, worker.jobs_failed, worker.jobs_retried) == (1, 0, 3)
+    assert await _result(sessions, jobs_client, user, import_id) == expected
+
+
+async def test_a_fault_before_any_batch_commits_still_uses_a_try(
+    ctx: Ctx,
+    jobs_client: JobsClient,
+    sessions: Sessions,
+    run_burst: RunBurst,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    user = await new_user(sessions)
+    import_id = await start_import(jobs_client, user, sample_csv())
+    settings = _small_batches(ctx, max_retries=0)["settings"]
+    monkeypatch.setattr(checkpoint, "merge_part", _kill_connection_at(settings.database, {0}))
+    worker = await run_burst("imports", settings_=settings)
+    assert (worker.jobs_complete, worker.jobs_failed) == (0, 1)
+    status = await jobs_client.import_status(import_id)
+    assert (status.status, status.processed_rows) == ("failed", 0)

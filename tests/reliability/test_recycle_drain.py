@@ -178,6 +178,9 @@ async def test_a_recycle_during_an_export_lets_it_finish(
     env = worker_env(settings, export_dir=export_dir, worker_max_jobs_per_process=1)
     env.pop("C360_JOB_MODULES")  # the real export jobs
     user = await user_with_contacts(sessions, 500)
+    # The short exports are another customer's: one user's exports take turns (fair sharing),
+    # and the recycle, not the turns, is under test here.
+    other_user = await user_with_contacts(sessions, 5)
     long_export = await new_export(sessions, user, "contacts")
     grace_s = QUEUE_CONFIGS["exports"].shutdown_grace_s
 
@@ -185,7 +188,7 @@ async def test_a_recycle_during_an_export_lets_it_finish(
         return str(await db.scalar("SELECT status FROM exports WHERE id = :id", id=export_id))
 
     async def short_export() -> uuid.UUID:
-        export_id = await new_export(sessions, user, "companies")
+        export_id = await new_export(sessions, other_user, "companies")
         await enqueue(
             arq_redis,
             GENERATE_COMPANY_EXPORT,

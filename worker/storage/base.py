@@ -47,6 +47,14 @@ class Storage(Protocol):
         """A URL a user can download `key` from: `file://` locally, presigned GET on S3."""
         ...
 
+    async def discard_abandoned(self, key: str) -> int:
+        """Remove what killed writers of `key` left (temporary files, open multipart uploads).
+
+        A SIGKILLed worker cannot clean up after its writer. Call this only while no other
+        writer of `key` can be alive (the export holds its lock); returns how many were removed.
+        """
+        ...
+
 
 def export_key(user_id: uuid.UUID | str, export_id: uuid.UUID | str) -> str:
     """The key of an export's file, `<user_id>/<export_id>.csv`, relative to the backend root.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import glob
 import os
 import secrets
 from collections.abc import AsyncIterator
@@ -19,6 +20,7 @@ from typing import BinaryIO
 from worker.storage.base import check_key, run_to_completion
 
 DEFAULT_BUFFER_BYTES = 1024 * 1024
+TMP_SUFFIX = ".tmp"
 # Exports hold every contact's PII: owner-only whatever the umask (it can only take bits
 # away). A deployment whose downloads are served by another account in the group passes
 # file_mode=0o640, dir_mode=0o750.
@@ -54,6 +56,10 @@ class LocalStorage:
     async def url(self, key: str, expires_s: int = 3600) -> str:
         """A `file://` URL; `expires_s` is accepted for symmetry with S3 and ignored."""
         return self.path(key).as_uri()
+
+    async def discard_abandoned(self, key: str) -> int:
+        """Delete the temporary files of `key`'s killed writers (`.<name>.<hex>.tmp`)."""
+        return await asyncio.to_thread(_discard_temporary_files, self.path(key))
 
     @contextlib.asynccontextmanager
     async def writer(self, key: str) -> AsyncIterator[LocalWriter]:
@@ -114,7 +120,7 @@ class LocalWriter:
         # Hidden and suffixed so a directory listing never mistakes it for a finished export.
         # O_EXCL makes a name clash an error instead of a shared file. The rename keeps the
         # mode, so the final file is file_mode from its first byte on.
-        tmp_path = directory / f".{self.final_path.name}.{secrets.token_hex(8)}.tmp"
+        tmp_path = directory / f".{self.final_path.name}.{secrets.token_hex(8)}{TMP_SUFFIX}"
         fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, self._file_mode)
         self._tmp_path = tmp_path
         self._file = os.fdopen(fd, "wb")
@@ -144,6 +150,16 @@ class LocalWriter:
         if self._tmp_path is not None:
             self._tmp_path.unlink(missing_ok=True)
             self._tmp_path = None
+
+
+def _discard_temporary_files(final_path: Path) -> int:
+    if not final_path.parent.is_dir():
+        return 0
+    discarded = 0
+    for tmp_path in final_path.parent.glob(f".{glob.escape(final_path.name)}.*{TMP_SUFFIX}"):
+        tmp_path.unlink(missing_ok=True)
+        discarded += 1
+    return discarded
 
 
 def _make_directories(directory: Path, mode: int) -> None:

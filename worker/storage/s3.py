@@ -122,6 +122,27 @@ class S3Storage:
                     ExpiresIn=expires_s,
                 )
 
+    async def discard_abandoned(self, key: str) -> int:
+        """Abort the open multipart uploads of `key` (their writers were killed mid-upload).
+
+        Without this, each one keeps costing storage until a bucket lifecycle rule
+        (AbortIncompleteMultipartUpload) removes it, if the bucket has one.
+        """
+        object_key = self.object_key(key)
+        discarded = 0
+        with _mapped_errors("abort abandoned uploads of", self.location(key)):
+            async with self._client_factory() as client:
+                paginator = client.get_paginator("list_multipart_uploads")
+                async for page in paginator.paginate(Bucket=self.bucket, Prefix=object_key):
+                    for upload in page.get("Uploads", []):
+                        if upload.get("Key") != object_key or "UploadId" not in upload:
+                            continue  # a longer key that shares the prefix
+                        await client.abort_multipart_upload(
+                            Bucket=self.bucket, Key=object_key, UploadId=upload["UploadId"]
+                        )
+                        discarded += 1
+        return discarded
+
     @contextlib.asynccontextmanager
     async def writer(self, key: str) -> AsyncIterator[S3Writer]:
         # Creating a client does no network IO (credentials resolve at the first request).
