@@ -39,6 +39,10 @@ IMPORT_STATUSES: tuple[ImportStatusName, ...] = get_args(ImportStatusName)
 EXPORT_STATUSES: tuple[ExportStatusName, ...] = get_args(ExportStatusName)
 EXPORT_KINDS: tuple[ExportKind, ...] = get_args(ExportKind)
 EMAIL_STATUSES: tuple[EmailStatusName, ...] = get_args(EmailStatusName)
+# An import or export row a worker may still run (reconcile, fair sharing).
+OPEN_STATUSES: tuple[Literal["pending", "processing"], ...] = ("pending", "processing")
+# An import in one of these has ended: nothing changes it again (its job, its event streams).
+ENDED_IMPORT_STATUSES: frozenset[ImportStatusName] = frozenset({"completed", "failed", "cancelled"})
 # CONTRACT §13: bounce, complaint and manual stop all email to the address; unsubscribe only
 # campaign email (jobs/email/suppression.py decides which email is which).
 SuppressionReason = Literal["bounce", "complaint", "unsubscribe", "manual"]

@@ -152,7 +152,14 @@ class JobDefinition(Generic[P, R]):
         ):
             # Before the try is counted: a parked try is no try at all.
             turn = await _take_turn(ctx)
-            deaths = await stats.try_started(ctx["redis"], ctx["queue_name"], job_id, self.name)
+            try:
+                deaths = await stats.try_started(ctx["redis"], ctx["queue_name"], job_id, self.name)
+            except Exception:
+                # Before the try below: its `finally` would not give the turn back, and the
+                # user's parked jobs would wait for their recheck (fairness.PARK_RECHECK_S).
+                if turn is not None:
+                    await asyncio.shield(_end_turn(ctx, turn))
+                raise
             outcome: stats.Outcome = "failed"
             error: str | None = None
             # A shutdown's cancel keeps the turn: arq requeues the job, which resumes first.

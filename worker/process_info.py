@@ -19,9 +19,6 @@ import psutil
 PROCESS_KEY_PREFIX = "c360:process:"
 # Several renewals (worker/lease.py RENEW_EVERY_S = 5 s): one late refresh does not lose it.
 PROCESS_TTL_S = 30
-# A process whose hash was not refreshed for three renewals is taken for dead (a SIGKILLed
-# worker's hash outlives it by up to PROCESS_TTL_S): the same 15 s as a job's lease.
-STALE_AFTER_MS = 15_000
 
 
 def process_key(worker: str) -> str:
@@ -74,7 +71,12 @@ async def alive(redis: Any, worker: str) -> bool:
         return True
     if updated_ms is None:
         return False
-    return int(time.time() * 1000) - int(updated_ms) < STALE_AFTER_MS
+    # Here, not at the top: worker/lease.py imports this module (it writes the hash).
+    from worker.lease import LEASE_MS
+
+    # Not refreshed for three renewals: taken for dead (a SIGKILLed worker's hash outlives it
+    # by up to PROCESS_TTL_S), after the same time as a job's lease.
+    return int(time.time() * 1000) - int(updated_ms) < LEASE_MS
 
 
 def parse(raw: dict[Any, Any]) -> dict[str, Any]:

@@ -14,7 +14,7 @@ limiter: the same pause, plus the reason next to it. While a halt holds, `acquir
 `ProviderFault` at once instead of waiting, so a cron stops its tick and a send job retries
 later, and no message is claimed only to be refused the same way.
 
-    limiter = RateLimiter(redis, rate_per_s=settings.email_rate_limit_per_s)
+    limiter = RateLimiter(redis, rate_per_s=settings.email_rate_per_s)
     await limiter.acquire()                          # before every send
     await limiter.pause_for(exc.retry_after_s)       # after RateLimited
     await limiter.halt(exc.retry_after_s, str(exc))  # after ProviderFault

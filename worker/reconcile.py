@@ -34,7 +34,7 @@ from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_pre
 from sqlalchemy import func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from db.models import ContactImportJob, EmailMessage, Export
+from db.models import OPEN_STATUSES, ContactImportJob, EmailMessage, Export
 from jobs.email.keys import REDRIVEN_PREFIXES, job_of_key, send_job
 from jobs.email.outbox import Draft
 from worker.context import Ctx
@@ -53,7 +53,6 @@ from worker.routes import (
 log = logging.getLogger(__name__)
 
 MIN_AGE_S = 60
-OPEN_STATUSES = ("pending", "processing")
 OPEN_EMAIL_STATUSES = ("pending", "sending")
 EXPORTS = frozenset(EXPORT_ROUTES.values())
 # Oldest first, so a Redis that lost a large backlog is re-filled a page a minute, and a scan

@@ -60,8 +60,11 @@ DRAIN_CHECK_EVERY_S = 0.5
 # A draining process that grows this many times past its limit is a runaway, not a busy job.
 CUT_MEMORY_FACTOR = 2
 # `python -m worker run` passes each worker the write end of a pipe under this name; a byte
-# written there says "draining: start my replacement now".
+# written there says "draining: start my replacement now", and why: the memory limit (which
+# the supervisor watches for a limit set below what a worker needs) or anything else.
 DRAINING_FD_ENV = "C360_DRAINING_FD"
+DRAINING_BY_MEMORY = b"m"
+DRAINING_BY_COUNT = b"d"
 
 
 def resident_memory_mb() -> float:
@@ -100,6 +103,8 @@ class Recycler:
     max_memory_mb: int
     jobs_done: int = 0
     requested: bool = False
+    # Whether the drain was started by the memory limit rather than the job count.
+    by_memory: bool = False
     # The worker to drain; None (not found): recycling falls back to a SIGTERM drain.
     worker: Worker | None = None
     drain_limit_s: float = 0.0
@@ -133,6 +138,8 @@ class Recycler:
         reason = self.reason()
         if reason is not None:
             self.requested = True
+            # reason() checks the count first: below it, memory was the cause.
+            self.by_memory = self.jobs_done < self.max_jobs
         return reason
 
     def cut_above_mb(self, memory_at_start_mb: float) -> float:
@@ -154,7 +161,7 @@ class Recycler:
             running,
         )
         worker.allow_pick_jobs = False
-        _tell_supervisor_draining()
+        _tell_supervisor_draining(DRAINING_BY_MEMORY if self.by_memory else DRAINING_BY_COUNT)
         # A context of its own: not the log context or trace span of the job that ended last.
         self._drain = asyncio.create_task(
             self._drain_then_exit(worker), name="c360-recycle", context=contextvars.Context()
@@ -193,13 +200,13 @@ def _stop_like_sigterm() -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _tell_supervisor_draining() -> None:
+def _tell_supervisor_draining(why: bytes) -> None:
     raw_fd = os.environ.get(DRAINING_FD_ENV, "")
     if not raw_fd.isdigit():
         return
     # A supervisor gone or a pipe closed only means no early replacement.
     with contextlib.suppress(OSError):
-        os.write(int(raw_fd), b"d")
+        os.write(int(raw_fd), why)
 
 
 async def count_recycle(redis: Redis | None, queue: str) -> None:

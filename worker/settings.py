@@ -39,6 +39,8 @@ MIN_SECRET_KEY_CHARS = 32
 DEFAULT_EMAIL_RATE_PER_S: dict[str, float] = {"resend": 5.0, "sendgrid": 10.0, "console": 100.0}
 # SendGrid Marketing Contacts (MARKETING_PROVIDER=sendgrid), unless MARKETING_RATE_LIMIT_PER_S.
 DEFAULT_MARKETING_RATE_PER_S = 10.0
+# Fields whose empty value means "not set", so that their default applies as if absent.
+_UNSET_WHEN_EMPTY = frozenset({"worker_max_jobs_per_process"})
 
 
 class Settings(BaseSettings):
@@ -237,6 +239,20 @@ class Settings(BaseSettings):
                 "monitor NAME ...`): letters, digits, '.', '-', '_'"
             )
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_count_is_unset(cls, data: Any) -> Any:
+        # `WORKER_MAX_JOBS_PER_PROCESS=` (compose passes an unset variable as empty) is dropped,
+        # not defaulted: only an operator's value may enter `model_fields_set`, which turns the
+        # per-slot count into a per-process one (worker/recycle.py `job_limit`).
+        if not isinstance(data, dict):
+            return data
+        return {
+            key: value
+            for key, value in data.items()
+            if not (key in _UNSET_WHEN_EMPTY and isinstance(value, str) and not value.strip())
+        }
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:

@@ -17,6 +17,7 @@ Paths under the mounted public app carry signed tokens: run the server without a
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -37,6 +38,15 @@ from worker.settings import Settings
 from worker.tokens import MissingSecretKey
 from worker.web import public
 
+log = logging.getLogger(__name__)
+
+# The uploaded file was stored but could not become an import (the server's IMPORT_DIR layout
+# refused it, e.g. a user directory that is a symlink): the reason names server paths, so the
+# client gets this and the log gets the reason.
+UPLOAD_REFUSED = (
+    "the upload was received but could not be queued as an import, and nothing was created; "
+    "try again, and if it keeps failing, report it to the site's operator"
+)
 # What a browser or curl sends for a .csv, and Excel's tab-separated "Unicode text" (.txt).
 CSV_MEDIA_TYPES = frozenset(
     {"text/csv", "application/csv", "text/plain", "text/tab-separated-values"}
@@ -168,7 +178,9 @@ def create_app(
             return await jobs.import_contacts(user_id, str(path))
         except ValueError as error:  # refused before anything was created: the file goes too
             await uploads.remove(path)
-            raise HTTPException(HTTPStatus.BAD_REQUEST, str(error)) from None
+            # The reason names server paths (IMPORT_DIR): the log has it, the client does not.
+            log.warning("upload %s refused as an import source: %s", path.name, error)
+            raise HTTPException(HTTPStatus.BAD_REQUEST, UPLOAD_REFUSED) from None
         # Any other error keeps the file: the import's row may be committed already (a failed
         # enqueue), and the worker's reconciler then enqueues it from PostgreSQL.
 

@@ -13,9 +13,9 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator
 
+from db.models import ENDED_IMPORT_STATUSES
 from worker.client import JobsClient
 
-ENDED = frozenset({"completed", "failed", "cancelled"})
 DEFAULT_POLL_S = 0.5
 # A comment line now and then keeps proxies from closing a quiet stream.
 KEEPALIVE_S = 15.0
@@ -42,7 +42,7 @@ async def import_events(
         elif quiet_s >= KEEPALIVE_S:
             quiet_s = 0.0
             yield ": keepalive\n\n"
-        if progress.status in ENDED:
+        if progress.status in ENDED_IMPORT_STATUSES:
             yield END_EVENT
             return
         await asyncio.sleep(poll_s)

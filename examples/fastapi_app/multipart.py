@@ -18,6 +18,9 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 FILE_FIELD = "file"
 # The form's other fields (a CSRF token, a note): a few KiB at most in any real form.
 MAX_FIELD_BYTES = 64 * 1024
+# One part's header names and values together: a browser sends two short headers
+# (Content-Disposition, Content-Type); more than this is not a form, and is not held in memory.
+MAX_PART_HEADER_BYTES = 8 * 1024
 
 
 def _bad_form(why: str) -> HTTPException:
@@ -31,6 +34,7 @@ class _FormState:
         self.header_name = bytearray()
         self.header_value = bytearray()
         self.disposition = b""
+        self.header_bytes = 0
         self.in_file = False
         self.files = 0
         self.field_bytes = 0
@@ -39,11 +43,19 @@ class _FormState:
 
     def on_part_begin(self) -> None:
         self.disposition = b""
+        self.header_bytes = 0
+
+    def _count_header_bytes(self, count: int) -> None:
+        self.header_bytes += count
+        if self.header_bytes > MAX_PART_HEADER_BYTES:
+            raise _bad_form(f"a part's headers hold more than {MAX_PART_HEADER_BYTES} bytes")
 
     def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self._count_header_bytes(end - start)
         self.header_name += data[start:end]
 
     def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self._count_header_bytes(end - start)
         self.header_value += data[start:end]
 
     def on_header_end(self) -> None:

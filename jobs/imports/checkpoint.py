@@ -49,8 +49,6 @@ log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
-FINAL_STATUSES: frozenset[ImportStatusName] = frozenset({"completed", "failed", "cancelled"})
-
 
 @dataclass(frozen=True)
 class ImportRow:
@@ -281,16 +279,23 @@ async def _finish(
     status: ImportStatusName,
     message: str | None,
 ) -> None:
-    """The final state, written only by the lease's owner, which gives the lease up with it."""
-    await session.execute(
+    """The final state, written only by the lease's owner, which gives the lease up with it.
+
+    Raises `ImportRunningElsewhere` when the lease was taken over (or the import ended) since
+    the owner last checked: the row is the new owner's, so this run must not report an end.
+    """
+    finished = await session.scalar(
         text(
             "UPDATE contact_import_jobs SET status = :status, message = :message, "
             "finished_at = now(), started_at = coalesce(started_at, now()), "
             "lease_owner = NULL, lease_expires_at = NULL "
-            "WHERE id = :id AND status IN ('pending', 'processing') AND lease_owner = :owner"
+            "WHERE id = :id AND status IN ('pending', 'processing') AND lease_owner = :owner "
+            "RETURNING id"
         ),
         {"id": import_id, "owner": owner, "status": status, "message": message},
     )
+    if finished is None:
+        raise ImportRunningElsewhere()
 
 
 async def record_failure(ctx: Ctx, kwargs: dict[str, Any], message: str) -> None:

@@ -18,9 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, NotRequired, TypedDict
 
-from db.models import ImportStatusName
+from db.models import ENDED_IMPORT_STATUSES, ImportStatusName
 from jobs.imports.checkpoint import (
-    FINAL_STATUSES,
     ImportRow,
     apply_batch,
     finish,
@@ -117,7 +116,7 @@ async def _run_locked(
         row = await load(sessions, import_id)
         if row is None:
             raise PermanentError(f"import {import_id} does not exist (deleted?)")
-        if row.status in FINAL_STATUSES:
+        if row.status in ENDED_IMPORT_STATUSES:
             return _summary(row, row.status, note=f"already {row.status}, nothing to do")
         if row.cancel_requested:
             await finish(sessions, import_id, owner, "cancelled", "cancelled before it started")

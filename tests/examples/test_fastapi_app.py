@@ -22,7 +22,8 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from db.models import Contact, ContactImportJob, EmailMessage, EmailSuppression, WaitlistEntry
-from examples.fastapi_app.app import create_app
+from examples.fastapi_app.app import UPLOAD_REFUSED, create_app
+from examples.fastapi_app.multipart import MAX_PART_HEADER_BYTES
 from examples.fastapi_app.uploads import FLUSH_BYTES, PARTIAL_SUFFIX
 from tests.conftest import RunBurst
 from tests.support.asgi_server import serve_asgi
@@ -381,3 +382,64 @@ async def test_waitlist_sign_up_and_welcome_email_are_enqueued(
 def test_without_secret_key_the_app_refuses_to_start(settings: Settings) -> None:
     with pytest.raises(MissingSecretKey, match="SECRET_KEY"):
         create_app(settings.model_copy(update={"secret_key": None}))
+
+
+async def test_part_headers_past_their_cap_are_400_and_leave_no_file(
+    serve: Serve, settings: Settings, sessions: Sessions
+) -> None:
+    user_id = await new_user(sessions)
+    directory = user_import_dir(settings, user_id)
+    boundary = "c360-test-boundary-Hd83"
+    multipart = {"content-type": f"multipart/form-data; boundary={boundary}", **as_user(user_id)}
+    data = contacts_csv(3)
+    # Each header line short enough for any parser's own per-line limit (python-multipart's
+    # is 4 KiB from 0.0.2x on, none before): only their sum passes the cap.
+    line_bytes = 3000
+    count = MAX_PART_HEADER_BYTES // line_bytes + 1
+    long_names = [f"X-{'n' * line_bytes}-{n}: v" for n in range(count)]
+    long_values = [f"X-Note-{n}: {'v' * line_bytes}" for n in range(count)]
+    async with serve() as http:
+        for headers in (long_names, long_values):
+            body = b"".join(
+                (
+                    f"--{boundary}\r\n".encode(),
+                    "".join(f"{line}\r\n" for line in headers).encode(),
+                    b'Content-Disposition: form-data; name="file"; filename="c.csv"\r\n\r\n',
+                    data,
+                    f"\r\n--{boundary}--\r\n".encode(),
+                )
+            )
+            answer = await http.post("/imports", content=body, headers=multipart)
+            assert answer.status_code == 400, answer.text
+            assert answer.json()["detail"] == (
+                f"a part's headers hold more than {MAX_PART_HEADER_BYTES} bytes: "
+                "send the CSV as the form field 'file'"
+            )
+            assert files_in(directory) == []
+        # A form with ordinary headers still goes through.
+        fine = form(boundary, ("file", "c.csv", data))
+        assert (await http.post("/imports", content=fine, headers=multipart)).status_code == 202
+    async with sessions() as session:
+        assert await session.scalar(select(func.count()).select_from(ContactImportJob)) == 1
+
+
+async def test_a_refused_import_source_answers_without_the_servers_paths(
+    serve: Serve, settings: Settings, sessions: Sessions
+) -> None:
+    owner, other = await new_user(sessions), await new_user(sessions)
+    # A user directory that is a symlink into another user's: the upload lands there, and the
+    # import refuses it as outside its user's directory, naming both real paths.
+    elsewhere = user_import_dir(settings, other)
+    elsewhere.mkdir(parents=True)
+    user_import_dir(settings, owner).symlink_to(elsewhere, target_is_directory=True)
+    async with serve() as http:
+        answer = await http.post(
+            "/imports", content=contacts_csv(3), headers={**CSV, **as_user(owner)}
+        )
+    assert answer.status_code == 400, answer.text
+    detail = answer.json()["detail"]
+    assert detail == UPLOAD_REFUSED
+    assert str(settings.import_dir.resolve()) not in answer.text
+    assert files_in(elsewhere) == []  # refused before anything was created: the file goes too
+    async with sessions() as session:
+        assert await session.scalar(select(func.count()).select_from(ContactImportJob)) == 0

@@ -24,7 +24,7 @@ from tests.fairness.conftest import (
 from tests.support.ctx import CtxOpener
 from tests.support.redis_replies import reply
 from tests.support.users import new_user
-from worker import fairness
+from worker import fairness, stats
 from worker.client import JobsClient
 from worker.context import Ctx
 from worker.fairness import PARK_RECHECK_S, Claim, Share
@@ -249,3 +249,36 @@ async def test_a_claim_that_cannot_reach_the_database_comes_back_later_with_its_
     assert int(await redis_raw.get(retry_key_prefix + ctx["job_id"]) or 0) == 0
     row = (await import_times(sessions, [import_id]))[0]
     assert row[0] == "pending"  # nothing recorded as failed, nothing lost
+
+
+async def test_a_try_that_fails_right_after_taking_its_turn_gives_the_turn_back(
+    open_ctx: CtxOpener,
+    jobs_client: JobsClient,
+    redis_raw: aioredis.Redis,
+    sessions: Sessions,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    user = await new_user(sessions)
+    first, second = [await new_import(jobs_client, user) for _ in range(2)]
+    ctx = await open_ctx("imports")
+    parked = await try_of(ctx, redis_raw, second)  # behind the user's older, open first import
+    assert not parked.admitted
+    ctx["job_id"] = import_job_id(first)
+    await picked_up(redis_raw, ctx["job_id"])
+
+    async def bookkeeping_fails(*args: object, **kwargs: object) -> int:
+        # try_started swallows Redis errors itself; whatever escapes it must not leak the turn.
+        raise RuntimeError("the try's bookkeeping failed")
+
+    monkeypatch.setattr(stats, "try_started", bookkeeping_fails)
+    with pytest.raises(RuntimeError, match="bookkeeping failed"):
+        await process_contacts_import.run(ctx, job_id=str(first))
+    monkeypatch.undo()
+    # The turn was taken and given back: its slot is free and the parked import was woken
+    # (due now), not left for its recheck PARK_RECHECK_S later.
+    running = [
+        member.decode() for member in await redis_raw.zrange(parked.share.running_key, 0, -1)
+    ]
+    assert running == []
+    due_in_s = await score_s_from_now(redis_raw, "imports", import_job_id(second))
+    assert due_in_s is not None and due_in_s <= 0

@@ -16,6 +16,8 @@ import pytest
 import yaml
 from sqlalchemy.engine import make_url
 
+from worker.main import QUEUE_CONFIGS
+from worker.recycle import job_limit
 from worker.routes import QUEUES
 from worker.settings import Settings
 
@@ -90,7 +92,9 @@ def test_the_expected_services_exist(compose: dict[str, Any]) -> None:
 def test_each_queue_has_a_restarting_healthchecked_worker(compose: dict[str, Any]) -> None:
     for queue in QUEUES:
         service = compose["services"][f"worker-{queue}"]
-        assert service["command"] == ["python", "-m", "worker", "work", queue]
+        # The supervisor, not a bare worker: a recycling worker's replacement starts as its
+        # drain begins (worker/cli/run.py), so the queue is served while its long jobs finish.
+        assert service["command"] == ["python", "-m", "worker", "run", "--queue", queue]
         assert service["restart"] in ("always", "unless-stopped")
         assert service["healthcheck"]["test"] == [
             "CMD",
@@ -195,6 +199,9 @@ def test_worker_environment_is_valid_settings_carrying_the_operators_secrets(
         assert substitute(minio["MINIO_ROOT_PASSWORD"], REQUIRED) == env["AWS_SECRET_ACCESS_KEY"]
     migrate_env = services["migrate"]["environment"]
     assert substitute(migrate_env["DATABASE_URL"], REQUIRED) == env["DATABASE_URL"]
+    # Left unset in .env, the recycling count is the per-slot default, not a per-process 1000.
+    assert "worker_max_jobs_per_process" not in settings.model_fields_set
+    assert job_limit(settings, QUEUE_CONFIGS["default"].max_jobs) == 200_000
 
 
 HA_SERVICES = {"redis-replica", "sentinel-1", "sentinel-2", "sentinel-3"}
@@ -282,13 +289,14 @@ docker_compose = pytest.mark.skipif(
 
 
 def docker_compose_config(
-    env: dict[str, str], tmp_path: Path, *profiles: str
+    env: dict[str, str], tmp_path: Path, *profiles: str, quiet: bool = True
 ) -> subprocess.CompletedProcess[str]:
     empty_env_file = tmp_path / "empty.env"  # never read a developer's own .env
     empty_env_file.write_text("")
     chosen = [arg for profile in profiles for arg in ("--profile", profile)]
     return subprocess.run(
-        ["docker-compose", "--env-file", str(empty_env_file), *chosen, "config", "-q"],
+        ["docker-compose", "--env-file", str(empty_env_file), *chosen, "config"]
+        + (["-q"] if quiet else []),
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -303,6 +311,32 @@ def docker_compose_config(
 def test_docker_compose_validates_the_file_offline(tmp_path: Path, profiles: tuple[str]) -> None:
     done = docker_compose_config(REQUIRED, tmp_path, *profiles)
     assert done.returncode == 0, done.stderr
+
+
+@docker_compose
+@pytest.mark.parametrize("operator_count", [None, "1000"])
+def test_docker_compose_worker_environment_recycles_per_slot_unless_the_operator_sets_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, operator_count: str | None
+) -> None:
+    operator = REQUIRED | (
+        {"WORKER_MAX_JOBS_PER_PROCESS": operator_count} if operator_count else {}
+    )
+    done = docker_compose_config(operator, tmp_path, quiet=False)
+    assert done.returncode == 0, done.stderr
+    rendered = yaml.safe_load(done.stdout)["services"]
+    for queue in QUEUES:
+        service = rendered[f"worker-{queue}"]
+        assert service["command"] == ["python", "-m", "worker", "run", "--queue", queue]
+        # The worker's environment exactly as compose hands it over: None is not passed at all.
+        for name in Settings.model_fields:
+            monkeypatch.delenv(name.upper(), raising=False)
+        for name, value in service["environment"].items():
+            if value is not None:
+                monkeypatch.setenv(name, str(value))
+        monkeypatch.setenv("EMAIL_API_KEY", "re_from_the_environment")
+        concurrency = QUEUE_CONFIGS[queue].max_jobs
+        expected = 1000 if operator_count else 1000 * concurrency
+        assert job_limit(Settings(), concurrency) == expected, queue
 
 
 @docker_compose

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import io
 import re
 import uuid
 from collections.abc import AsyncIterator
@@ -10,8 +11,10 @@ from typing import Any, get_args
 
 import asyncpg
 import pytest
+from alembic import command
+from sqlalchemy.engine import make_url
 
-from db.migrate import downgrade, upgrade
+from db.migrate import alembic_config, downgrade, upgrade
 from db.models import (
     Base,
     EmailEventProvider,
@@ -116,3 +119,57 @@ async def test_check_constraints_allow_exactly_the_status_literals(settings: Set
         # PostgreSQL spells `status IN ('a', 'b')` as `CHECK ((status = ANY (ARRAY['a'::text, ...`.
         allowed = re.findall(r"'([^']*)'::text", found[key])
         assert sorted(allowed) == sorted(get_args(literal)), key
+
+
+def _offline_sql(revisions: str, *, down: bool = False) -> list[str]:
+    """The statements alembic runs for `revisions` ("0006:0007"), rendered without a database."""
+    config = alembic_config(make_url(f"{PG_SERVER}/offline"))
+    buffer = io.StringIO()
+    config.output_buffer = buffer
+    (command.downgrade if down else command.upgrade)(config, revisions, sql=True)
+    lines = buffer.getvalue().splitlines()
+    text = "\n".join(line for line in lines if not line.startswith("--"))  # comments
+    return [statement.strip() for statement in text.split(";") if statement.strip()]
+
+
+def _outside_a_transaction(statements: list[str], wanted: str) -> bool:
+    in_transaction = False
+    for statement in statements:
+        if statement == "BEGIN":
+            in_transaction = True
+        elif statement == "COMMIT":
+            in_transaction = False
+        elif statement == wanted:
+            return not in_transaction
+    raise AssertionError(f"{wanted!r} not among {statements}")
+
+
+def test_the_outbox_batch_index_is_built_and_dropped_without_blocking_writes() -> None:
+    # CONCURRENTLY, which PostgreSQL refuses inside a transaction block: both must hold.
+    created = "CREATE INDEX CONCURRENTLY ix_email_messages_batch_id ON email_messages (batch_id)"
+    assert _outside_a_transaction(_offline_sql("0006:0007"), created)
+    dropped = "DROP INDEX CONCURRENTLY ix_email_messages_batch_id"
+    assert _outside_a_transaction(_offline_sql("0007:0006", down=True), dropped)
+
+
+async def test_the_outbox_batch_index_is_valid_after_upgrade_and_gone_after_downgrade(
+    scratch_settings: Settings,
+) -> None:
+    query = (
+        "SELECT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid"
+        " WHERE c.relname = 'ix_email_messages_batch_id'"
+    )
+
+    async def validity() -> list[bool]:
+        connection = await asyncpg.connect(f"{PLAIN_SERVER}/{scratch_settings.database.database}")
+        try:
+            return [row["indisvalid"] for row in await connection.fetch(query)]
+        finally:
+            await connection.close()
+
+    await upgrade(scratch_settings.database, "0007")
+    assert await validity() == [True]
+    await downgrade(scratch_settings.database, "0006")
+    assert await validity() == []
+    await upgrade(scratch_settings.database, "0007")
+    assert await validity() == [True]

@@ -188,3 +188,22 @@ async def test_a_lease_nobody_renews_is_waited_out_and_taken(
     summary = await run_import(pooled_ctx, import_id)
     assert summary["status"] == "completed"
     assert await result_of(sessions, pooled_client, user, import_id) == expected(data)
+
+
+async def test_a_run_whose_lease_was_taken_over_after_its_last_batch_does_not_complete(
+    pooled_ctx: Ctx, pooled_client: JobsClient, sessions: Sessions
+) -> None:
+    user = await new_user(sessions)
+    data = sample_csv()
+    import_id = await start_import(pooled_client, user, data)
+    total = len(data.splitlines()) - 1
+
+    async def taken_over_after_the_last_batch(row: ImportRow) -> None:
+        if row.processed_rows == total:  # every row committed; the final state comes next
+            await set_lease(sessions, import_id, "intruder", 60)
+
+    with pytest.raises(ImportRunningElsewhere):
+        await run_import(pooled_ctx, import_id, after_batch=taken_over_after_the_last_batch)
+    # The row is the intruder's, still open: this run reported no end and wrote none.
+    assert await lease_of(sessions, import_id) == ("intruder", total, 0)
+    assert (await pooled_client.import_status(import_id)).status == "processing"

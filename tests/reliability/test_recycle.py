@@ -14,6 +14,7 @@ from arq.connections import ArqRedis
 from tests.conftest import RunBurst
 from tests.reliability.conftest import Db, Processes, wait_for, worker_env
 from tests.reliability.fixture_jobs import record
+from worker.cli.run import MAX_DRAINING_PER_QUEUE
 from worker.context import as_ctx
 from worker.main import QUEUE_CONFIGS
 from worker.process_info import resident_bytes
@@ -21,16 +22,20 @@ from worker.recycle import Recycler, job_limit
 from worker.settings import Settings
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
+# How long each drained worker's long job keeps it alive: past the start of the next workers.
+HOLD_S = 25.0
 
 
-async def _run_one(arq_redis: ArqRedis, db: Db, function: str, key: str, **kwargs: Any) -> int:
+async def _run_one(
+    arq_redis: ArqRedis, db: Db, function: str, key: str, timeout_s: float = 20, **kwargs: Any
+) -> int:
     """Enqueue one job, wait until it is done; the pid of the worker that ran it."""
     await arq_redis.enqueue_job(function, key=key, _queue_name="default", **kwargs)
 
     async def finished() -> list[object]:
         return await db.rows("SELECT pid FROM rel_done WHERE key = :k", k=key)
 
-    rows = await wait_for(finished, 20, f"job {key} to finish")
+    rows = await wait_for(finished, timeout_s, f"job {key} to finish")
     return int(rows[0][0])
 
 
@@ -106,9 +111,10 @@ async def test_a_worker_finds_its_recycler_fitted_to_its_concurrency(
     recycler = as_ctx(worker.ctx)["recycler"]
     assert recycler.worker is worker
     assert recycler.max_jobs == job_limit(settings, QUEUE_CONFIGS["default"].max_jobs)
-    # The drain waits as long as the longest job may run, and no longer.
-    assert recycler.drain_limit_s == max(f.timeout_s or 0 for f in worker.functions.values())
-    assert recycler.drain_limit_s >= settings.job_timeout_s
+    # The drain waits as long as the longest job may run, and no longer: the tests' JOB_TIMEOUT_S
+    # (60 s, uncapped for `record`) plus the 30 s arq is given past a job's own hard limit.
+    assert settings.job_timeout_s == 60
+    assert recycler.drain_limit_s == 60 + 30
 
 
 def test_a_drain_is_cut_only_far_above_the_limit_and_where_it_began() -> None:
@@ -151,3 +157,35 @@ def test_resident_memory_is_read_as_psutil_reads_it() -> None:
     kept = b"\x01" * (64 * 1024 * 1024)
     assert resident_bytes() >= ours + 60 * 1024 * 1024  # a later read sees new pages
     del kept
+
+
+@pytest.mark.timeout(120)
+async def test_workers_over_their_memory_limit_from_the_start_do_not_pile_up(
+    settings: Settings, processes: Processes, arq_redis: ArqRedis, db: Db
+) -> None:
+    # A worker holds about 100 MB at rest: above this limit, each drains after its first job.
+    env = worker_env(settings, worker_max_memory_mb=50)
+    supervisor = processes.start("run", "--queue", "default", env=env)
+    quick_pids = []
+    for n in range(MAX_DRAINING_PER_QUEUE + 2):
+        # The long job keeps the draining worker alive; the quick one starts the drain.
+        await arq_redis.enqueue_job(
+            "record", key=f"hold-{n}", first_run_sleep_s=HOLD_S, _queue_name="default"
+        )
+        # The last waits for a drained worker to exit: for its long job to end.
+        quick_pids.append(await _run_one(arq_redis, db, "record", f"quick-{n}", HOLD_S + 30))
+    assert len(set(quick_pids)) == len(quick_pids)  # each worker ran one pair, then drained
+    # With two still draining, the next drain's replacement waited for the first to exit.
+    first_hold = await db.rows("SELECT done_at FROM rel_done WHERE key = 'hold-0'")
+    assert first_hold, "a worker started while three recycled ones were still draining"
+    [(first_hold_done,)] = first_hold
+    [(last_quick_done,)] = await db.rows(
+        "SELECT done_at FROM rel_done WHERE key = :k", k=f"quick-{MAX_DRAINING_PER_QUEUE + 1}"
+    )
+    assert first_hold_done < last_quick_done
+    assert not psutil.pid_exists(quick_pids[0])
+    log = processes.log(supervisor)
+    # One error for the whole run of such workers, naming the limit to raise.
+    assert log.count("passed WORKER_MAX_MEMORY_MB=50") == 1, log
+    assert "the next starts when one of them exits" in log
+    assert supervisor.poll() is None

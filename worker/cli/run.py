@@ -5,6 +5,13 @@ itself (job count, memory) or crashes is replaced at once while the others keep 
 recycling worker says so as it stops taking jobs (a byte on a pipe, worker/recycle.py), and
 its replacement starts then, while it finishes its running jobs. SIGTERM/SIGINT are passed on
 to every child, draining ones too, which finish within their grace and exit; then `run` exits.
+
+Recycling cannot pile up processes (each holds a database pool): at most
+`MAX_DRAINING_PER_QUEUE` children of a queue drain at once, and the replacement of one more
+waits until one of them has exited. A worker that passes WORKER_MAX_MEMORY_MB within
+`FAST_DRAIN_S` of its start (the limit is below what a worker holds at rest, so every worker
+would drain after its first job) gets its replacement after a growing delay, and one error
+in the log names the limit.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from arq.worker import Worker
 from worker import preflight
 from worker.lease import shorten_initial_claim
 from worker.main import worker_settings
-from worker.recycle import DRAINING_FD_ENV
+from worker.recycle import DRAINING_BY_MEMORY, DRAINING_FD_ENV
 from worker.redis_connect import arq_pool, describe, redis_client
 from worker.routes import QUEUES
 from worker.settings import Settings
@@ -34,6 +41,12 @@ log = logging.getLogger(__name__)
 # A child that dies faster than this after starting is crash-looping: back off before the next.
 FAST_EXIT_S = 5.0
 MAX_RESTART_DELAY_S = 30.0
+# Recycling children of one queue that may still be finishing their jobs at once.
+MAX_DRAINING_PER_QUEUE = 2
+# A worker past its memory limit this soon after its start was over it from the start: a
+# worker takes a few seconds to boot (more on a loaded host), and a limit hit by real work
+# takes longer than this to reach.
+FAST_DRAIN_S = 30.0
 PREFLIGHT_TIMEOUT_S = 5.0
 
 
@@ -87,6 +100,7 @@ class _Child:
     def __init__(self, process: asyncio.subprocess.Process, draining_fd: int) -> None:
         self.process = process
         self.draining = asyncio.Event()
+        self.by_memory = False  # what the child said started its drain
         self._fd = draining_fd
         asyncio.get_running_loop().add_reader(draining_fd, self._on_readable)
 
@@ -96,6 +110,7 @@ class _Child:
         except OSError:
             data = b""
         if data:
+            self.by_memory = DRAINING_BY_MEMORY in data
             self.draining.set()
         else:  # the child exited (or closed its end): nothing more will come
             self.close_pipe()
@@ -136,8 +151,44 @@ async def _finish_draining(
         draining.pop(child, None)
 
 
-async def _supervise_queue(queue: str, burst: bool, stopping: asyncio.Event) -> int:
+async def _make_room(
+    queue: str, draining: dict[_Child, asyncio.Task[None]], delay_s: float, stopping: asyncio.Event
+) -> bool:
+    """Wait `delay_s`, and until at most MAX_DRAINING_PER_QUEUE children drain; True: stopping."""
+    loop = asyncio.get_running_loop()
+    until_s = loop.time() + delay_s
+    said = False
+    while True:
+        remaining_s = until_s - loop.time()
+        crowded = len(draining) > MAX_DRAINING_PER_QUEUE
+        if remaining_s <= 0 and not crowded:
+            return False
+        if crowded and not said:
+            log.warning(
+                "%s: %d workers are still finishing their jobs after recycling; the next "
+                "starts when one of them exits (MAX_DRAINING_PER_QUEUE=%d)",
+                queue,
+                len(draining),
+                MAX_DRAINING_PER_QUEUE,
+            )
+            said = True
+        stopper = asyncio.ensure_future(stopping.wait())
+        # The draining tasks are only watched here, never cancelled.
+        watched: set[asyncio.Future[Any]] = {stopper, *(draining.values() if crowded else ())}
+        await asyncio.wait(
+            watched, timeout=max(remaining_s, 0) or None, return_when=asyncio.FIRST_COMPLETED
+        )
+        stopper.cancel()
+        if stopping.is_set():
+            return True
+
+
+async def _supervise_queue(
+    queue: str, burst: bool, stopping: asyncio.Event, max_memory_mb: int
+) -> int:
     restart_delay_s = 1.0
+    # Replacements of workers that passed their memory limit right after starting.
+    fast_drain_delay_s = 1.0
     # Recycled workers still finishing their jobs while their replacement serves the queue.
     draining: dict[_Child, asyncio.Task[None]] = {}
     try:
@@ -156,9 +207,35 @@ async def _supervise_queue(queue: str, burst: bool, stopping: asyncio.Event) -> 
                 # A recycle: it takes no more jobs and may run a long one to its end; its
                 # replacement starts now so the queue is served meanwhile.
                 waiter.cancel()
-                log.info("%s worker pid=%d is recycling; replacing it", queue, child.process.pid)
                 draining[child] = asyncio.create_task(_finish_draining(queue, child, draining))
                 restart_delay_s = 1.0
+                drained_after_s = time.monotonic() - started_s
+                delay_s = 0.0
+                if child.by_memory and drained_after_s < FAST_DRAIN_S:
+                    if fast_drain_delay_s == 1.0:  # the first of a run of them: say it once
+                        log.error(
+                            "%s worker pid=%d passed WORKER_MAX_MEMORY_MB=%d %.0f s after it "
+                            "started: the limit is below what a worker holds at rest, so each "
+                            "would recycle after its first job; raise WORKER_MAX_MEMORY_MB. "
+                            "Replacements start after a growing delay (up to %.0f s) meanwhile",
+                            queue,
+                            child.process.pid,
+                            max_memory_mb,
+                            drained_after_s,
+                            MAX_RESTART_DELAY_S,
+                        )
+                    delay_s = fast_drain_delay_s
+                    fast_drain_delay_s = min(fast_drain_delay_s * 2, MAX_RESTART_DELAY_S)
+                else:
+                    fast_drain_delay_s = 1.0
+                log.info(
+                    "%s worker pid=%d is recycling; replacing it in %.0f s",
+                    queue,
+                    child.process.pid,
+                    delay_s,
+                )
+                if await _make_room(queue, draining, delay_s, stopping):
+                    return 0
                 continue
             code = await waiter
             child.close_pipe()
@@ -207,5 +284,7 @@ async def run_supervisor(args: argparse.Namespace, settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
-    codes = await asyncio.gather(*(_supervise_queue(q, args.burst, stopping) for q in queues))
+    codes = await asyncio.gather(
+        *(_supervise_queue(q, args.burst, stopping, settings.worker_max_memory_mb) for q in queues)
+    )
     return max(codes, default=0)

@@ -9,12 +9,11 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import ColumnElement, literal, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from db.models import ContactImportJob, Export
+from db.models import OPEN_STATUSES, ContactImportJob, Export
 from worker.routes import EXPORT_JOB_IDS, IMPORT_JOB_IDS, JobIdFormat, RowKind
 
 # How many of a user's younger due jobs one park parks along with itself (see `claim`).
 PARK_AHEAD_ROWS = 100
-OPEN_STATUSES = ("pending", "processing")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 JOB_IDS: dict[RowKind, JobIdFormat] = {"import": IMPORT_JOB_IDS, "export": EXPORT_JOB_IDS}
 

@@ -17,12 +17,12 @@ from collections.abc import AsyncIterator
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
+from db.models import ENDED_IMPORT_STATUSES
 from worker.web import reads
 
 POLL_S = 1.0
 # A comment line now and then keeps proxies from closing a quiet stream.
 KEEPALIVE_S = 15.0
-ENDED = frozenset({"completed", "failed", "cancelled"})
 # The browser's wait before reconnecting after a dropped connection.
 RETRY_MS = 3000
 
@@ -51,7 +51,7 @@ async def _stream(
         elif quiet_s >= KEEPALIVE_S:
             quiet_s = 0.0
             yield ": keepalive\n\n"
-        if detail["status"] in ENDED:
+        if detail["status"] in ENDED_IMPORT_STATUSES:
             yield _event("{}", "end")
             return
         await asyncio.sleep(POLL_S)

@@ -29,11 +29,26 @@ def upgrade() -> None:
         "email_messages", sa.Column("batch_id", postgresql.UUID(as_uuid=True), nullable=True)
     )
     op.add_column("email_messages", sa.Column("claimed_by", sa.Text(), nullable=True))
-    # A reclaim locks every member of a batch by its id.
-    op.create_index("ix_email_messages_batch_id", "email_messages", ["batch_id"], unique=False)
+    # A reclaim locks every member of a batch by its id. CONCURRENTLY: a plain CREATE INDEX
+    # would block every write to a big outbox (sends, webhooks) while it builds. It cannot run
+    # in a transaction, so the columns above commit first; should the build fail, it leaves an
+    # INVALID index to drop by hand (`DROP INDEX CONCURRENTLY ix_email_messages_batch_id`).
+    with op.get_context().autocommit_block():
+        op.create_index(
+            "ix_email_messages_batch_id",
+            "email_messages",
+            ["batch_id"],
+            unique=False,
+            postgresql_concurrently=True,
+        )
 
 
 def downgrade() -> None:
-    op.drop_index("ix_email_messages_batch_id", table_name="email_messages")
+    with op.get_context().autocommit_block():
+        op.drop_index(
+            "ix_email_messages_batch_id",
+            table_name="email_messages",
+            postgresql_concurrently=True,
+        )
     op.drop_column("email_messages", "claimed_by")
     op.drop_column("email_messages", "batch_id")
