@@ -22,8 +22,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 
 from jobs.email import claims
@@ -44,6 +45,9 @@ log = logging.getLogger(__name__)
 # times, before the members go back to `pending` for their callers' retries.
 RATE_LIMITED_RETRIES = 2
 RATE_LIMITED_WAIT_S = 5.0
+# How long claimed members may wait for their send slot: a few grants' worth when processes
+# share the limiter, far below SEND_LEASE_S. Past it they are released, nothing counted.
+SLOT_WAIT_S = 10.0
 
 
 @dataclass(eq=False)
@@ -74,26 +78,91 @@ class Submission:
 
 
 async def flush(
-    ctx: Ctx, provider: EmailProvider, submissions: Sequence[Submission], batcher: EmailBatcher
+    ctx: Ctx,
+    provider: EmailProvider,
+    submissions: Sequence[Submission],
+    batcher: EmailBatcher,
+    *,
+    capacity: int,
+    take_slot: Callable[[], Awaitable[None]],
 ) -> None:
-    """Claim, send and settle `submissions` (distinct keys); resolves every future."""
+    """Claim, send and settle `submissions` (distinct keys), filling the request up to
+    `capacity` with due one-off rows; resolves every future.
+
+    `take_slot` takes the request's send slot after the claim commits, so the request leaves
+    when the limiter says rather than one claim transaction later (the claim's duration
+    varies; a provider counting a sliding second would see the difference). It raises
+    `TimeoutError` when its bounded wait runs out: the claimed members are released with no
+    attempt counted, as nothing was sent.
+    """
     batch_id = uuid.uuid4()
     batcher.in_flight.add(batch_id)
     units: list[Unit] = []
+    verdicts: dict[uuid.UUID, Verdict] = {}
     try:
         waiting: dict[uuid.UUID, Submission] = {}
-        units = await _claim(ctx, provider, submissions, batch_id, batcher, waiting)
+        units = await _claim(ctx, provider, submissions, batch_id, batcher, waiting, capacity)
         if not units:
             return
-        for _extra in units[1:]:  # the main unit's slot was taken before the claim
-            await ctx["email_rate_limiter"].acquire()
+        slotted = await _take_slots(ctx, units, take_slot)
+        if len(slotted) < len(units):
+            await release(ctx, units[len(slotted) :], waiting, batcher.worker)
+        if not slotted:
+            return
         sender = ctx["settings"].email_from
-        answers = await asyncio.gather(*(_send(ctx, provider, unit, sender) for unit in units))
-        await _settle(ctx, provider, units, answers, waiting, batcher.worker)
+        answers = await asyncio.gather(*(_send(ctx, provider, unit, sender) for unit in slotted))
+        verdicts = await _settle(ctx, provider, slotted, answers, waiting, batcher.worker)
     finally:
         batcher.in_flight.discard(batch_id)
         for unit in units:
             batcher.in_flight.discard(unit.batch_id)
+        batcher.settle_swept(batch_id, units, verdicts)
+
+
+async def _take_slots(
+    ctx: Ctx, units: list[Unit], take_slot: Callable[[], Awaitable[None]]
+) -> list[Unit]:
+    """The units that got their send slot, in order; the first waits on `take_slot`."""
+    limiter = ctx["email_rate_limiter"]
+    slotted: list[Unit] = []
+    for unit in units:
+        try:
+            if slotted:  # a batch taken over besides the new one: a request of its own
+                await limiter.acquire(timeout_s=SLOT_WAIT_S)
+            else:
+                await take_slot()
+        except (TimeoutError, ProviderFault) as exc:
+            for later in units[len(slotted) :]:
+                later.refused = exc
+            break
+        slotted.append(unit)
+    return slotted
+
+
+async def release(
+    ctx: Ctx, units: Sequence[Unit], waiting: dict[uuid.UUID, Submission], worker: str
+) -> None:
+    """Give back claims that never got a send slot: nothing was sent, no attempt counts.
+
+    A new composition goes back to `pending`; a batch taken over stays `sending`, released
+    (no claimer), so the next claim resends it under its key at once, as after a timeout.
+    """
+    verdicts: dict[uuid.UUID, Verdict] = {}
+    results: dict[uuid.UUID, BaseException] = {}
+    for unit in units:
+        exc = unit.refused or TransientError("no send slot")
+        if isinstance(exc, TimeoutError):
+            exc = TransientError(f"no send slot within {SLOT_WAIT_S:g} s after the claim")
+        for member in unit.members:
+            if member.id in unit.held:
+                status = "pending" if unit.fresh else "sending"
+                verdicts[member.id] = Verdict(status, str(exc), delta=-1)
+                results[member.id] = exc
+    async with ctx["sessions"].begin() as session:
+        await claims.settle(session, verdicts, worker=worker)
+    for member_id, exc in results.items():
+        if member_id in waiting:
+            waiting[member_id].resolve(exc)
 
 
 async def _claim(
@@ -103,11 +172,13 @@ async def _claim(
     batch_id: uuid.UUID,
     batcher: EmailBatcher,
     waiting: dict[uuid.UUID, Submission],
+    capacity: int,
 ) -> list[Unit]:
     """The claim transaction; resolves the submissions it settles, returns the units to send."""
     by_key = {s.draft.key: s for s in submissions}
     worker, resend_ok = batcher.worker, safe_to_resend(provider)
     answered: list[tuple[Submission, Outcome | BaseException]] = []
+    following: list[tuple[Submission, asyncio.Future[Outcome | None]]] = []
     units: list[Unit] = []
     async with ctx["sessions"].begin() as session:
         new = [_new_message(s.draft) for s in sorted(submissions, key=lambda s: s.draft.key)]
@@ -139,6 +210,9 @@ async def _claim(
                 answered.append((submission, await _suppressed(session, submission)))
             elif row.status == "pending":
                 main_ids.append(row.id)
+            elif row.claimed_by == worker and row.key in batcher.swept:
+                # This process's sweep is sending it: the job gets that batch's answer.
+                following.append((submission, batcher.swept[row.key]))
             elif await _claim_is_live(ctx, row, batcher):
                 answered.append(
                     (submission, TransientError(f"email {row.key} is being sent by another try"))
@@ -162,7 +236,19 @@ async def _claim(
         await claims.claim_pending(
             session, main_ids, batch_id=batch_id, provider=provider.name, worker=worker
         )
-        if main_ids:
+        room = capacity - len(main_ids)
+        swept = await claims.sweep(
+            session,
+            room,
+            exclude=batcher.queued_keys(),
+            batch_id=batch_id,
+            provider=provider.name,
+            worker=worker,
+        )
+        batcher.note_swept(batch_id, [key for key, status in swept.items() if status == "sending"])
+        if room > 0 and len(swept) == room:
+            batcher.sweep_more(ctx, provider)
+        if main_ids or "sending" in swept.values():
             members = await claims.unit_rows(session, batch_id)
             units.append(Unit(batch_id, members, {m.id for m in members}, fresh=True))
         for old, rows in reclaimed.items():
@@ -179,7 +265,17 @@ async def _claim(
                     waiting[member.id] = by_key[member.key]
     for submission, result in answered:
         submission.resolve(result)
+    for submission, swept_future in following:
+        swept_future.add_done_callback(partial(_follow, submission))
     return units
+
+
+def _follow(submission: Submission, swept: asyncio.Future[Outcome | None]) -> None:
+    outcome = None if swept.cancelled() else swept.result()
+    if outcome is None:
+        submission.resolve(TransientError(f"email {submission.draft.key} is being retried"))
+    else:
+        submission.resolve(outcome)
 
 
 def _new_message(draft: Draft) -> NewMessage:
@@ -272,7 +368,7 @@ async def _settle(
     answers: list[list[MemberAnswer] | BaseException],
     waiting: dict[uuid.UUID, Submission],
     worker: str,
-) -> None:
+) -> dict[uuid.UUID, Verdict]:
     resend_ok = safe_to_resend(provider)
     verdicts: dict[uuid.UUID, Verdict] = {}
     raised: dict[uuid.UUID, BaseException] = {}
@@ -299,6 +395,7 @@ async def _settle(
             verdicts[member.id] = verdict
     await _write(ctx, units, verdicts, waiting, raised, worker)
     await _pause_or_halt(ctx, answers)
+    return verdicts
 
 
 async def _write(
