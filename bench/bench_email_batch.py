@@ -52,14 +52,27 @@ ANSWER_DELAY_S = 0.2
 
 
 def run_worker(variant: str) -> int:
-    """`python -m worker work default` in this process; `single`: one email per request."""
+    """`python -m worker work default` in this process; `single`: one email per request.
+
+    With BENCH_PROFILE=<file>, the worker runs under cProfile and writes its stats there when
+    it stops (`python -m pstats <file>`): where the worker's CPU goes per email.
+    """
     from worker.cli import main as worker_main
 
     if variant == "single":
         import jobs.email.batcher
 
         jobs.email.batcher.batch_capacity = lambda provider: 1  # type: ignore[assignment]
-    return worker_main(["work", "default"])
+    profile_to = os.environ.get("BENCH_PROFILE")
+    if not profile_to or variant != "batch":
+        return worker_main(["work", "default"])
+    import cProfile
+
+    profiler = cProfile.Profile()
+    try:
+        return profiler.runcall(worker_main, ["work", "default"])
+    finally:
+        profiler.dump_stats(profile_to)
 
 
 def start(variant: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:

@@ -104,9 +104,11 @@ _SWEEP = text(f"""
     WHERE m.id = p.id
     RETURNING m.idempotency_key, m.status
 """)
-_READ_STATUS = text("""
-    SELECT status, provider_message_id, last_error FROM email_messages
-    WHERE idempotency_key = :key
+_READ_ROW = text("""
+    SELECT m.id, m.idempotency_key AS key, m.status, m.attempts, m.provider_message_id,
+           m.last_error, m.batch_id, m.claimed_by,
+           extract(epoch FROM now() - m.updated_at) AS claim_age_s, false AS suppressed
+    FROM email_messages m WHERE m.idempotency_key = :key
 """)
 _CLAIM_PENDING = text("""
     UPDATE email_messages
@@ -256,21 +258,22 @@ async def lock_existing(session: AsyncSession, keys: Sequence[str]) -> list[Foun
     if not keys:
         return []
     rows = (await session.execute(_LOCK_EXISTING, {"keys": list(keys)})).all()
-    return [
-        Found(
-            r.id,
-            r.key,
-            r.status,
-            r.attempts,
-            r.provider_message_id,
-            r.last_error,
-            r.batch_id,
-            r.claimed_by,
-            float(r.claim_age_s),
-            bool(r.suppressed),
-        )
-        for r in rows
-    ]
+    return [_found(r) for r in rows]
+
+
+def _found(r: Any) -> Found:
+    return Found(
+        r.id,
+        r.key,
+        r.status,
+        r.attempts,
+        r.provider_message_id,
+        r.last_error,
+        r.batch_id,
+        r.claimed_by,
+        float(r.claim_age_s),
+        bool(r.suppressed),
+    )
 
 
 async def sweep(
@@ -298,10 +301,10 @@ async def sweep(
     return {row.idempotency_key: row.status for row in rows}
 
 
-async def read_status(session: AsyncSession, key: str) -> tuple[str, str | None, str | None] | None:
-    """(status, provider message id, last error) of row `key`, unlocked; None if not stored."""
-    row = (await session.execute(_READ_STATUS, {"key": key})).first()
-    return None if row is None else (row.status, row.provider_message_id, row.last_error)
+async def read_row(session: AsyncSession, key: str) -> Found | None:
+    """Row `key` as it stands, unlocked (`suppressed` not checked); None if not stored."""
+    rows = (await session.execute(_READ_ROW, {"key": key})).all()
+    return _found(rows[0]) if rows else None
 
 
 async def claim_pending(

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from jobs.email import claims
 from jobs.email.claims import Found, Member, NewMessage, Unit, Verdict
-from jobs.email.outbox import AfterSettled, Draft, Outcome, Status
+from jobs.email.outbox import AfterSettled, Draft, ManyHook, Outcome, Status
 from worker import process_info
 from worker.context import Ctx
 from worker.email_providers import DeliveryUnknown, EmailProvider, OutgoingEmail, safe_to_resend
@@ -213,7 +213,7 @@ async def _claim(
             elif row.claimed_by == worker and row.key in batcher.swept:
                 # This process's sweep is sending it: the job gets that batch's answer.
                 following.append((submission, batcher.swept[row.key]))
-            elif await _claim_is_live(ctx, row, batcher):
+            elif await claim_is_live(ctx, row, batcher):
                 answered.append(
                     (submission, TransientError(f"email {row.key} is being sent by another try"))
                 )
@@ -296,7 +296,7 @@ async def _suppressed(session: Any, submission: Submission) -> Outcome:
     return await _after(session, submission, outcome)
 
 
-async def _claim_is_live(ctx: Ctx, row: Found, batcher: EmailBatcher) -> bool:
+async def claim_is_live(ctx: Ctx, row: Found, batcher: EmailBatcher) -> bool:
     """Whether a `sending` row's claimer may still be sending it (then it must not be resent).
 
     Not live: past the lease, released (a send that ended without a verdict), this process's
@@ -418,8 +418,15 @@ async def _write(
     try:
         async with ctx["sessions"].begin() as session:
             await claims.settle(session, verdicts, worker=worker)
+            many: dict[type[ManyHook], list[tuple[ManyHook, Outcome]]] = {}
             for member_id in hooked:
-                await _after(session, waiting[member_id], outcome(member_id))
+                hook = waiting[member_id].after
+                if isinstance(hook, ManyHook):  # one statement for all of a kind
+                    many.setdefault(type(hook), []).append((hook, outcome(member_id)))
+                else:
+                    await _after(session, waiting[member_id], outcome(member_id))
+            for kind, hooks in many.items():
+                await kind.run_many(session, hooks)
     except Exception:
         if not hooked:
             raise
