@@ -3,10 +3,17 @@
 `outbox.deliver` hands its draft to `ctx["email_batcher"]` and awaits its own `Outcome`. The
 batcher collects drafts from concurrent coroutines (a campaign page's 200 sends, a burst of
 `send_email` jobs on the default queue) into a group: the group waits `BATCH_LINGER_S` for
-company (no wait once it holds as many as one request carries), then for one send slot of the
-shared rate limiter, still taking drafts meanwhile, and then goes out as one flush
-(jobs/email/flush.py: one claim transaction, one request, one settle transaction). A lone
-email leaves after the linger, well within a second when the limiter has room.
+company (no wait once it holds as many as one request carries), then until the shared rate
+limiter's next slot is about free (less the time a claim takes), still taking drafts
+meanwhile, and then goes out as one flush (jobs/email/flush.py: one claim transaction, the
+slot taken, one request, one settle transaction). A lone email leaves after the linger, well
+within a second when the limiter has room.
+
+A flush with room fills its request with due `pending` one-off rows nobody holds (the sweep,
+jobs/email/claims.py), and starts another flush while the sweep keeps finding a full request's
+worth: a burst drains at the provider's rate however few of its jobs arq runs at once. Those
+jobs then find their rows settled before joining a group (no linger, no slot) and return
+`duplicate`, or wait for the batch that carries theirs.
 
 The flush runs in a task the batcher owns: a caller cancelled (its job timed out) stops waiting
 but never cancels a batch in flight, whose other members' callers still wait for it. `aclose`
@@ -26,7 +33,8 @@ from typing import Any, cast
 
 from jobs.email import claims
 from jobs.email.claims import Unit, Verdict
-from jobs.email.flush import SLOT_WAIT_S, Submission, claim_is_live, flush
+from jobs.email.exchange import SLOT_WAIT_S
+from jobs.email.flush import Submission, claim_is_live, flush
 from jobs.email.outbox import Outcome, Status
 from worker.context import Ctx
 from worker.email_providers import EmailProvider

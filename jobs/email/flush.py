@@ -29,25 +29,19 @@ from typing import TYPE_CHECKING, Any, cast
 
 from jobs.email import claims
 from jobs.email.claims import Found, Member, NewMessage, Unit, Verdict
+from jobs.email.exchange import SLOT_WAIT_S as SLOT_WAIT_S
+from jobs.email.exchange import pause_or_halt, release, send, take_slots
 from jobs.email.outbox import AfterSettled, Draft, ManyHook, Outcome, Status
 from worker import process_info
 from worker.context import Ctx
-from worker.email_providers import DeliveryUnknown, EmailProvider, OutgoingEmail, safe_to_resend
-from worker.email_providers.base import BatchEmailProvider, MemberAnswer
+from worker.email_providers import DeliveryUnknown, EmailProvider, safe_to_resend
+from worker.email_providers.base import MemberAnswer
 from worker.errors import PermanentError, ProviderFault, RateLimited, TransientError
 
 if TYPE_CHECKING:
     from jobs.email.batcher import EmailBatcher
 
 log = logging.getLogger(__name__)
-
-# A 429 asking for at most RATE_LIMITED_WAIT_S is waited out inside the flush, up to this many
-# times, before the members go back to `pending` for their callers' retries.
-RATE_LIMITED_RETRIES = 2
-RATE_LIMITED_WAIT_S = 5.0
-# How long claimed members may wait for their send slot: a few grants' worth when processes
-# share the limiter, far below SEND_LEASE_S. Past it they are released, nothing counted.
-SLOT_WAIT_S = 10.0
 
 
 @dataclass(eq=False)
@@ -104,65 +98,19 @@ async def flush(
         units = await _claim(ctx, provider, submissions, batch_id, batcher, waiting, capacity)
         if not units:
             return
-        slotted = await _take_slots(ctx, units, take_slot)
+        slotted = await take_slots(ctx, units, take_slot)
         if len(slotted) < len(units):
             await release(ctx, units[len(slotted) :], waiting, batcher.worker)
         if not slotted:
             return
         sender = ctx["settings"].email_from
-        answers = await asyncio.gather(*(_send(ctx, provider, unit, sender) for unit in slotted))
+        answers = await asyncio.gather(*(send(ctx, provider, unit, sender) for unit in slotted))
         verdicts = await _settle(ctx, provider, slotted, answers, waiting, batcher.worker)
     finally:
         batcher.in_flight.discard(batch_id)
         for unit in units:
             batcher.in_flight.discard(unit.batch_id)
         batcher.settle_swept(batch_id, units, verdicts)
-
-
-async def _take_slots(
-    ctx: Ctx, units: list[Unit], take_slot: Callable[[], Awaitable[None]]
-) -> list[Unit]:
-    """The units that got their send slot, in order; the first waits on `take_slot`."""
-    limiter = ctx["email_rate_limiter"]
-    slotted: list[Unit] = []
-    for unit in units:
-        try:
-            if slotted:  # a batch taken over besides the new one: a request of its own
-                await limiter.acquire(timeout_s=SLOT_WAIT_S)
-            else:
-                await take_slot()
-        except (TimeoutError, ProviderFault) as exc:
-            for later in units[len(slotted) :]:
-                later.refused = exc
-            break
-        slotted.append(unit)
-    return slotted
-
-
-async def release(
-    ctx: Ctx, units: Sequence[Unit], waiting: dict[uuid.UUID, Submission], worker: str
-) -> None:
-    """Give back claims that never got a send slot: nothing was sent, no attempt counts.
-
-    A new composition goes back to `pending`; a batch taken over stays `sending`, released
-    (no claimer), so the next claim resends it under its key at once, as after a timeout.
-    """
-    verdicts: dict[uuid.UUID, Verdict] = {}
-    results: dict[uuid.UUID, BaseException] = {}
-    for unit in units:
-        exc = unit.refused or TransientError("no send slot")
-        if isinstance(exc, TimeoutError):
-            exc = TransientError(f"no send slot within {SLOT_WAIT_S:g} s after the claim")
-        for member in unit.members:
-            if member.id in unit.held:
-                status = "pending" if unit.fresh else "sending"
-                verdicts[member.id] = Verdict(status, str(exc), delta=-1)
-                results[member.id] = exc
-    async with ctx["sessions"].begin() as session:
-        await claims.settle(session, verdicts, worker=worker)
-    for member_id, exc in results.items():
-        if member_id in waiting:
-            waiting[member_id].resolve(exc)
 
 
 async def _claim(
@@ -309,42 +257,6 @@ async def claim_is_live(ctx: Ctx, row: Found, batcher: EmailBatcher) -> bool:
     return await process_info.alive(ctx["redis"], row.claimed_by)
 
 
-async def _send(
-    ctx: Ctx, provider: EmailProvider, unit: Unit, sender: str
-) -> list[MemberAnswer] | BaseException:
-    """`_exchange`, asked again after a short 429: the provider refused the whole request, so
-    the same request is safe to repeat, and a batch of 100 is not left for a later tick over
-    a limiter's jitter. A longer wait is left to the callers' retries (rows back to `pending`)."""
-    limiter = ctx["email_rate_limiter"]
-    for _ in range(RATE_LIMITED_RETRIES):
-        answer = await _exchange(provider, unit, sender)
-        if not isinstance(answer, RateLimited) or answer.retry_after_s > RATE_LIMITED_WAIT_S:
-            return answer
-        # Every process waits, not just this one: the provider's limit is per account.
-        await limiter.pause_for(answer.retry_after_s)
-        try:
-            await limiter.acquire(timeout_s=RATE_LIMITED_WAIT_S * 2)
-        except (TimeoutError, ProviderFault):
-            return answer
-    return await _exchange(provider, unit, sender)
-
-
-async def _exchange(
-    provider: EmailProvider, unit: Unit, sender: str
-) -> list[MemberAnswer] | BaseException:
-    """One request for `unit`: an answer per member, or the whole request's failure."""
-    emails = [
-        OutgoingEmail(sender, (m.to,), m.subject, m.html, m.text, m.headers) for m in unit.members
-    ]
-    try:
-        if len(emails) == 1:
-            return [await provider.send(emails[0], unit.key)]
-        assert isinstance(provider, BatchEmailProvider)  # only those get batches of more
-        return await provider.send_batch(emails, unit.key)
-    except (PermanentError, TransientError) as exc:
-        return exc
-
-
 def _verdict(
     answer: MemberAnswer | BaseException, unit: Unit, member: Member, resend_ok: bool
 ) -> Verdict:
@@ -394,7 +306,7 @@ async def _settle(
                 raised[member.id] = member_answer
             verdicts[member.id] = verdict
     await _write(ctx, units, verdicts, waiting, raised, worker)
-    await _pause_or_halt(ctx, answers)
+    await pause_or_halt(ctx, answers)
     return verdicts
 
 
@@ -466,22 +378,3 @@ async def _write_one_by_one(
     for member_id, submission in waiting.items():
         if member_id in results:
             submission.resolve(results[member_id])
-
-
-async def _pause_or_halt(ctx: Ctx, answers: list[list[MemberAnswer] | BaseException]) -> None:
-    limiter = ctx["email_rate_limiter"]
-    for answer in answers:
-        if isinstance(answer, RateLimited):
-            # Every process waits, not just this one: the provider's limit is per account.
-            await limiter.pause_for(answer.retry_after_s)
-        elif isinstance(answer, ProviderFault) and await limiter.halt(
-            answer.retry_after_s, str(answer)
-        ):
-            # Once per halt, cluster-wide. The text is the provider's (API key redacted).
-            log.error(
-                "email provider refused the account, not the message: %s. Sending is halted on "
-                "every worker for %g s and due emails stay pending; check EMAIL_API_KEY and "
-                "that EMAIL_FROM's domain is verified with the provider",
-                answer,
-                answer.retry_after_s,
-            )
