@@ -34,7 +34,7 @@ from typing import Any, cast
 from jobs.email import claims
 from jobs.email.claims import Unit, Verdict
 from jobs.email.exchange import SLOT_WAIT_S
-from jobs.email.flush import Submission, claim_is_live, flush
+from jobs.email.flush import Submission, flush
 from jobs.email.outbox import Outcome, Status
 from worker.context import Ctx
 from worker.email_providers import EmailProvider
@@ -50,8 +50,6 @@ BATCH_LINGER_S = 0.04
 # A 429 may pause every sender for up to 300 s (worker.email_providers.base): wait through it
 # rather than burn a retry, but give up before the job's own time limit (SEND_JOB_CAP_S).
 ACQUIRE_TIMEOUT_S = 400.0
-# How often a job polls its row while another process's sweep is sending it.
-SWEPT_POLL_S = 0.5
 # Shutdown waits this long for flushes in flight (a provider exchange takes at most ~20 s).
 CLOSE_TIMEOUT_S = 30.0
 
@@ -120,26 +118,16 @@ class EmailBatcher:
     async def _settled(self, ctx: Ctx, submission: Submission) -> Outcome | None:
         """A row already settled (a sweep sent it, or a repeat): its outcome at once, without a
         linger or a send slot; None: claim it as usual. Only for drafts without an `after`
-        hook (which must run in a claim's transaction): the one-off emails a sweep takes.
-
-        A row another process's sweep is sending is waited for here (polled), not claimed:
-        its claim is live, so a claim could only fail and spend one of the job's tries; once
-        that claim settles the job returns, and if its process died the job takes it over.
-        """
+        hook (which must run in a claim's transaction): the one-off emails a sweep takes."""
         key = submission.draft.key
-        while key not in self.swept:
+        if key not in self.swept:
             async with ctx["sessions"]() as session:
                 row = await claims.read_row(session, key)
-            if row is None or row.status == "pending":
-                return None
-            if row.status in claims.SETTLED:
+            if row is not None and row.status in claims.SETTLED:
                 status = cast(Status, row.status)
                 return Outcome(key, status, False, row.provider_message_id, row.last_error)
-            if key in self.swept:  # a sweep of this process took it meanwhile
-                break
-            if row.claimed_by == self.worker or not await claim_is_live(ctx, row, self):
+            if key not in self.swept:  # not taken by a sweep of this process meanwhile
                 return None
-            await asyncio.sleep(SWEPT_POLL_S)
         return await asyncio.shield(self.swept[key])
 
     def _start(self, ctx: Ctx, provider: EmailProvider, resources: tuple[int, ...]) -> _Group:

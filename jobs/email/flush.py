@@ -44,6 +44,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+CLAIMED_ELSEWHERE_RETRY_S = process_info.STALE_AFTER_MS / 1000
+
+
 @dataclass(eq=False)
 class Submission:
     """One caller's draft and the future it waits on."""
@@ -162,9 +165,11 @@ async def _claim(
                 # This process's sweep is sending it: the job gets that batch's answer.
                 following.append((submission, batcher.swept[row.key]))
             elif await claim_is_live(ctx, row, batcher):
-                answered.append(
-                    (submission, TransientError(f"email {row.key} is being sent by another try"))
-                )
+                # Retried once the claim has settled or, its process dead, can be taken over:
+                # a sweep elsewhere answers within a second, a dead one's heartbeat goes stale
+                # within CLAIMED_ELSEWHERE_RETRY_S. Sooner would only spend the job's tries.
+                claimed = f"email {row.key} is being sent by another try"
+                answered.append((submission, RateLimited(claimed, CLAIMED_ELSEWHERE_RETRY_S)))
             elif not resend_ok:
                 detail = (
                     f"found mid-send after a crash (attempt {row.attempts}); {provider.name} "
