@@ -10,8 +10,8 @@ slot taken, one request, one settle transaction). A lone email leaves after the 
 within a second when the limiter has room.
 
 A flush with room fills its request with due `pending` one-off rows nobody holds (the sweep,
-jobs/email/claims.py), and starts another flush while the sweep keeps finding a full request's
-worth: a burst drains at the provider's rate however few of its jobs arq runs at once. Those
+jobs/email/claims.py), and starts another flush for the next slot while the sweep keeps finding
+rows: a burst drains at the provider's rate however few of its jobs arq runs at once. Those
 jobs then find their rows settled before joining a group (no linger, no slot) and return
 `duplicate`, or wait for the batch that carries theirs.
 
@@ -139,8 +139,10 @@ class EmailBatcher:
         return group
 
     def sweep_more(self, ctx: Ctx, provider: EmailProvider) -> None:
-        """A sweep filled its request: due one-offs remain, so another flush goes for them
-        without waiting for their jobs (a burst drains at the provider's rate, not arq's)."""
+        """A sweep found rows: more may be due, so another flush goes for them at the next
+        slot without waiting for their jobs (a burst drains at the provider's rate, not at
+        arq's; the jobs, behind, find their rows settled). The first sweep that finds
+        nothing ends it, at the cost of one query."""
         resources = (id(provider), id(ctx["sessions"]), id(ctx["email_rate_limiter"]))
         if not self._closing and resources not in self._open:
             self._start(ctx, provider, resources)

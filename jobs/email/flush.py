@@ -199,7 +199,7 @@ async def _claim(
             worker=worker,
         )
         batcher.note_swept(batch_id, [key for key, status in swept.items() if status == "sending"])
-        if room > 0 and len(swept) == room:
+        if swept:
             batcher.sweep_more(ctx, provider)
         if main_ids or "sending" in swept.values():
             members = await claims.unit_rows(session, batch_id)
