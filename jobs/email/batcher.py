@@ -103,7 +103,7 @@ class EmailBatcher:
         """Queue `submission` and wait for its result (an `Outcome`, or its error raised)."""
         if self._closing:
             raise TransientError("this worker is shutting down; the email is sent on a retry")
-        if submission.after is None and (early := await self._settled(ctx, submission)):
+        if submission.after is None and (early := await self.settled(ctx, submission.draft.key)):
             return early
         # One group per set of resources: a test (or a tool) may swap a ctx's provider.
         resources = (id(provider), id(ctx["sessions"]), id(ctx["email_rate_limiter"]))
@@ -115,11 +115,10 @@ class EmailBatcher:
         # shield: a cancelled caller stops waiting; its batch goes on for the others.
         return await asyncio.shield(submission.future)
 
-    async def _settled(self, ctx: Ctx, submission: Submission) -> Outcome | None:
+    async def settled(self, ctx: Ctx, key: str) -> Outcome | None:
         """A row already settled (a sweep sent it, or a repeat): its outcome at once, without a
         linger or a send slot; None: claim it as usual. Only for drafts without an `after`
         hook (which must run in a claim's transaction): the one-off emails a sweep takes."""
-        key = submission.draft.key
         if key not in self.swept:
             async with ctx["sessions"]() as session:
                 row = await claims.read_row(session, key)
