@@ -47,7 +47,7 @@ from worker.http import make_http_client
 from worker.lease import Leases, renewing, worker_name
 from worker.marketing import make_marketing_provider
 from worker.preflight import EMAIL_QUEUE, check_redis
-from worker.ratelimit import RateLimiter
+from worker.ratelimit import SLIDING_WINDOW_ALLOWANCE_S, RateLimiter
 from worker.recycle import Recycler, job_limit, running_worker
 from worker.settings import Settings
 from worker.storage import make_storage, s3_client_factory
@@ -111,7 +111,9 @@ async def _open(stack: AsyncExitStack, given: WorkerGiven) -> Resources:
         "email_provider": email_provider,
         "marketing_provider": make_marketing_provider(settings, http),
         # Shared by every worker process through Redis: the provider's limit is global.
-        "email_rate_limiter": RateLimiter(redis, settings.email_rate_per_s),
+        "email_rate_limiter": RateLimiter(
+            redis, settings.email_rate_per_s, window_allowance_s=SLIDING_WINDOW_ALLOWANCE_S
+        ),
         "s3_session": s3_session,
         "storage": make_storage(settings, s3_client_factory(s3_session, settings)),
         "leases": await stack.enter_async_context(renewing(Leases(redis, queue))),

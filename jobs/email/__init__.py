@@ -2,10 +2,9 @@
 
 Every email goes through the outbox (`outbox.deliver`): one row per logical email, claimed
 before the provider call, so a job that runs twice sends once; the process's batcher
-(`batcher`, `flush`, `claims`) sends concurrent drafts together, up to 100 a Resend request.
-`templates` renders each email
-(HTML and text); providers live in `worker.email_providers`, the shared send-rate limit in
-`worker.ratelimit`.
+(`batcher`, `flush`, `claims`, `exchange`) sends concurrent drafts together, up to 100 a
+Resend request. `templates` renders each email (HTML and text); providers live in
+`worker.email_providers`, the shared send-rate limit in `worker.ratelimit`.
 """
 
 from __future__ import annotations

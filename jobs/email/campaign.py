@@ -24,17 +24,27 @@ import asyncio
 import logging
 import uuid
 from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal, NotRequired, TypedDict
+from typing import Any, Literal, NotRequired, Self, TypedDict
 
-from sqlalchemy import Row, delete, func, select, tuple_, update
+from sqlalchemy import Row, delete, func, select, text, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from db.models import WaitlistEntry
 from jobs.email import drafts
 from jobs.email.drafts import CampaignLinks, CampaignNotConfigured
 from jobs.email.fanout import SendCounts, as_result, halted, send_page
-from jobs.email.outbox import AfterSettled, Draft, Outcome, SendResult, deliver, fail_message
+from jobs.email.outbox import (
+    AfterSettled,
+    Draft,
+    ManyHook,
+    Outcome,
+    SendResult,
+    deliver,
+    fail_message,
+)
 from worker.context import Ctx
 from worker.errors import PermanentError
 from worker.job import job
@@ -64,20 +74,38 @@ def next_email_at(created_at: datetime, step_sent: int, now: datetime) -> dateti
     return max(created_at + STEP_DUE_AFTER_SIGNUP[following], now + MIN_STEP_GAP)
 
 
+_ADVANCE_MANY = text("""
+    UPDATE waitlist_entries w SET campaign_step = v.step, next_email_at = v.next_at
+    FROM unnest(CAST(:ids AS uuid[]), CAST(:steps AS integer[]),
+                CAST(:next_ats AS timestamptz[])) AS v(id, step, next_at)
+    WHERE w.id = v.id AND w.campaign_step < v.step
+""")
+
+
+@dataclass(frozen=True, slots=True)
+class Advance(ManyHook):
+    """Hook: mark `step` done (sent, failed or held for review) and schedule the next one.
+
+    A batch's settle advances all its entries in one statement (`ManyHook`)."""
+
+    entry_id: uuid.UUID
+    created_at: datetime
+    step: int
+
+    @classmethod
+    async def run_many(cls, session: AsyncSession, hooks: Sequence[tuple[Self, Outcome]]) -> None:
+        now = datetime.now(UTC)
+        params: dict[str, Any] = {
+            "ids": [hook.entry_id for hook, _ in hooks],
+            "steps": [hook.step for hook, _ in hooks],
+            "next_ats": [next_email_at(hook.created_at, hook.step, now) for hook, _ in hooks],
+        }
+        await session.execute(_ADVANCE_MANY, params)
+
+
 def advance(entry_id: uuid.UUID, created_at: datetime, step: int) -> AfterSettled:
     """Hook: mark `step` done (sent, failed or held for review) and schedule the next one."""
-
-    async def after(session: AsyncSession, outcome: Outcome) -> None:
-        await session.execute(
-            update(WaitlistEntry)
-            .where(WaitlistEntry.id == entry_id, WaitlistEntry.campaign_step < step)
-            .values(
-                campaign_step=step,
-                next_email_at=next_email_at(created_at, step, datetime.now(UTC)),
-            )
-        )
-
-    return after
+    return Advance(entry_id, created_at, step)
 
 
 def await_confirmation(entry_id: uuid.UUID) -> AfterSettled:

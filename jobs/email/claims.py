@@ -7,6 +7,10 @@ A flush of the batcher (jobs/email/batcher.py) claims all its messages in one tr
 - existing ones are locked in one statement, in id order (two flushes never deadlock), with
   every other member of a batch one of them is `sending` in;
 - a `pending` one joins the new batch; a settled one answers at once (its `after` runs here);
+- when the request has room, due `pending` one-off rows (`caller/`, `job/`, `welcome/`: the
+  client's, written at enqueue) that nobody is claiming join it too, oldest first (`sweep`), so
+  a burst of 10,000 needs ~100 requests, not 10,000 running jobs; their own jobs then find them
+  settled (`read_settled`) and return at once, nothing sent;
 - a `sending` one whose claimer is still at it (younger than SEND_LEASE_S, and its process
   alive with that batch in flight) is retried later; otherwise its whole batch is taken over
   and resent as stored (same members, same body, same key) where the provider deduplicates,
@@ -28,6 +32,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from jobs.email.keys import REDRIVEN_PREFIXES
 from jobs.email.suppression import CAMPAIGN_KEY_PREFIXES, is_campaign, suppressed_sql
 
 SEND_LEASE_S = 120.0
@@ -71,6 +76,39 @@ _LOCK_EXISTING = text(f"""
                            AND status = 'sending' AND batch_id IS NOT NULL)
     ORDER BY m.id
     FOR UPDATE OF m
+""")
+_ONE_OFF_SQL = " OR ".join(f"m.idempotency_key LIKE '{prefix}%'" for prefix in REDRIVEN_PREFIXES)
+# Room left in a request: the oldest due one-off rows nobody holds (SKIP LOCKED: another
+# flush's claim has them), claimed into the batch, or `suppressed` as at any claim. Campaign
+# and trial rows never: their `after` hooks must run with their settle, and only their own
+# tick holds them. The partial index ix_email_messages_open serves the order.
+_SWEEP = text(f"""
+    WITH picked AS (
+        SELECT m.id, {suppressed_sql("m.to_email", "false")} AS suppressed
+        FROM email_messages m
+        WHERE m.status = 'pending' AND ({_ONE_OFF_SQL})
+          AND m.idempotency_key <> ALL(CAST(:exclude AS text[]))
+        ORDER BY m.created_at, m.id
+        LIMIT :room
+        FOR UPDATE OF m SKIP LOCKED
+    )
+    UPDATE email_messages m
+    SET status = CASE WHEN p.suppressed THEN 'suppressed' ELSE 'sending' END,
+        attempts = m.attempts + CASE WHEN p.suppressed THEN 0 ELSE 1 END,
+        last_error = CASE WHEN p.suppressed THEN CAST(:suppressed_detail AS text)
+                          ELSE m.last_error END,
+        provider = :provider, updated_at = now(),
+        batch_id = CASE WHEN p.suppressed THEN m.batch_id ELSE CAST(:batch_id AS uuid) END,
+        claimed_by = CASE WHEN p.suppressed THEN NULL ELSE CAST(:worker AS text) END
+    FROM picked p
+    WHERE m.id = p.id
+    RETURNING m.idempotency_key, m.status
+""")
+_READ_ROW = text("""
+    SELECT m.id, m.idempotency_key AS key, m.status, m.attempts, m.provider_message_id,
+           m.last_error, m.batch_id, m.claimed_by,
+           extract(epoch FROM now() - m.updated_at) AS claim_age_s, false AS suppressed
+    FROM email_messages m WHERE m.idempotency_key = :key
 """)
 _CLAIM_PENDING = text("""
     UPDATE email_messages
@@ -142,6 +180,8 @@ class Unit:
     members: list[Member]
     held: set[uuid.UUID]
     fresh: bool
+    # Why it got no send slot (a bounded wait ran out, or sending halted): it is released.
+    refused: BaseException | None = None
 
     @property
     def key(self) -> str:
@@ -218,21 +258,53 @@ async def lock_existing(session: AsyncSession, keys: Sequence[str]) -> list[Foun
     if not keys:
         return []
     rows = (await session.execute(_LOCK_EXISTING, {"keys": list(keys)})).all()
-    return [
-        Found(
-            r.id,
-            r.key,
-            r.status,
-            r.attempts,
-            r.provider_message_id,
-            r.last_error,
-            r.batch_id,
-            r.claimed_by,
-            float(r.claim_age_s),
-            bool(r.suppressed),
-        )
-        for r in rows
-    ]
+    return [_found(r) for r in rows]
+
+
+def _found(r: Any) -> Found:
+    return Found(
+        r.id,
+        r.key,
+        r.status,
+        r.attempts,
+        r.provider_message_id,
+        r.last_error,
+        r.batch_id,
+        r.claimed_by,
+        float(r.claim_age_s),
+        bool(r.suppressed),
+    )
+
+
+async def sweep(
+    session: AsyncSession,
+    room: int,
+    *,
+    exclude: Sequence[str],
+    batch_id: uuid.UUID,
+    provider: str,
+    worker: str,
+) -> dict[str, str]:
+    """Claim up to `room` due one-off rows into batch `batch_id`; key -> status (`sending`,
+    or `suppressed`). `exclude`: keys this process is about to claim for their own jobs."""
+    if room <= 0:
+        return {}
+    params: dict[str, Any] = {
+        "room": room,
+        "exclude": list(exclude),
+        "suppressed_detail": SUPPRESSED_DETAIL,
+        "batch_id": batch_id,
+        "provider": provider,
+        "worker": worker,
+    }
+    rows = (await session.execute(_SWEEP, params)).all()
+    return {row.idempotency_key: row.status for row in rows}
+
+
+async def read_row(session: AsyncSession, key: str) -> Found | None:
+    """Row `key` as it stands, unlocked (`suppressed` not checked); None if not stored."""
+    rows = (await session.execute(_READ_ROW, {"key": key})).all()
+    return _found(rows[0]) if rows else None
 
 
 async def claim_pending(

@@ -22,17 +22,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 
 from jobs.email import claims
 from jobs.email.claims import Found, Member, NewMessage, Unit, Verdict
-from jobs.email.outbox import AfterSettled, Draft, Outcome, Status
+from jobs.email.exchange import SLOT_WAIT_S as SLOT_WAIT_S
+from jobs.email.exchange import pause_or_halt, release, send, take_slots
+from jobs.email.outbox import AfterSettled, Draft, ManyHook, Outcome, Status
 from worker import process_info
 from worker.context import Ctx
-from worker.email_providers import DeliveryUnknown, EmailProvider, OutgoingEmail, safe_to_resend
-from worker.email_providers.base import BatchEmailProvider, MemberAnswer
+from worker.email_providers import DeliveryUnknown, EmailProvider, safe_to_resend
+from worker.email_providers.base import MemberAnswer
 from worker.errors import PermanentError, ProviderFault, RateLimited, TransientError
 
 if TYPE_CHECKING:
@@ -40,10 +43,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# A 429 asking for at most RATE_LIMITED_WAIT_S is waited out inside the flush, up to this many
-# times, before the members go back to `pending` for their callers' retries.
-RATE_LIMITED_RETRIES = 2
-RATE_LIMITED_WAIT_S = 5.0
+
+CLAIMED_ELSEWHERE_RETRY_S = process_info.STALE_AFTER_MS / 1000
 
 
 @dataclass(eq=False)
@@ -74,26 +75,45 @@ class Submission:
 
 
 async def flush(
-    ctx: Ctx, provider: EmailProvider, submissions: Sequence[Submission], batcher: EmailBatcher
+    ctx: Ctx,
+    provider: EmailProvider,
+    submissions: Sequence[Submission],
+    batcher: EmailBatcher,
+    *,
+    capacity: int,
+    take_slot: Callable[[], Awaitable[None]],
 ) -> None:
-    """Claim, send and settle `submissions` (distinct keys); resolves every future."""
+    """Claim, send and settle `submissions` (distinct keys), filling the request up to
+    `capacity` with due one-off rows; resolves every future.
+
+    `take_slot` takes the request's send slot after the claim commits, so the request leaves
+    when the limiter says rather than one claim transaction later (the claim's duration
+    varies; a provider counting a sliding second would see the difference). It raises
+    `TimeoutError` when its bounded wait runs out: the claimed members are released with no
+    attempt counted, as nothing was sent.
+    """
     batch_id = uuid.uuid4()
     batcher.in_flight.add(batch_id)
     units: list[Unit] = []
+    verdicts: dict[uuid.UUID, Verdict] = {}
     try:
         waiting: dict[uuid.UUID, Submission] = {}
-        units = await _claim(ctx, provider, submissions, batch_id, batcher, waiting)
+        units = await _claim(ctx, provider, submissions, batch_id, batcher, waiting, capacity)
         if not units:
             return
-        for _extra in units[1:]:  # the main unit's slot was taken before the claim
-            await ctx["email_rate_limiter"].acquire()
+        slotted = await take_slots(ctx, units, take_slot)
+        if len(slotted) < len(units):
+            await release(ctx, units[len(slotted) :], waiting, batcher.worker)
+        if not slotted:
+            return
         sender = ctx["settings"].email_from
-        answers = await asyncio.gather(*(_send(ctx, provider, unit, sender) for unit in units))
-        await _settle(ctx, provider, units, answers, waiting, batcher.worker)
+        answers = await asyncio.gather(*(send(ctx, provider, unit, sender) for unit in slotted))
+        verdicts = await _settle(ctx, provider, slotted, answers, waiting, batcher.worker)
     finally:
         batcher.in_flight.discard(batch_id)
         for unit in units:
             batcher.in_flight.discard(unit.batch_id)
+        batcher.settle_swept(batch_id, units, verdicts)
 
 
 async def _claim(
@@ -103,11 +123,13 @@ async def _claim(
     batch_id: uuid.UUID,
     batcher: EmailBatcher,
     waiting: dict[uuid.UUID, Submission],
+    capacity: int,
 ) -> list[Unit]:
     """The claim transaction; resolves the submissions it settles, returns the units to send."""
     by_key = {s.draft.key: s for s in submissions}
     worker, resend_ok = batcher.worker, safe_to_resend(provider)
     answered: list[tuple[Submission, Outcome | BaseException]] = []
+    following: list[tuple[Submission, asyncio.Future[Outcome | None]]] = []
     units: list[Unit] = []
     async with ctx["sessions"].begin() as session:
         new = [_new_message(s.draft) for s in sorted(submissions, key=lambda s: s.draft.key)]
@@ -139,10 +161,15 @@ async def _claim(
                 answered.append((submission, await _suppressed(session, submission)))
             elif row.status == "pending":
                 main_ids.append(row.id)
-            elif await _claim_is_live(ctx, row, batcher):
-                answered.append(
-                    (submission, TransientError(f"email {row.key} is being sent by another try"))
-                )
+            elif row.claimed_by == worker and row.key in batcher.swept:
+                # This process's sweep is sending it: the job gets that batch's answer.
+                following.append((submission, batcher.swept[row.key]))
+            elif await claim_is_live(ctx, row, batcher):
+                # Retried once the claim has settled or, its process dead, can be taken over:
+                # a sweep elsewhere answers within a second, a dead one's heartbeat goes stale
+                # within CLAIMED_ELSEWHERE_RETRY_S. Sooner would only spend the job's tries.
+                claimed = f"email {row.key} is being sent by another try"
+                answered.append((submission, RateLimited(claimed, CLAIMED_ELSEWHERE_RETRY_S)))
             elif not resend_ok:
                 detail = (
                     f"found mid-send after a crash (attempt {row.attempts}); {provider.name} "
@@ -162,7 +189,19 @@ async def _claim(
         await claims.claim_pending(
             session, main_ids, batch_id=batch_id, provider=provider.name, worker=worker
         )
-        if main_ids:
+        room = capacity - len(main_ids)
+        swept = await claims.sweep(
+            session,
+            room,
+            exclude=batcher.queued_keys(),
+            batch_id=batch_id,
+            provider=provider.name,
+            worker=worker,
+        )
+        batcher.note_swept(batch_id, [key for key, status in swept.items() if status == "sending"])
+        if swept:
+            batcher.sweep_more(ctx, provider)
+        if main_ids or "sending" in swept.values():
             members = await claims.unit_rows(session, batch_id)
             units.append(Unit(batch_id, members, {m.id for m in members}, fresh=True))
         for old, rows in reclaimed.items():
@@ -179,7 +218,17 @@ async def _claim(
                     waiting[member.id] = by_key[member.key]
     for submission, result in answered:
         submission.resolve(result)
+    for submission, swept_future in following:
+        swept_future.add_done_callback(partial(_follow, submission))
     return units
+
+
+def _follow(submission: Submission, swept: asyncio.Future[Outcome | None]) -> None:
+    outcome = None if swept.cancelled() else swept.result()
+    if outcome is None:
+        submission.resolve(TransientError(f"email {submission.draft.key} is being retried"))
+    else:
+        submission.resolve(outcome)
 
 
 def _new_message(draft: Draft) -> NewMessage:
@@ -200,7 +249,7 @@ async def _suppressed(session: Any, submission: Submission) -> Outcome:
     return await _after(session, submission, outcome)
 
 
-async def _claim_is_live(ctx: Ctx, row: Found, batcher: EmailBatcher) -> bool:
+async def claim_is_live(ctx: Ctx, row: Found, batcher: EmailBatcher) -> bool:
     """Whether a `sending` row's claimer may still be sending it (then it must not be resent).
 
     Not live: past the lease, released (a send that ended without a verdict), this process's
@@ -211,42 +260,6 @@ async def _claim_is_live(ctx: Ctx, row: Found, batcher: EmailBatcher) -> bool:
     if row.claimed_by == batcher.worker:
         return row.batch_id in batcher.in_flight
     return await process_info.alive(ctx["redis"], row.claimed_by)
-
-
-async def _send(
-    ctx: Ctx, provider: EmailProvider, unit: Unit, sender: str
-) -> list[MemberAnswer] | BaseException:
-    """`_exchange`, asked again after a short 429: the provider refused the whole request, so
-    the same request is safe to repeat, and a batch of 100 is not left for a later tick over
-    a limiter's jitter. A longer wait is left to the callers' retries (rows back to `pending`)."""
-    limiter = ctx["email_rate_limiter"]
-    for _ in range(RATE_LIMITED_RETRIES):
-        answer = await _exchange(provider, unit, sender)
-        if not isinstance(answer, RateLimited) or answer.retry_after_s > RATE_LIMITED_WAIT_S:
-            return answer
-        # Every process waits, not just this one: the provider's limit is per account.
-        await limiter.pause_for(answer.retry_after_s)
-        try:
-            await limiter.acquire(timeout_s=RATE_LIMITED_WAIT_S * 2)
-        except (TimeoutError, ProviderFault):
-            return answer
-    return await _exchange(provider, unit, sender)
-
-
-async def _exchange(
-    provider: EmailProvider, unit: Unit, sender: str
-) -> list[MemberAnswer] | BaseException:
-    """One request for `unit`: an answer per member, or the whole request's failure."""
-    emails = [
-        OutgoingEmail(sender, (m.to,), m.subject, m.html, m.text, m.headers) for m in unit.members
-    ]
-    try:
-        if len(emails) == 1:
-            return [await provider.send(emails[0], unit.key)]
-        assert isinstance(provider, BatchEmailProvider)  # only those get batches of more
-        return await provider.send_batch(emails, unit.key)
-    except (PermanentError, TransientError) as exc:
-        return exc
 
 
 def _verdict(
@@ -272,7 +285,7 @@ async def _settle(
     answers: list[list[MemberAnswer] | BaseException],
     waiting: dict[uuid.UUID, Submission],
     worker: str,
-) -> None:
+) -> dict[uuid.UUID, Verdict]:
     resend_ok = safe_to_resend(provider)
     verdicts: dict[uuid.UUID, Verdict] = {}
     raised: dict[uuid.UUID, BaseException] = {}
@@ -298,7 +311,8 @@ async def _settle(
                 raised[member.id] = member_answer
             verdicts[member.id] = verdict
     await _write(ctx, units, verdicts, waiting, raised, worker)
-    await _pause_or_halt(ctx, answers)
+    await pause_or_halt(ctx, answers)
+    return verdicts
 
 
 async def _write(
@@ -321,8 +335,15 @@ async def _write(
     try:
         async with ctx["sessions"].begin() as session:
             await claims.settle(session, verdicts, worker=worker)
+            many: dict[type[ManyHook], list[tuple[ManyHook, Outcome]]] = {}
             for member_id in hooked:
-                await _after(session, waiting[member_id], outcome(member_id))
+                hook = waiting[member_id].after
+                if isinstance(hook, ManyHook):  # one statement for all of a kind
+                    many.setdefault(type(hook), []).append((hook, outcome(member_id)))
+                else:
+                    await _after(session, waiting[member_id], outcome(member_id))
+            for kind, hooks in many.items():
+                await kind.run_many(session, hooks)
     except Exception:
         if not hooked:
             raise
@@ -362,22 +383,3 @@ async def _write_one_by_one(
     for member_id, submission in waiting.items():
         if member_id in results:
             submission.resolve(results[member_id])
-
-
-async def _pause_or_halt(ctx: Ctx, answers: list[list[MemberAnswer] | BaseException]) -> None:
-    limiter = ctx["email_rate_limiter"]
-    for answer in answers:
-        if isinstance(answer, RateLimited):
-            # Every process waits, not just this one: the provider's limit is per account.
-            await limiter.pause_for(answer.retry_after_s)
-        elif isinstance(answer, ProviderFault) and await limiter.halt(
-            answer.retry_after_s, str(answer)
-        ):
-            # Once per halt, cluster-wide. The text is the provider's (API key redacted).
-            log.error(
-                "email provider refused the account, not the message: %s. Sending is halted on "
-                "every worker for %g s and due emails stay pending; check EMAIL_API_KEY and "
-                "that EMAIL_FROM's domain is verified with the provider",
-                answer,
-                answer.retry_after_s,
-            )

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from jobs.email.outbox import Draft
 from worker.routes import SEND_EMAIL, SEND_WELCOME_EMAIL, Route, caller_email_job_id, welcome_job_id
+
+if TYPE_CHECKING:  # the outbox's claims read this module's prefixes
+    from jobs.email.outbox import Draft
 
 CALLER_PREFIX = "caller/"
 JOB_PREFIX = "job/"

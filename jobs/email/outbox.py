@@ -33,9 +33,10 @@ second enqueue, a retry or a duplicate delivery of the job is harmless.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal, Self, TypedDict
 
 from sqlalchemy import bindparam, text
 from sqlalchemy.dialects.postgresql import JSONB
@@ -109,6 +110,21 @@ class Outcome:
 # Runs in the transaction that settles the row, so "sent" and the state it advances (a
 # campaign step, a plan change) commit together or not at all.
 AfterSettled = Callable[[AsyncSession, Outcome], Awaitable[None]]
+
+
+class ManyHook(ABC):
+    """An `AfterSettled` a batch's settle runs for all its members of one kind at once: one
+    statement for 100 campaign steps instead of 100 (the campaign's largest cost per email).
+    Called alone (a claim that finds its row settled), it runs for that one."""
+
+    async def __call__(self, session: AsyncSession, outcome: Outcome) -> None:
+        await self.run_many(session, [(self, outcome)])
+
+    @classmethod
+    @abstractmethod
+    async def run_many(cls, session: AsyncSession, hooks: Sequence[tuple[Self, Outcome]]) -> None:
+        """Run every hook of `hooks` (each with its outcome) in `session`'s transaction."""
+
 
 _INSERT_PENDING = text("""
     INSERT INTO email_messages (idempotency_key, to_email, subject, html, text, headers, status)

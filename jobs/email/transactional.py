@@ -61,6 +61,10 @@ async def _fail_welcome(ctx: Ctx, kwargs: dict[str, Any], reason: str) -> None:
 @job(timeout_cap_s=SEND_JOB_CAP_S, on_failure=_fail_welcome)
 async def send_welcome_email(ctx: Ctx, user_id: str) -> SendResult:
     """Welcome a new user; keyed `welcome/<user_id>`, so a second run sends nothing."""
+    # Swept into another job's batch (a burst), or a repeat: done, before the user's row is
+    # read and the email rendered again.
+    if (early := await ctx["email_batcher"].settled(ctx, welcome_key(user_id))) is not None:
+        return _result(early)
     async with ctx["sessions"]() as session:
         user = await session.get(User, uuid.UUID(str(user_id)))
     if user is None:

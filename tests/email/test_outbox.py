@@ -150,7 +150,7 @@ async def test_rate_limited_try_pauses_the_shared_limiter_and_defers_the_retry(
     sessions: async_sessionmaker[AsyncSession],
 ) -> None:
     ctx = await job_ctx("sendgrid")
-    # Longer than a flush waits out itself (jobs/email/flush.py RATE_LIMITED_WAIT_S).
+    # Longer than a flush waits out itself (jobs/email/exchange.py RATE_LIMITED_WAIT_S).
     reset_unix_s = int(time.time()) + 8
     provider_server.script(
         SENDGRID_MAIL, Answer(status=429, headers={"X-RateLimit-Reset": str(reset_unix_s)})
