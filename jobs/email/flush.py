@@ -37,6 +37,7 @@ from worker.context import Ctx
 from worker.email_providers import DeliveryUnknown, EmailProvider, safe_to_resend
 from worker.email_providers.base import MemberAnswer
 from worker.errors import PermanentError, ProviderFault, RateLimited, TransientError
+from worker.lease import LEASE_MS
 
 if TYPE_CHECKING:
     from jobs.email.batcher import EmailBatcher
@@ -44,7 +45,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-CLAIMED_ELSEWHERE_RETRY_S = process_info.STALE_AFTER_MS / 1000
+# How long another live process's claim is waited for before asking again: by then a dead
+# claimer's heartbeat is stale (process_info.alive) and the claim can be taken over.
+CLAIMED_ELSEWHERE_RETRY_S = LEASE_MS / 1000
 
 
 @dataclass(eq=False)

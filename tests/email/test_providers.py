@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
+from typing import Any
 
 import httpx
 import pytest
@@ -522,3 +523,29 @@ async def test_marketing_none_logs_and_sends_nothing(
         "marketing provider is none: 3 contact(s) not synced"
     ]
     assert provider_server.requests == []
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        {"data": [{"id": "a"}, {"id": "b"}], "errors": [{"index": 7, "message": "past the end"}]},
+        {
+            "data": [{"id": "a"}],
+            "errors": [{"index": 1, "message": "x"}, {"index": 1, "message": "x"}],
+        },
+        {"data": [{"id": "a"}, {"id": ""}, {"id": "c"}]},
+    ],
+    ids=["index-past-the-batch", "index-repeated", "empty-id"],
+)
+async def test_a_batch_answer_that_does_not_add_up_is_delivery_unknown(answer: Any) -> None:
+    # An answer no real Resend gives (a narrow unit test: MockTransport): whatever it says,
+    # the flush must treat the batch as maybe-sent (resent under its key), never crash on it.
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, json=answer))
+    async with httpx.AsyncClient(transport=transport) as http:
+        provider = ResendProvider(http=http, api_key=SecretStr("re_test"))
+        emails = [
+            OutgoingEmail(sender="C <n@x.io>", to=[f"u{i}@x.io"], subject="s", html="h")
+            for i in range(3)
+        ]
+        with pytest.raises(DeliveryUnknown, match="resend answered"):
+            await provider.send_batch(emails, "batch/k")

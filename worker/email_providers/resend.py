@@ -102,7 +102,11 @@ class ResendProvider:
             raise DeliveryUnknown(
                 f"resend answered {response.status_code} with a batch answer we cannot read"
             ) from None
-        if not all(isinstance(i, str) and i for i in ids) or len(ids) + len(errors) != count:
+        if (
+            not all(isinstance(i, str) and i for i in ids)
+            or len(ids) + len(errors) != count
+            or not errors.keys() <= set(range(count))  # an index past the batch, or repeated
+        ):
             raise DeliveryUnknown(
                 f"resend answered {len(ids)} ids and {len(errors)} errors for {count} emails"
             )
