@@ -384,7 +384,11 @@ async def test_terminated_postgres_connections_mid_import_retry_and_finish_exact
     await wait_for(completed(db, import_id), 60, "the import to complete after the terminations")
     assert await snapshot(sessions, user) == reference.snapshot
     result = deserialize(await redis_raw.get(f"arq:result:import:{import_id}"))
-    assert result["s"] is True and result["t"] >= 2  # a retry finished it
+    assert result["s"] is True
+    # A retry finished it. Its arq try number does not tell: a try that committed a batch before
+    # the terminations gives its try back (InterruptedAfterProgress), one that did not counts.
+    log = processes.log(worker)
+    assert "interrupted after progress, retry in" in log or "transient failure, retry in" in log
     assert worker.poll() is None
 
 
