@@ -134,91 +134,100 @@ async def _claim(
     answered: list[tuple[Submission, Outcome | BaseException]] = []
     following: list[tuple[Submission, asyncio.Future[Outcome | None]]] = []
     units: list[Unit] = []
-    async with ctx["sessions"].begin() as session:
-        new = [_new_message(s.draft) for s in sorted(submissions, key=lambda s: s.draft.key)]
-        inserted = await claims.insert_claimed(
-            session, new, batch_id=batch_id, provider=provider.name, worker=worker
-        )
-        main_ids = [row_id for row_id, status in inserted.values() if status == "sending"]
-        for key, (_, status) in inserted.items():
-            if status == "suppressed":
-                answered.append((by_key[key], await _suppressed(session, by_key[key])))
-        found = await claims.lock_existing(session, [k for k in by_key if k not in inserted])
-        by_batch: dict[uuid.UUID, list[Found]] = {}
-        for row in found:
-            if row.batch_id is not None:
-                by_batch.setdefault(row.batch_id, []).append(row)
-        suppressed_ids: list[uuid.UUID] = []
-        review_ids: list[tuple[uuid.UUID, str]] = []
-        reclaimed: dict[uuid.UUID, list[Found]] = {}
-        for row in found:
-            submission = by_key.get(row.key)
-            if submission is None:
-                continue  # another member of a batch found `sending`: handled with it
-            if row.status in claims.SETTLED:
-                settled = cast(Status, row.status)
-                outcome = Outcome(row.key, settled, False, row.provider_message_id, row.last_error)
-                answered.append((submission, await _after(session, submission, outcome)))
-            elif row.status == "pending" and row.suppressed:
-                suppressed_ids.append(row.id)
-                answered.append((submission, await _suppressed(session, submission)))
-            elif row.status == "pending":
-                main_ids.append(row.id)
-            elif row.claimed_by == worker and row.key in batcher.swept:
-                # This process's sweep is sending it: the job gets that batch's answer.
-                following.append((submission, batcher.swept[row.key]))
-            elif await claim_is_live(ctx, row, batcher):
-                # Retried once the claim has settled or, its process dead, can be taken over:
-                # a sweep elsewhere answers within a second, a dead one's heartbeat goes stale
-                # within CLAIMED_ELSEWHERE_RETRY_S. Sooner would only spend the job's tries.
-                claimed = f"email {row.key} is being sent by another try"
-                answered.append((submission, RateLimited(claimed, CLAIMED_ELSEWHERE_RETRY_S)))
-            elif not resend_ok:
-                detail = (
-                    f"found mid-send after a crash (attempt {row.attempts}); {provider.name} "
-                    "cannot deduplicate, so it was not resent: check the provider's activity"
-                )
-                log.warning("email %s held for review: %s", row.key, detail)
-                review_ids.append((row.id, detail))
-                outcome = Outcome(row.key, "review", True, None, detail)
-                answered.append((submission, await _after(session, submission, outcome)))
-            else:
-                # Taken over: the whole batch, as stored, under its own key.
-                old = row.batch_id or uuid.uuid4()  # a row from before batches: a batch of one
-                reclaimed.setdefault(old, by_batch.get(old, [row]) if row.batch_id else [row])
-        await claims.mark(session, suppressed_ids, "suppressed", claims.SUPPRESSED_DETAIL)
-        for row_id, detail in review_ids:
-            await claims.mark(session, [row_id], "review", detail)
-        await claims.claim_pending(
-            session, main_ids, batch_id=batch_id, provider=provider.name, worker=worker
-        )
-        room = capacity - len(main_ids)
-        swept = await claims.sweep(
-            session,
-            room,
-            exclude=batcher.queued_keys(),
-            batch_id=batch_id,
-            provider=provider.name,
-            worker=worker,
-        )
-        batcher.note_swept(batch_id, [key for key, status in swept.items() if status == "sending"])
-        if swept:
-            batcher.sweep_more(ctx, provider)
-        if main_ids or "sending" in swept.values():
-            members = await claims.unit_rows(session, batch_id)
-            units.append(Unit(batch_id, members, {m.id for m in members}, fresh=True))
-        for old, rows in reclaimed.items():
-            batcher.in_flight.add(old)
-            holding = [r.id for r in rows if r.status == "sending"]
-            await claims.reclaim(
-                session, holding, batch_id=old, provider=provider.name, worker=worker
+    reclaimed: dict[uuid.UUID, list[Found]] = {}
+    try:
+        async with ctx["sessions"].begin() as session:
+            new = [_new_message(s.draft) for s in sorted(submissions, key=lambda s: s.draft.key)]
+            inserted = await claims.insert_claimed(
+                session, new, batch_id=batch_id, provider=provider.name, worker=worker
             )
-            members = await claims.unit_rows(session, old)
-            units.append(Unit(old, members, set(holding), fresh=False))
-        for unit in units:
-            for member in unit.members:
-                if member.id in unit.held and member.key in by_key:
-                    waiting[member.id] = by_key[member.key]
+            main_ids = [row_id for row_id, status in inserted.values() if status == "sending"]
+            for key, (_, status) in inserted.items():
+                if status == "suppressed":
+                    answered.append((by_key[key], await _suppressed(session, by_key[key])))
+            found = await claims.lock_existing(session, [k for k in by_key if k not in inserted])
+            by_batch: dict[uuid.UUID, list[Found]] = {}
+            for row in found:
+                if row.batch_id is not None:
+                    by_batch.setdefault(row.batch_id, []).append(row)
+            suppressed_ids: list[uuid.UUID] = []
+            review_ids: list[tuple[uuid.UUID, str]] = []
+            for row in found:
+                submission = by_key.get(row.key)
+                if submission is None:
+                    continue  # another member of a batch found `sending`: handled with it
+                if row.status in claims.SETTLED:
+                    settled = cast(Status, row.status)
+                    outcome = Outcome(
+                        row.key, settled, False, row.provider_message_id, row.last_error
+                    )
+                    answered.append((submission, await _after(session, submission, outcome)))
+                elif row.status == "pending" and row.suppressed:
+                    suppressed_ids.append(row.id)
+                    answered.append((submission, await _suppressed(session, submission)))
+                elif row.status == "pending":
+                    main_ids.append(row.id)
+                elif row.claimed_by == worker and row.key in batcher.swept:
+                    # This process's sweep is sending it: the job gets that batch's answer.
+                    following.append((submission, batcher.swept[row.key]))
+                elif await claim_is_live(ctx, row, batcher):
+                    # Retried once the claim has settled or, its process dead, can be taken over:
+                    # a sweep elsewhere answers within a second, a dead one's heartbeat goes stale
+                    # within CLAIMED_ELSEWHERE_RETRY_S. Sooner would only spend the job's tries.
+                    claimed = f"email {row.key} is being sent by another try"
+                    answered.append((submission, RateLimited(claimed, CLAIMED_ELSEWHERE_RETRY_S)))
+                elif not resend_ok:
+                    detail = (
+                        f"found mid-send after a crash (attempt {row.attempts}); {provider.name} "
+                        "cannot deduplicate, so it was not resent: check the provider's activity"
+                    )
+                    log.warning("email %s held for review: %s", row.key, detail)
+                    review_ids.append((row.id, detail))
+                    outcome = Outcome(row.key, "review", True, None, detail)
+                    answered.append((submission, await _after(session, submission, outcome)))
+                else:
+                    # Taken over: the whole batch, as stored, under its own key.
+                    old = row.batch_id or uuid.uuid4()  # a row from before batches: a batch of one
+                    reclaimed.setdefault(old, by_batch.get(old, [row]) if row.batch_id else [row])
+            await claims.mark(session, suppressed_ids, "suppressed", claims.SUPPRESSED_DETAIL)
+            for row_id, detail in review_ids:
+                await claims.mark(session, [row_id], "review", detail)
+            await claims.claim_pending(
+                session, main_ids, batch_id=batch_id, provider=provider.name, worker=worker
+            )
+            room = capacity - len(main_ids)
+            swept = await claims.sweep(
+                session,
+                room,
+                exclude=batcher.queued_keys(),
+                batch_id=batch_id,
+                provider=provider.name,
+                worker=worker,
+            )
+            batcher.note_swept(
+                batch_id, [key for key, status in swept.items() if status == "sending"]
+            )
+            if swept:
+                batcher.sweep_more(ctx, provider)
+            if main_ids or "sending" in swept.values():
+                members = await claims.unit_rows(session, batch_id)
+                units.append(Unit(batch_id, members, {m.id for m in members}, fresh=True))
+            for old, rows in reclaimed.items():
+                batcher.in_flight.add(old)
+                holding = [r.id for r in rows if r.status == "sending"]
+                await claims.reclaim(
+                    session, holding, batch_id=old, provider=provider.name, worker=worker
+                )
+                members = await claims.unit_rows(session, old)
+                units.append(Unit(old, members, set(holding), fresh=False))
+            for unit in units:
+                for member in unit.members:
+                    if member.id in unit.held and member.key in by_key:
+                        waiting[member.id] = by_key[member.key]
+    except BaseException:
+        # The claim rolled back: a batch taken over here is no longer in flight here.
+        batcher.in_flight.difference_update(reclaimed)
+        raise
     for submission, result in answered:
         submission.resolve(result)
     for submission, swept_future in following:
@@ -296,9 +305,13 @@ async def _settle(
         if isinstance(answer, BaseException) and not isinstance(answer, Exception):
             raise answer
         for index, member in enumerate(unit.members):
-            if member.id not in unit.held:
-                continue
             member_answer = answer if isinstance(answer, BaseException) else answer[index]
+            if member.id not in unit.held:
+                if member.status == "review" and isinstance(member_answer, str):
+                    # Held for review after an earlier request of this batch; the provider's
+                    # answer under the batch's key now says it was delivered.
+                    verdicts[member.id] = Verdict("sent", message_id=member_answer)
+                continue
             verdict = _verdict(member_answer, unit, member, resend_ok)
             submission = waiting.get(member.id)
             if verdict.status in ("pending", "sending") and verdict.delta == 0:

@@ -171,6 +171,34 @@ async def test_a_retry_after_a_timeout_resends_the_same_batch_under_the_same_key
     assert len(provider_server.requests) == 2
 
 
+async def test_a_resent_batch_settles_a_member_held_for_review_as_sent(
+    job_ctx: BuildCtx,
+    provider_server: ProviderServer,
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    ctx = await job_ctx("resend")
+    batch = drafts(3)
+    provider_server.script(RESEND_BATCH, Answer(accept=True, hang=True))
+    await deliver_all(ctx, batch)
+    # One member was meanwhile held for review (its claim looked lost to another try).
+    async with sessions.begin() as session:
+        await session.execute(
+            text("UPDATE email_messages SET status = 'review' WHERE idempotency_key = :key"),
+            {"key": batch[0].key},
+        )
+
+    outcome = await deliver(ctx, batch[2])
+
+    assert outcome.status == "sent"
+    assert len(provider_server.delivered) == 3  # the same batch, answered again, sent once
+    ids = {d.json["to"][0]: d.provider_id for d in provider_server.delivered}
+    rows = {r.idempotency_key: r for r in await outbox_rows(sessions)}
+    # Resend's answer under the batch's key proves the held member went too.
+    assert rows[batch[0].key].status == "sent"
+    assert rows[batch[0].key].provider_message_id == ids[batch[0].to]
+    assert rows[batch[0].key].sent_at is not None
+
+
 class WorkerKilled(Exception):
     """Stands for the process dying between Resend's answer and our commit."""
 
