@@ -42,7 +42,10 @@ if TYPE_CHECKING:
     from tests.support.s3_server import S3TestServer
 
 PG_SERVER = os.environ.get("TEST_PG_SERVER", "postgresql+asyncpg://postgres@127.0.0.1:5432")
-REDIS_URL = f"redis://127.0.0.1:6379/{os.environ.get('TEST_REDIS_DB', '15')}"
+# Under pytest-xdist (`-n 2`) each worker process takes the database below the previous one's.
+_XDIST_INDEX = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+REDIS_DB = int(os.environ.get("TEST_REDIS_DB", "15")) - _XDIST_INDEX
+REDIS_URL = f"redis://127.0.0.1:6379/{REDIS_DB}"
 REDIS_OWNER_KEY = "c360:test-rig-owns-this-db"
 
 RunBurst = Callable[..., Awaitable[Worker]]

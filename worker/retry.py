@@ -19,7 +19,7 @@ from __future__ import annotations
 import errno
 import random
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from time import time
@@ -136,19 +136,42 @@ def _sqlstate(exc: DBAPIError) -> str | None:
     return None
 
 
-def _network_failure(exc: BaseException) -> BaseException | None:
-    """The DNS or socket failure `exc` is, or wraps (a DBAPIError's `orig`, explicit causes)."""
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """`exc` and what it wraps (a DBAPIError's `orig`, explicit causes)."""
     current: BaseException | None = exc
     for _ in range(5):  # SQLAlchemy -> its asyncpg adapter -> the driver: a short chain
         if current is None:
-            return None
+            return
+        yield current
+        orig = getattr(current, "orig", None)
+        current = orig if isinstance(orig, BaseException) else current.__cause__
+
+
+def _network_failure(exc: BaseException) -> BaseException | None:
+    """The DNS or socket failure `exc` is, or wraps."""
+    for current in _chain(exc):
         # gaierror: DNS during a failover or pod restart; asyncpg raises it raw under SQLAlchemy.
         if isinstance(current, socket.gaierror | ConnectionError):
             return current
         if isinstance(current, OSError) and current.errno in TRANSIENT_ERRNOS:
             return current
-        orig = getattr(current, "orig", None)
-        current = orig if isinstance(orig, BaseException) else current.__cause__
+    return None
+
+
+# asyncpg's words when a statement finds the protocol still consuming an error's messages
+# (state 2, PROTOCOL_ERROR_CONSUME in asyncpg/protocol/coreproto.pxd): an idle pooled connection
+# whose backend was terminated (pg_terminate_backend, a failover) has read the server's FATAL
+# message but not yet the socket's close. A lost connection in all but name; the pool drops it
+# once asyncpg sees the close.
+_ENDED_BY_THE_SERVER = "another operation (2) is in progress"
+
+
+def _ended_by_the_server(exc: BaseException) -> BaseException | None:
+    for current in _chain(exc):
+        if isinstance(current, asyncpg.InternalClientError) and _ENDED_BY_THE_SERVER in str(
+            current
+        ):
+            return current
     return None
 
 
@@ -189,6 +212,8 @@ def classify(exc: BaseException) -> WorkerError:
     if (network := _network_failure(exc)) is not None:
         what = "DNS lookup failed" if isinstance(network, socket.gaierror) else "connection failed"
         return TransientError(f"{what}: {_describe(network)}", public=PUBLIC_UNREACHABLE)
+    if (ended := _ended_by_the_server(exc)) is not None:
+        return TransientError(f"database: connection lost: {ended}", public=PUBLIC_UNREACHABLE)
     if isinstance(exc, DBAPIError):
         if exc.connection_invalidated or _sqlstate(exc) in TRANSIENT_SQLSTATES:
             return TransientError(

@@ -149,6 +149,25 @@ def test_classification_of_raw_asyncpg_errors() -> None:
     )
 
 
+def test_a_statement_on_a_connection_whose_backend_just_ended_is_transient() -> None:
+    """asyncpg's words when an idle pooled connection's backend was terminated and the next
+    statement runs before the socket's close is read (seen under pg_terminate_backend)."""
+    ended = asyncpg.InternalClientError(
+        "cannot switch to state 15; another operation (2) is in progress"
+    )
+    failure = classify(ended)
+    assert type(failure) is TransientError and "connection lost" in str(failure)
+    # Through SQLAlchemy's adapter, as the lease's statements raise it.
+    adapted = RuntimeError("adapted")
+    adapted.__cause__ = ended
+    assert type(classify(DBAPIError("SET LOCAL lock_timeout", None, adapted))) is TransientError
+    # Any other protocol state is our own misuse of a connection: a bug, not retried.
+    misuse = asyncpg.InternalClientError(
+        "cannot switch to state 15; another operation (12) is in progress"
+    )
+    assert type(classify(misuse)) is PermanentError
+
+
 async def test_terminated_database_connection_is_transient(
     sessions: async_sessionmaker[AsyncSession],
 ) -> None:
