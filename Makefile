@@ -23,9 +23,13 @@ run: venv
 	EMAIL_PROVIDER="$${EMAIL_PROVIDER:-console}" $(PY) -m worker run  # logs email, sends none
 
 ## The whole suite against real PostgreSQL and Redis (installed and started if missing).
+## Two pytest-xdist workers, one per core: each has its own PostgreSQL database and takes the
+## Redis database below the previous one's (TEST_REDIS_DB, default 15, then 14).
+## TEST_ARGS="-n 0" runs the suite in one process.
+TEST_ARGS ?= -n 2
 test: venv
 	scripts/services.sh test
-	$(PY) -m pytest
+	$(PY) -m pytest $(TEST_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check .

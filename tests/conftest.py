@@ -2,8 +2,9 @@
 
 - PostgreSQL: a database of the session's own (`c360_test_<random>`), migrated once by Alembic,
   tables truncated before each test, dropped at the end.
-- Redis: a database number of the tests' own (TEST_REDIS_DB, default 15). The rig refuses to
-  flush a database that holds keys it did not write, so it never eats someone else's data.
+- Redis: a database number of the tests' own (TEST_REDIS_DB, default 15; under pytest-xdist
+  worker gwN takes TEST_REDIS_DB - N). The rig refuses to flush a database that holds keys it
+  did not write, so it never eats someone else's data.
 - `run_burst`: a real arq worker in burst mode (`poll_delay=0`) on this event loop.
 - `open_ctx`: a job's ctx built by the real `lifecycle.startup`, with the test's own resources
   swapped in where it needs them (tests/support/ctx.py); shut down after the test.
