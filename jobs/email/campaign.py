@@ -35,7 +35,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from db.models import WaitlistEntry
 from jobs.email import drafts
 from jobs.email.drafts import CampaignLinks, CampaignNotConfigured
-from jobs.email.fanout import SendCounts, as_result, halted, send_page
+from jobs.email.fanout import Fanout, SendCounts, as_result, halted
 from jobs.email.outbox import (
     AfterSettled,
     Draft,
@@ -246,30 +246,31 @@ async def send_waitlist_campaign_hourly(ctx: Ctx) -> CampaignTickResult:
     counts: Counter[str] = Counter({"expired_unconfirmed": expired} if expired else {})
     cursor: tuple[datetime, uuid.UUID] | None = None
     pages = 0
-    while True:
-        async with ctx["sessions"]() as session:
-            page = (await session.execute(_due_page(now, cursor))).all()
-        if not page:
-            break
-        pages += 1
-        cursor = (page[-1].next_email_at, page[-1].id)
-        counts += await send_page(
-            page,
-            lambda entry: _send_step(ctx, links, entry, max_attempts),
-            concurrency=SEND_CONCURRENCY,
-        )
-        if halted(counts):
-            # The outbox logged why, once; sending another page would be refused the same way.
-            log.warning("waitlist campaign: stopped, the email provider refused the account")
-            counts["stopped_early"] = 1
-            break
-        if len(page) < PAGE_ROWS:
-            break
-        if asyncio.get_running_loop().time() > ctx.get("soft_deadline", float("inf")):
-            # The rest stays due; the next tick continues where this one stopped.
-            log.warning("waitlist campaign: soft time limit reached after %d pages", pages)
-            counts["stopped_early"] = 1
-            break
+    fanout: Fanout[Row[Any]] = Fanout(
+        lambda entry: _send_step(ctx, links, entry, max_attempts), concurrency=SEND_CONCURRENCY
+    )
+    async with fanout:
+        while True:
+            async with ctx["sessions"]() as session:
+                page = (await session.execute(_due_page(now, cursor))).all()
+            if not page:
+                break
+            pages += 1
+            cursor = (page[-1].next_email_at, page[-1].id)
+            # Returns once the page's last entry is sending: the next page is read meanwhile.
+            await fanout.start(page)
+            if fanout.stopped or len(page) < PAGE_ROWS:
+                break
+            if asyncio.get_running_loop().time() > ctx.get("soft_deadline", float("inf")):
+                # The rest stays due; the next tick continues where this one stopped.
+                log.warning("waitlist campaign: soft time limit reached after %d pages", pages)
+                counts["stopped_early"] = 1
+                break
+    counts += fanout.counts
+    if halted(counts):
+        # The outbox logged why, once; sending another page would be refused the same way.
+        log.warning("waitlist campaign: stopped, the email provider refused the account")
+        counts["stopped_early"] = 1
     log.info("waitlist campaign: %s", dict(counts))
     return {"pages": pages, **as_result(counts)}
 

@@ -1,12 +1,15 @@
 """Send many outbox messages from inside one job, a bounded number at a time.
 
-A cron that sends a page of 1,000 emails starts them all as tasks but lets at most
+A cron that sends pages of 1,000 emails starts each page's messages as tasks but lets at most
 `concurrency` talk to the provider at once: the provider's rate limit (a shared Redis limiter)
-is the bound, not the worker. Each message keeps the outbox's guarantees on its own; one that
-fails transiently stays `pending` for the next run, and a bug or a database outage in one is
-raised once the page has finished, so no claimed message is abandoned mid-send. Once the
-provider refuses the account (`ProviderFault`), no further message of the page is started:
-they all stay due for the next run, and `halted(counts)` tells the caller to stop too.
+is the bound, not the worker. The next page is read as soon as the last message of the current
+one has started, so a page's tail overlaps the next page's head and the batcher always has
+drafts to group (waiting for a page to finish left the rate limit idle at every boundary). Each
+message keeps the outbox's guarantees on its own; one that fails transiently stays `pending`
+for the next run, and a bug or a database outage in one stops the reading of pages and is
+raised once every started message has finished, so no claimed message is abandoned mid-send.
+Once the provider refuses the account (`ProviderFault`), no further message is started: they
+all stay due for the next run, and `halted(counts)` tells the caller to stop too.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TypedDict, TypeVar, cast
+from types import TracebackType
+from typing import Generic, TypedDict, TypeVar, cast
 
 from jobs.email.outbox import Outcome
 from worker.errors import ProviderFault, TransientError
@@ -46,7 +50,7 @@ def as_result(counts: Counter[str]) -> SendCounts:
 
 
 def halted(counts: Counter[str]) -> bool:
-    """Whether `send_page` stopped because the provider refused the account."""
+    """Whether the sends stopped because the provider refused the account."""
     return counts["provider_refused"] > 0
 
 
@@ -55,33 +59,80 @@ def count(outcome: Outcome, counts: Counter[str]) -> None:
     counts["duplicate" if not outcome.fresh else outcome.status] += 1
 
 
-async def send_page(
-    items: Sequence[T],
-    send_one: Callable[[T], Awaitable[Outcome]],
-    *,
-    concurrency: int = DEFAULT_CONCURRENCY,
-) -> Counter[str]:
-    """Run `send_one` over `items`, `concurrency` at a time; counts, with `retry` for the rest.
+class Fanout(Generic[T]):
+    """`send_one` over successive pages under one bound of `concurrency` sends in flight.
 
-    After a `ProviderFault` the items not yet started are counted `not_tried` and left alone.
+    Used as `async with Fanout(send_one) as fanout:` around the caller's page loop. Leaving the
+    block waits for every started send (also when the block raised, say a page read failing
+    while the previous page's tail is in flight), then raises the first error a send raised. A
+    cancelled caller (a job timeout, a shutdown) cancels the sends still running.
     """
-    semaphore = asyncio.Semaphore(concurrency)
-    counts: Counter[str] = Counter()
 
-    async def one(item: T) -> None:
-        async with semaphore:
-            if halted(counts):
-                counts["not_tried"] += 1
-                return
-            try:
-                count(await send_one(item), counts)
-            except ProviderFault:
-                counts["provider_refused"] += 1  # the row is pending, its attempt not counted
-            except TransientError:
-                counts["retry"] += 1  # recorded on its row; the next run picks it up
+    def __init__(
+        self, send_one: Callable[[T], Awaitable[Outcome]], *, concurrency: int = DEFAULT_CONCURRENCY
+    ) -> None:
+        self._send_one = send_one
+        self._slots = asyncio.Semaphore(concurrency)
+        self._sends: list[asyncio.Task[None]] = []
+        self._errors: list[Exception] = []
+        self.counts: Counter[str] = Counter()
 
-    results = await asyncio.gather(*(one(item) for item in items), return_exceptions=True)
-    for result in results:
-        if isinstance(result, BaseException):
-            raise result
-    return counts
+    @property
+    def stopped(self) -> bool:
+        """Whether the caller should read no further page: the account was refused, or a
+        send raised what is not an outcome of its own (raised when the block ends)."""
+        return halted(self.counts) or bool(self._errors)
+
+    async def start(self, items: Sequence[T]) -> None:
+        """Start a send for each of `items`; return once the last of them holds a slot."""
+        waiting = len(items)
+        all_started = asyncio.Event()
+
+        async def one(item: T) -> None:
+            nonlocal waiting
+            async with self._slots:  # FIFO: a page's items get slots before the next page's
+                waiting -= 1
+                if waiting == 0:
+                    all_started.set()
+                if halted(self.counts):
+                    self.counts["not_tried"] += 1
+                    return
+                try:
+                    count(await self._send_one(item), self.counts)
+                except ProviderFault:
+                    self.counts["provider_refused"] += 1  # the row is pending, attempt not counted
+                except TransientError:
+                    self.counts["retry"] += 1  # recorded on its row; the next run picks it up
+                except Exception as exc:
+                    self._errors.append(exc)  # raised once every started send has finished
+
+        self._sends += [asyncio.create_task(one(item)) for item in items]
+        if items:
+            await all_started.wait()
+
+    async def __aenter__(self) -> Fanout[T]:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is not None and not isinstance(exc, Exception):
+            await self._cancel()  # cancelled (or interrupted) while inside the block
+            return
+        try:
+            if self._sends:
+                await asyncio.wait(self._sends)
+        except asyncio.CancelledError:
+            await self._cancel()
+            raise
+        if exc is None and self._errors:
+            raise self._errors[0]
+
+    async def _cancel(self) -> None:
+        for send in self._sends:
+            send.cancel()
+        if self._sends:
+            await asyncio.wait(self._sends)

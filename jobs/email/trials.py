@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from db.models import EmailMessage, User
 from jobs.email import drafts
 from jobs.email.campaign import CRON_TIME_CAP_S, PAGE_ROWS, SEND_CONCURRENCY
-from jobs.email.fanout import SendCounts, as_result, halted, send_page
+from jobs.email.fanout import Fanout, SendCounts, as_result, halted
 from jobs.email.outbox import SETTLED, Outcome, deliver
 from worker.context import Ctx
 from worker.job import job
@@ -62,27 +62,30 @@ async def _expire_plan(user_id: uuid.UUID, session: AsyncSession) -> None:
 
 
 async def _pages(ctx: Ctx, query: Select[Any], send_one: Callable[[Row[Any]], Any]) -> Counter[str]:
-    """Keyset pages by id over `query`, each sent with bounded concurrency."""
-    counts: Counter[str] = Counter()
+    """Keyset pages by id over `query`, sent with one bound on the sends in flight; the next
+    page is read while the previous one's tail is sending (jobs/email/fanout.py)."""
     after: uuid.UUID | None = None
-    while True:
-        page_query = query.order_by(User.id).limit(PAGE_ROWS)
-        if after is not None:
-            page_query = page_query.where(User.id > after)
-        async with ctx["sessions"]() as session:
-            page = (await session.execute(page_query)).all()
-        if not page:
-            return counts
-        after = page[-1].id
-        counts += await send_page(page, send_one, concurrency=SEND_CONCURRENCY)
-        if halted(counts):
-            counts["stopped_early"] = 1  # the account was refused: the rest waits for a fix
-            return counts
-        if len(page) < PAGE_ROWS:
-            return counts
-        if asyncio.get_running_loop().time() > ctx.get("soft_deadline", float("inf")):
-            counts["stopped_early"] = 1  # the rest is still due at the next tick
-            return counts
+    stopped_early = False
+    async with Fanout(send_one, concurrency=SEND_CONCURRENCY) as fanout:
+        while True:
+            page_query = query.order_by(User.id).limit(PAGE_ROWS)
+            if after is not None:
+                page_query = page_query.where(User.id > after)
+            async with ctx["sessions"]() as session:
+                page = (await session.execute(page_query)).all()
+            if not page:
+                break
+            after = page[-1].id
+            await fanout.start(page)
+            if fanout.stopped or len(page) < PAGE_ROWS:
+                break
+            if asyncio.get_running_loop().time() > ctx.get("soft_deadline", float("inf")):
+                stopped_early = True  # the rest is still due at the next tick
+                break
+    counts = fanout.counts
+    if stopped_early or halted(counts):  # halted: the account was refused, the rest waits
+        counts["stopped_early"] = 1
+    return counts
 
 
 @job(timeout_cap_s=CRON_TIME_CAP_S)
