@@ -4,6 +4,7 @@ a wrong password, a wrong bearer token."""
 from __future__ import annotations
 
 import base64
+import time
 
 import httpx
 import pytest
@@ -12,7 +13,12 @@ from itsdangerous import URLSafeTimedSerializer
 
 from tests.console.conftest import METRICS_TOKEN, PASSWORD, log_in
 from tests.support.redis_replies import reply
-from worker.web.auth import LOGIN_FAILURES_PREFIX, SESSION_COOKIE
+from worker.web.auth import (
+    FIRST_SLOWDOWN_S,
+    LOCKOUT_AFTER_FAILURES,
+    LOGIN_FAILURES_PREFIX,
+    SESSION_COOKIE,
+)
 
 PAGES = [
     "/",
@@ -123,22 +129,39 @@ async def test_a_wrong_login_answers_401_and_sets_nothing(
     assert (await anonymous.get("/api/overview")).status_code == 401
 
 
-async def test_failed_logins_lock_the_client_out_in_redis(
+async def test_a_typo_then_the_right_password_gets_in_and_forgets_the_failure(
     anonymous: httpx.AsyncClient, redis_raw: aioredis.Redis
 ) -> None:
-    assert (await anonymous.post("/login", data={"password": "guess"})).status_code == 401
-    # Even the right password is not checked while the lockout holds.
-    locked = await anonymous.post("/login", data={"username": "admin", "password": PASSWORD})
-    assert locked.status_code == 429 and "set-cookie" not in locked.headers
-    assert int(locked.headers["retry-after"]) >= 1
+    assert (await anonymous.post("/login", data={"password": "typo"})).status_code == 401
     key = LOGIN_FAILURES_PREFIX + "127.0.0.1"
     # redis-py types hget's reply as str, but a client without decode_responses gets bytes.
     assert await reply(redis_raw.hget(key, "failures")) == b"1"  # type: ignore[comparison-overlap]
-    # Each failure doubles the delay: the state lives in Redis, so every console process
-    # sees it; lifting it there lets the client in again.
-    await reply(redis_raw.hset(key, "until_ms", "0"))
-    assert (await anonymous.post("/login", data={"password": "guess2"})).status_code == 401
-    assert await reply(redis_raw.hget(key, "failures")) == b"2"  # type: ignore[comparison-overlap]  # bytes, as above
+    await log_in(anonymous)
+    assert not await redis_raw.exists(key)
+
+
+async def test_failed_logins_are_slowed_then_lock_the_client_out_in_redis(
+    anonymous: httpx.AsyncClient, redis_raw: aioredis.Redis
+) -> None:
+    waits = []
+    for guess in range(LOCKOUT_AFTER_FAILURES):
+        started = time.monotonic()
+        answer = await anonymous.post("/login", data={"password": f"guess{guess}"})
+        waits.append(time.monotonic() - started)
+        assert answer.status_code == 401 and "set-cookie" not in answer.headers
+    # Each wrong answer waits at least its slowdown (0.25 s, doubling): guessing costs time.
+    assert all(wait >= FIRST_SLOWDOWN_S * 2**n * 0.9 for n, wait in enumerate(waits[:3]))
+    key = LOGIN_FAILURES_PREFIX + "127.0.0.1"
+    assert not await reply(redis_raw.hexists(key, "until_ms"))  # slowed so far, not locked out
+    assert (await anonymous.post("/login", data={"password": "one more"})).status_code == 401
+    # Locked out now: even the right password is not checked while the lockout holds.
+    locked = await anonymous.post("/login", data={"username": "admin", "password": PASSWORD})
+    assert locked.status_code == 429 and "set-cookie" not in locked.headers
+    assert int(locked.headers["retry-after"]) >= 1
+    failures = LOCKOUT_AFTER_FAILURES + 1
+    assert await reply(redis_raw.hget(key, "failures")) == str(failures).encode()  # type: ignore[comparison-overlap]  # bytes, as above
+    # The state lives in Redis, so every console process sees it; lifting it there lets the
+    # client in again.
     await reply(redis_raw.hset(key, "until_ms", "0"))
     await log_in(anonymous)
     assert not await redis_raw.exists(key)

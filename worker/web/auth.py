@@ -4,8 +4,11 @@
 - The session is a cookie signed with a key derived from the password (itsdangerous, with a
   timestamp): changing `CONSOLE_PASSWORD` signs every open session out. It carries the user
   and the session's CSRF token, which every POST must echo (form field or header).
-- Failed logins lock the client out for a delay that doubles with each failure, kept in Redis
-  so that every console process (and a restarted one) enforces it.
+- Failed logins are slowed down, then locked out, per client address, kept in Redis so that
+  every console process (and a restarted one) enforces it: the answer to each of the first
+  LOCKOUT_AFTER_FAILURES wrong passwords is a 401 that waits longer each time (an operator's
+  typo costs a moment, and the right password right after it still gets in); past them the
+  client is locked out (429, nothing checked) for a time that doubles with each failure.
 """
 
 from __future__ import annotations
@@ -31,7 +34,11 @@ SESSION_MAX_AGE_S = 12 * 3600
 CSRF_FIELD = "csrf_token"
 CSRF_HEADER = "x-csrf-token"
 LOGIN_FAILURES_PREFIX = "c360:console:login-failures:"
-# The first failure locks the client out for 1 s, each further one doubles it, up to 5 min.
+# The n-th failed answer waits FIRST_SLOWDOWN_S * 2^(n-1), at most MAX_SLOWDOWN_S: 0.25 s to 2 s.
+FIRST_SLOWDOWN_S = 0.25
+MAX_SLOWDOWN_S = 2.0
+# The failure after those locks the client out for 1 s, each further one doubles it, to 5 min.
+LOCKOUT_AFTER_FAILURES = 5
 FIRST_LOCKOUT_S = 1.0
 MAX_LOCKOUT_S = 300.0
 # Failures are forgotten this long after the last one.
@@ -124,15 +131,22 @@ class Authenticator:
         return max(0.0, (int(raw) - time.time() * 1000) / 1000)
 
     async def login_failed(self, redis: Redis, client: str) -> float:
-        """Count a failure; the lockout it starts, in seconds."""
+        """Count a failure; how long its 401 should wait before it is answered, in seconds.
+
+        From the (LOCKOUT_AFTER_FAILURES + 1)-th failure on, it also starts a lockout."""
         key = LOGIN_FAILURES_PREFIX + client
         failures = int(await cast(Awaitable[Any], redis.hincrby(key, "failures", 1)))
-        lockout_s = min(MAX_LOCKOUT_S, FIRST_LOCKOUT_S * 2.0 ** min(failures - 1, 30))
+        slowdown_s = min(MAX_SLOWDOWN_S, FIRST_SLOWDOWN_S * 2.0 ** min(failures - 1, 30))
         async with redis.pipeline(transaction=False) as pipe:
-            pipe.hset(key, "until_ms", str(int(time.time() * 1000 + lockout_s * 1000)))
+            if failures > LOCKOUT_AFTER_FAILURES:
+                past = min(failures - LOCKOUT_AFTER_FAILURES - 1, 30)
+                lockout_s = min(MAX_LOCKOUT_S, FIRST_LOCKOUT_S * 2.0**past)
+                # Counted from when the slowed answer leaves, not from now.
+                until_ms = (time.time() + slowdown_s + lockout_s) * 1000
+                pipe.hset(key, "until_ms", str(int(until_ms)))
             pipe.expire(key, FAILURE_MEMORY_S)
             await pipe.execute()
-        return lockout_s
+        return slowdown_s
 
     async def login_succeeded(self, redis: Redis, client: str) -> None:
         await redis.delete(LOGIN_FAILURES_PREFIX + client)

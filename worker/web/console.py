@@ -9,6 +9,7 @@ page follows server-sent events instead (`/api/imports/{id}/events`, worker/web/
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -219,8 +220,9 @@ class Console:
             and isinstance(password, str)
             and self.auth.credentials_match(user, password)
         ):
-            await self.auth.login_failed(self.redis, client)
+            slowdown_s = await self.auth.login_failed(self.redis, client)
             log.warning("console: failed login from %s", client)
+            await asyncio.sleep(slowdown_s)  # each guess costs the guesser more time
             html = self.templates.get_template("login.html").render(
                 error="Wrong user name or password."
             )
