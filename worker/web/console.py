@@ -14,7 +14,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -97,8 +97,32 @@ class SecurityHeaders:
         await self.app(scope, receive, with_headers)
 
 
+def root_path(request: Request) -> str:
+    """Where the console is mounted, '' at the root (a host app's Mount, uvicorn --root-path):
+    every link, redirect and API address the console writes starts with it."""
+    return str(request.scope.get("root_path", "")).rstrip("/")
+
+
+class OpenOnFirstRequest:
+    """Opens the console's resources before its first request when no lifespan did (mounted)."""
+
+    def __init__(self, app: ASGIApp, console: Console) -> None:
+        self.app = app
+        self.console = console
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not self.console.is_open:
+            await self.console.open()
+        await self.app(scope, receive, send)
+
+
 class Console:
-    """The app's resources (opened by the lifespan) and its endpoints."""
+    """The app's resources (Redis, the database, a JobsClient) and its endpoints.
+
+    Served alone, the lifespan opens and closes the resources. Starlette runs no lifespan for
+    a mounted app, so a console mounted in a host app opens them on its first request
+    (`OpenOnFirstRequest`); the host may close them in its own lifespan with `aclose()`.
+    """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -108,33 +132,59 @@ class Console:
         )
         self._redis: ArqRedis | None = None
         self._jobs: JobsClient | None = None
+        self._resources: AsyncExitStack | None = None
+        self._opening = asyncio.Lock()
+
+    @property
+    def is_open(self) -> bool:
+        return self._jobs is not None
 
     @property
     def redis(self) -> ArqRedis:
-        assert self._redis is not None, "the console's lifespan has not started"
+        assert self._redis is not None, "the console's resources are not open"
         return self._redis
 
     @property
     def jobs(self) -> JobsClient:
-        assert self._jobs is not None, "the console's lifespan has not started"
+        assert self._jobs is not None, "the console's resources are not open"
         return self._jobs
+
+    async def open(self) -> None:
+        """Open Redis, the database engine and the JobsClient, once, however many ask."""
+        async with self._opening:
+            if self.is_open:
+                return
+            async with AsyncExitStack() as resources:
+                redis = await arq_pool(self.settings)
+                resources.push_async_callback(redis.aclose)
+                engine = create_engine(
+                    self.settings.database,
+                    pool_size=5,
+                    pre_ping=True,
+                    pooler=self.settings.database_pooler,
+                )
+                resources.push_async_callback(engine.dispose)
+                client = JobsClient(
+                    redis=redis, sessions=make_sessionmaker(engine), settings=self.settings
+                )
+                jobs = await resources.enter_async_context(client)
+                # Opened: kept past this block (which closes them only when opening failed).
+                self._resources = resources.pop_all()
+            self._redis, self._jobs = redis, jobs
+
+    async def aclose(self) -> None:
+        resources, self._resources = self._resources, None
+        self._redis = self._jobs = None
+        if resources is not None:
+            await resources.aclose()
 
     @asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
-        redis = await arq_pool(self.settings)
-        engine = create_engine(
-            self.settings.database, pool_size=5, pre_ping=True, pooler=self.settings.database_pooler
-        )
+        await self.open()
         try:
-            async with JobsClient(
-                redis=redis, sessions=make_sessionmaker(engine), settings=self.settings
-            ) as jobs:
-                self._redis, self._jobs = redis, jobs
-                yield
+            yield
         finally:
-            self._redis = self._jobs = None
-            await engine.dispose()
-            await redis.aclose()
+            await self.aclose()
 
     # -- guards -------------------------------------------------------------------------
 
@@ -142,7 +192,7 @@ class Console:
         async def endpoint(request: Request) -> Response:
             session = self.auth.session(request)
             if session is None:
-                return RedirectResponse("/login", status_code=303)
+                return RedirectResponse(root_path(request) + "/login", status_code=303)
             return await handler(request, session)
 
         return endpoint
@@ -189,9 +239,11 @@ class Console:
 
         return endpoint
 
-    def render(self, name: str, session: Session, **context: Any) -> HTMLResponse:
+    def render(self, request: Request, name: str, session: Session, **context: Any) -> HTMLResponse:
         template = self.templates.get_template(name)
-        html = template.render(csrf_token=session.csrf_token, poll_ms=POLL_MS, **context)
+        html = template.render(
+            root=root_path(request), csrf_token=session.csrf_token, poll_ms=POLL_MS, **context
+        )
         return HTMLResponse(html)
 
     # -- open routes --------------------------------------------------------------------
@@ -200,18 +252,24 @@ class Console:
         return PlainTextResponse("ok")
 
     async def login_form(self, request: Request) -> Response:
-        return HTMLResponse(self.templates.get_template("login.html").render(error=None))
+        return self._login_page(request, error=None)
+
+    def _login_page(self, request: Request, error: str | None, **answer: Any) -> HTMLResponse:
+        html = self.templates.get_template("login.html").render(
+            root=root_path(request), error=error
+        )
+        return HTMLResponse(html, **answer)
 
     async def login(self, request: Request) -> Response:
         client = client_of(request)
         locked_s = await self.auth.locked_for_s(self.redis, client)
         if locked_s > 0:
             # Not even checked: a guess made during the lockout tells the guesser nothing.
-            html = self.templates.get_template("login.html").render(
-                error=f"Too many failed logins: try again in {locked_s:.0f} s."
-            )
-            return HTMLResponse(
-                html, status_code=429, headers={"retry-after": str(max(1, round(locked_s)))}
+            return self._login_page(
+                request,
+                error=f"Too many failed logins: try again in {locked_s:.0f} s.",
+                status_code=429,
+                headers={"retry-after": str(max(1, round(locked_s)))},
             )
         form = await request.form()
         user, password = form.get("username"), form.get("password")
@@ -223,13 +281,10 @@ class Console:
             slowdown_s = await self.auth.login_failed(self.redis, client)
             log.warning("console: failed login from %s", client)
             await asyncio.sleep(slowdown_s)  # each guess costs the guesser more time
-            html = self.templates.get_template("login.html").render(
-                error="Wrong user name or password."
-            )
-            return HTMLResponse(html, status_code=401)
+            return self._login_page(request, error="Wrong user name or password.", status_code=401)
         await self.auth.login_succeeded(self.redis, client)
         log.info("console: %s signed in from %s", user, client)
-        response = RedirectResponse("/", status_code=303)
+        response = RedirectResponse(root_path(request) + "/", status_code=303)
         response.set_cookie(
             SESSION_COOKIE,
             self.auth.new_session_cookie(),
@@ -245,7 +300,7 @@ class Console:
         if isinstance(checked, Response):
             return checked
         log.info("console: %s signed out", checked[0].user)
-        response = RedirectResponse("/login", status_code=303)
+        response = RedirectResponse(root_path(request) + "/login", status_code=303)
         response.delete_cookie(SESSION_COOKIE, httponly=True, samesite="strict")
         return response
 
@@ -263,24 +318,24 @@ class Console:
 
     async def overview_page(self, request: Request, session: Session) -> Response:
         data = observe.overview(await observe.snapshot(self.redis, self.jobs.sessions))
-        return self.render("overview.html", session, data=data, api="/api/overview")
+        return self.render(request, "overview.html", session, data=data, api="/api/overview")
 
     async def workers_page(self, request: Request, session: Session) -> Response:
         data = await self._workers()
-        return self.render("workers.html", session, data=data, api="/api/workers")
+        return self.render(request, "workers.html", session, data=data, api="/api/workers")
 
     async def job_page(self, request: Request, session: Session) -> Response:
         job_id = request.path_params["arq_job_id"]
         data = await reads.job_detail(self.redis, job_id)
-        return self.render("job.html", session, data=data, api=f"/api/jobs/{job_id}")
+        return self.render(request, "job.html", session, data=data, api=f"/api/jobs/{job_id}")
 
     async def failures_page(self, request: Request, session: Session) -> Response:
         data = await self._failures()
-        return self.render("failures.html", session, data=data, api="/api/failures")
+        return self.render(request, "failures.html", session, data=data, api="/api/failures")
 
     async def imports_page(self, request: Request, session: Session) -> Response:
         data = await self._imports(request)
-        return self.render("imports.html", session, data=data, api="/api/imports")
+        return self.render(request, "imports.html", session, data=data, api="/api/imports")
 
     async def import_page(self, request: Request, session: Session) -> Response:
         import_id = _uuid_param(request, "id")
@@ -290,11 +345,13 @@ class Console:
         if data is None:
             return PlainTextResponse("no such import", status_code=404)
         api = f"/api/imports/{import_id}"
-        return self.render("import.html", session, data=data, api=api, events=f"{api}/events")
+        return self.render(
+            request, "import.html", session, data=data, api=api, events=f"{api}/events"
+        )
 
     async def exports_page(self, request: Request, session: Session) -> Response:
         data = await self._exports(request)
-        return self.render("exports.html", session, data=data, api="/api/exports")
+        return self.render(request, "exports.html", session, data=data, api="/api/exports")
 
     async def export_download(self, request: Request, session: Session) -> Response:
         export_id = _uuid_param(request, "id")
@@ -307,11 +364,11 @@ class Console:
 
     async def email_page(self, request: Request, session: Session) -> Response:
         data = await self._email(request)
-        return self.render("email.html", session, data=data, api="/api/email")
+        return self.render(request, "email.html", session, data=data, api="/api/email")
 
     async def cron_page(self, request: Request, session: Session) -> Response:
         data = {"crons": await reads.crons(self.redis, self.settings)}
-        return self.render("cron.html", session, data=data, api="/api/cron")
+        return self.render(request, "cron.html", session, data=data, api="/api/cron")
 
     # -- JSON -----------------------------------------------------------------------------
 
@@ -479,6 +536,7 @@ def create_app(settings: Settings) -> Starlette:
         Route("/api/cron", c.api(c.api_cron)),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
-    app = Starlette(routes=routes, middleware=[Middleware(SecurityHeaders)], lifespan=c.lifespan)
+    middleware = [Middleware(SecurityHeaders), Middleware(OpenOnFirstRequest, console=c)]
+    app = Starlette(routes=routes, middleware=middleware, lifespan=c.lifespan)
     app.state.console = c
     return app

@@ -114,7 +114,7 @@
         credentials: "same-origin",
       });
       if (answer.status === 401) {
-        window.location.assign("/login");
+        window.location.assign(main.dataset.root + "/login");
         return;
       }
       if (!answer.ok) return;
