@@ -15,8 +15,10 @@ Families (CONTRACT §12, base units):
 - `c360_queue_jobs{queue,state}` (queued, deferred, running), `c360_workers{queue}`;
 - `c360_import_rows_total{outcome}` (created, updated, error), `c360_import_jobs{status}`,
   `c360_export_jobs{status}`;
-- `c360_emails_total{provider,status}`: outbox rows now, a gauge (a row moves on from
-  `pending`); `provider="none"` for rows no provider has claimed yet;
+- `c360_emails_total{provider,status}`: a counter of the emails that reached a final status
+  (sent, failed, suppressed), i.e. the outbox rows in it; `c360_email_outbox{provider,status}`:
+  a gauge of every outbox row by its status now (pending and review too, which rows leave);
+  `provider="none"` for rows no provider has claimed yet;
 - `c360_rate_limit_paused_seconds{limiter}` and `c360_rate_limit_halted{limiter}`: what is left
   of a provider's 429 pause, and 1 while a provider refuses the account (worker/ratelimit.py);
 - `c360_rate_limit_pauses_total{limiter,reason}`: pauses started (reason: rate_limited, halted);
@@ -44,6 +46,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from db.models import ContactImportJob, EmailMessage, Export
+from jobs.email.outbox import FINAL_STATUSES as FINAL_EMAIL_STATUSES
 from jobs.marketing.sync import RATE_LIMIT_KEY_PREFIX as MARKETING_RATE_LIMIT_KEY_PREFIX
 from worker.observe import redis_status
 from worker.ratelimit import DEFAULT_KEY_PREFIX as EMAIL_RATE_LIMIT_KEY_PREFIX
@@ -216,14 +219,23 @@ class SnapshotCollector(Collector):
             for status_name, count in sorted(counts.items()):
                 family.add_metric([status_name], count)
             yield family
-        emails = GaugeMetricFamily(
-            "c360_emails_total",
+        # A counter may only grow: only final statuses, which a row never leaves, count in it.
+        emails = CounterMetricFamily(
+            "c360_emails",
+            "Emails that reached a final status (sent, failed, suppressed), by provider.",
+            labels=["provider", "status"],
+        )
+        outbox = GaugeMetricFamily(
+            "c360_email_outbox",
             "Outbox rows by provider and status, now.",
             labels=["provider", "status"],
         )
         for (provider, status_name), count in sorted(snap.emails.items()):
-            emails.add_metric([provider, status_name], count)
+            if status_name in FINAL_EMAIL_STATUSES:
+                emails.add_metric([provider, status_name], count)
+            outbox.add_metric([provider, status_name], count)
         yield emails
+        yield outbox
         paused = GaugeMetricFamily(
             "c360_rate_limit_paused_seconds",
             "Seconds left of a provider's rate-limit (429) pause.",

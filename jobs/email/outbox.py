@@ -50,6 +50,8 @@ from worker.context import Ctx
 from worker.email_providers.base import check_headers
 
 Status = Literal["sent", "failed", "review", "suppressed", "pending"]
+# A row in one of these never changes status again (`review` waits for a person).
+FINAL_STATUSES: tuple[Status, ...] = ("sent", "failed", "suppressed")
 Sessions = async_sessionmaker[AsyncSession]
 
 

@@ -129,6 +129,15 @@ async def test_exposition_equals_the_rows_and_counters_after_a_known_workload(
     await RateLimiter(redis_raw, 1.0).pause_for(600)
     await RateLimiter(redis_raw, 1.0, key_prefix=MARKETING_PREFIX).halt(600, "key re_Secret")
 
+    # An email a person must resolve: in the outbox gauge, not in the counter it may still leave.
+    async with sessions.begin() as session:
+        await session.execute(
+            text(
+                "INSERT INTO email_messages (idempotency_key, to_email, subject, html, status) "
+                "VALUES ('caller/in-review', 'r@example.com', 'Hi', '<p>Hi</p>', 'review')"
+            )
+        )
+
     body = await render_metrics(redis_raw, sessions)
     status = await redis_status(redis_raw, int(time.time() * 1000))
     found = samples(body)
@@ -145,6 +154,15 @@ async def test_exposition_equals_the_rows_and_counters_after_a_known_workload(
     sent = await scalar(sessions, "SELECT count(*) FROM email_messages WHERE status = 'sent'")
     assert sent == 3
     assert value(found, "c360_emails_total", provider="console", status="sent") == sent
+    assert value(found, "c360_email_outbox", provider="console", status="sent") == sent
+    # The counter holds final statuses only (a counter must never go down); the gauge, all.
+    families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+    assert families["c360_emails"].type == "counter"
+    assert {s.labels["status"] for s in families["c360_emails"].samples} <= {
+        "sent", "failed", "suppressed"
+    }  # fmt: skip
+    assert families["c360_email_outbox"].type == "gauge"
+    assert value(found, "c360_email_outbox", provider="none", status="review") == 1
 
     # Outcomes per function; the histograms count every try that ended (not only successes).
     expected = {
