@@ -106,6 +106,9 @@ class Fanout(Generic[T]):
                 except Exception as exc:
                     self._errors.append(exc)  # raised once every started send has finished
 
+        # Finished sends are dropped (their outcomes are counted): a 50,000-entry tick keeps
+        # one page of tasks and the sends still in flight, not every one it ran.
+        self._sends = [send for send in self._sends if not send.done()]
         self._sends += [asyncio.create_task(one(item)) for item in items]
         if items:
             await all_started.wait()
