@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import redis.asyncio as aioredis
 from sqlalchemy import text
@@ -51,6 +52,25 @@ async def wait_for(
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout_s:g} s waiting for {what}")
         await asyncio.sleep(every_s)
+
+
+def gone(pid: int) -> bool:
+    """Whether process `pid` has exited: no such process, or a zombie its parent (a `run`
+    supervisor) has not reaped yet."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+async def wait_gone(pid: int, timeout_s: float, what: str) -> None:
+    """Wait until `pid` has exited. A recycled worker exits a moment after its replacement has
+    already taken the next job, so a check right after that job would race the exit."""
+
+    async def exited() -> bool:
+        return gone(pid)
+
+    await wait_for(exited, timeout_s, what)
 
 
 class Db:

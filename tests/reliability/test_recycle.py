@@ -12,7 +12,7 @@ import pytest
 from arq.connections import ArqRedis
 
 from tests.conftest import RunBurst
-from tests.reliability.conftest import Db, Processes, wait_for, worker_env
+from tests.reliability.conftest import Db, Processes, wait_for, wait_gone, worker_env
 from tests.reliability.fixture_jobs import record
 from worker.cli.run import MAX_DRAINING_PER_QUEUE
 from worker.context import as_ctx
@@ -48,7 +48,8 @@ async def test_a_worker_recycles_after_its_job_count_and_is_replaced(
     pids = [await _run_one(arq_redis, db, "record", f"job-{n}") for n in range(10)]
     assert len(set(pids)) == 4
     assert [pids.index(pid) for pid in pids] == [0, 0, 0, 3, 3, 3, 6, 6, 6, 9]
-    assert not any(psutil.pid_exists(pid) for pid in set(pids[:9]))
+    for pid in set(pids[:9]):
+        await wait_gone(pid, 30, f"recycled worker {pid} to exit")
     # Nothing lost, nothing run twice: every drain was clean.
     runs = await db.rows("SELECT key, count(*) FROM rel_runs GROUP BY key")
     assert sorted(runs) == sorted((f"job-{n}", 1) for n in range(10))
@@ -68,7 +69,7 @@ async def test_a_worker_recycles_above_its_memory_limit(
     hog = await _run_one(arq_redis, db, "hog_memory", "hog", mb=400)
     after = await _run_one(arq_redis, db, "record", "after")
     assert before == hog != after
-    assert not psutil.pid_exists(hog)
+    await wait_gone(hog, 30, "the recycled hog worker to exit")
     assert await db.done() == {"before", "hog", "after"}
 
 
@@ -144,7 +145,7 @@ async def test_a_drain_cuts_a_job_whose_memory_runs_away(
     assert [run[1] for run in await db.runs("runaway")] == [trigger, pid]
     log = processes.log(supervisor)
     assert re.search(r"MB passed [0-9]+ MB while draining; cancelling the running jobs", log)
-    assert not psutil.pid_exists(trigger)
+    await wait_gone(trigger, 30, "the worker that cut the runaway job to exit")
 
 
 def test_resident_memory_is_read_as_psutil_reads_it() -> None:
@@ -183,7 +184,7 @@ async def test_workers_over_their_memory_limit_from_the_start_do_not_pile_up(
         "SELECT done_at FROM rel_done WHERE key = :k", k=f"quick-{MAX_DRAINING_PER_QUEUE + 1}"
     )
     assert first_hold_done < last_quick_done
-    assert not psutil.pid_exists(quick_pids[0])
+    await wait_gone(quick_pids[0], 30, "the first drained worker to exit")
     log = processes.log(supervisor)
     # One error for the whole run of such workers, naming the limit to raise.
     assert log.count("passed WORKER_MAX_MEMORY_MB=50") == 1, log

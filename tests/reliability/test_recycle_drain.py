@@ -15,7 +15,6 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pytest
 import redis.asyncio as aioredis
 from arq.connections import ArqRedis
@@ -24,7 +23,15 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from tests.exports.factories import job_tries, new_export, user_with_contacts
-from tests.reliability.conftest import Db, Processes, wait_for, worker_env, worker_ready
+from tests.reliability.conftest import (
+    Db,
+    Processes,
+    gone,
+    wait_for,
+    wait_gone,
+    worker_env,
+    worker_ready,
+)
 from tests.support.provider_server import SENDGRID_MAIL, ProviderServer
 from worker.client import JobsClient
 from worker.main import QUEUE_CONFIGS
@@ -67,10 +74,6 @@ async def nth_worker(
 
     pids = await wait_for(started, timeout_s, f"the supervisor to start worker {n}")
     return int(pids[n - 1])
-
-
-async def exited(pid: int) -> bool:
-    return not psutil.pid_exists(pid)
 
 
 async def test_a_recycle_during_a_campaign_tick_lets_it_finish_on_sendgrid(
@@ -138,13 +141,13 @@ async def test_a_recycle_during_a_campaign_tick_lets_it_finish_on_sendgrid(
     await wait_for(after_sent, 30, "the replacement to send the next email")
     # The queue was served while the old worker still ran the tick.
     assert await campaign_sent() < CAMPAIGN_ENTRIES
-    assert psutil.pid_exists(first)
+    assert not gone(first)
 
     async def tick_done() -> bool:
         return await campaign_sent() == CAMPAIGN_ENTRIES
 
     await wait_for(tick_done, 60, "the tick to send every step")
-    await wait_for(lambda: exited(first), 20, "the recycled worker to exit")
+    await wait_gone(first, 20, "the recycled worker to exit")
 
     # One try of the tick, never cancelled: every step sent once, none held for review.
     info = await Job(tick.job_id, arq_redis, _deserializer=deserialize).result_info()
@@ -243,14 +246,14 @@ async def test_a_recycle_during_an_export_lets_it_finish(
 
         # Well past the grace after which a SIGTERM drain cancels: the old worker still waits.
         await wait_for(past_grace, grace_s + 10, "the exports queue's grace to pass")
-        assert psutil.pid_exists(first)
+        assert not gone(first)
         assert await status(long_export) != "completed"
 
     async def long_done() -> bool:
         return await status(long_export) == "completed"
 
     await wait_for(long_done, 30, "the long export to complete")
-    await wait_for(lambda: exited(first), 20, "the recycled worker to exit")
+    await wait_gone(first, 20, "the recycled worker to exit")
     assert await job_tries(arq_redis, long_export) == (1, True)
     row_count = await db.scalar("SELECT row_count FROM exports WHERE id = :id", id=long_export)
     assert row_count == 500
